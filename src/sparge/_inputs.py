@@ -1,0 +1,148 @@
+"""Argument checking shared by the public entry points: every bad input gets a clear error."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .mask import SUPPORTED_BLOCK_SIZES
+from .quant import EXACT, PV_FP8, PV_FP16
+
+LAYOUTS = ("HND", "NHD")
+INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+QUANT_CHOICES = ("auto", PV_FP8, PV_FP16, EXACT)
+BACKENDS = ("auto", "triton", "reference")
+
+Threshold = float | torch.Tensor
+
+
+def to_hnd(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """A view of x in (B, H, L, D) order."""
+    return x if layout == "HND" else x.transpose(1, 2)
+
+
+def check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, layout: str) -> None:
+    """Validate q, k (and v): rank, dtypes, devices and shapes, in the given layout."""
+    check_layout(layout)
+    names = ("q", "k", "v") if v is not None else ("q", "k")
+    tensors = (q, k, v) if v is not None else (q, k)
+    for name, t in zip(names, tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            order = "(B, H, L, D)" if layout == "HND" else "(B, L, H, D)"
+            raise ValueError(f"{name} must be 4-D {order} for layout {layout!r}, "
+                             f"got shape {tuple(t.shape)}")
+        if t.dtype not in INPUT_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
+    for name, t in zip(names[1:], tensors[1:]):
+        if t.dtype != q.dtype:
+            raise TypeError(f"q and {name} must share a dtype, got {q.dtype} and {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"q and {name} are on different devices: {q.device} and {t.device}")
+    qh, kh = to_hnd(q, layout), to_hnd(k, layout)
+    batch, heads_q, q_len, dim = qh.shape
+    _, heads_k, k_len, _ = kh.shape
+    if kh.shape[0] != batch:
+        raise ValueError(f"q and k differ in batch size: {batch} vs {kh.shape[0]}")
+    if kh.shape[3] != dim:
+        raise ValueError(f"q and k differ in head dim: {dim} vs {kh.shape[3]}")
+    if v is not None and to_hnd(v, layout).shape != kh.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
+    if q_len < 1 or k_len < 1:
+        raise ValueError(f"sequence lengths must be >= 1, got Lq={q_len}, Lk={k_len}")
+    if not 1 <= dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim must be between 1 and {MAX_HEAD_DIM}, got {dim}")
+    if heads_k < 1 or heads_q % heads_k:
+        raise ValueError(f"query heads ({heads_q}) must be a multiple of key/value heads "
+                         f"({heads_k})")
+
+
+def check_block_sizes(block_q: int, block_k: int) -> None:
+    for name, size in (("block_q", block_q), ("block_k", block_k)):
+        if size not in SUPPORTED_BLOCK_SIZES:
+            raise ValueError(f"{name} must be one of {SUPPORTED_BLOCK_SIZES}, got {size!r}")
+
+
+def check_unsupported(attn_mask: object, dropout_p: float) -> None:
+    """Refuse SDPA arguments the kernels cannot honour instead of ignoring them."""
+    if attn_mask is not None:
+        raise NotImplementedError(
+            "an arbitrary attn_mask is not supported: sparge computes block-sparse attention. "
+            "Describe a static pattern as a sparge.SparseMask and call sparge.block_sparse_attn, "
+            "or use is_causal=True for causal masking.")
+    if dropout_p != 0.0:
+        raise NotImplementedError(f"dropout is not supported (got dropout_p={dropout_p}); "
+                                  "sparge is an inference kernel")
+
+
+def resolve_scale(scale: float | None, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a finite positive number, got {scale!r}")
+    return float(scale)
+
+
+def check_threshold(name: str, value: Threshold | None, heads: int, *, low: float | None = None,
+                    high: float | None = None, low_open: bool = False,
+                    allow_inf: bool = False) -> None:
+    """A hyperparameter is a real number or a (heads,) tensor, not NaN, within [low, high].
+
+    A tensor on a GPU is checked too, except during CUDA graph capture (where reading it back
+    is impossible).
+    """
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+        raise TypeError(f"{name} must be a float or a tensor of shape ({heads},), "
+                        f"got {type(value).__name__}")
+    if isinstance(value, torch.Tensor):
+        if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != heads):
+            raise ValueError(f"{name} must be a scalar or have shape ({heads},) (one per query "
+                             f"head), got shape {tuple(value.shape)}")
+        if value.is_cuda and torch.cuda.is_current_stream_capturing():
+            return
+        values = value.detach().double().cpu()
+    else:
+        values = torch.tensor([float(value)], dtype=torch.float64)
+    if torch.isnan(values).any():
+        raise ValueError(f"{name} must not be NaN, got {value!r}")
+    if not allow_inf and torch.isinf(values).any():
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if low is not None and ((values <= low).any() if low_open else (values < low).any()):
+        bound = f"> {low}" if low_open else f">= {low}"
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
+    if high is not None and (values > high).any():
+        raise ValueError(f"{name} must be <= {high}, got {value!r}")
+
+
+def check_selection(sim_threshold: Threshold, cdf_threshold: Threshold | None,
+                    topk: Threshold | None, heads: int) -> tuple[Threshold | None, Threshold | None]:
+    """Validate the predictor's thresholds; returns (cdf_threshold, topk) with the CDF default."""
+    if cdf_threshold is not None and topk is not None:
+        raise ValueError("give cdf_threshold or topk, not both: they are two selection rules")
+    if cdf_threshold is None and topk is None:
+        cdf_threshold = 0.98
+    check_threshold("sim_threshold", sim_threshold, heads)
+    check_threshold("cdf_threshold", cdf_threshold, heads, low=0.0, high=1.0, low_open=True)
+    check_threshold("topk", topk, heads, low=0.0, high=1.0, low_open=True)
+    return cdf_threshold, topk
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_out_dtype(out_dtype: torch.dtype | None) -> None:
+    if out_dtype is not None and out_dtype not in INPUT_DTYPES:
+        raise TypeError(f"out_dtype must be float16, bfloat16 or float32, got {out_dtype}")

@@ -1,0 +1,72 @@
+"""Which execution path a call takes, and why.
+
+- ``triton``: the Triton kernels in :mod:`sparge.kernels`, on CUDA GPUs of compute capability 7.5
+  (Turing) or newer; also on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``) when
+  asked for explicitly, which is how the kernels are tested without a GPU.
+- ``reference``: plain PyTorch (:mod:`sparge.predict`, :mod:`sparge.reference`), on any device.
+
+The PV product runs in FP8 e4m3 where the GPU has FP8 tensor cores (compute capability 8.9 and
+newer) and in FP16 elsewhere, CPU included, unless the caller chooses.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from .quant import PV_FP8, PV_FP16
+
+MIN_CAPABILITY = (7, 5)
+FP8_CAPABILITY = (8, 9)
+
+
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_status(device: torch.device) -> tuple[bool, str]:
+    """Whether the Triton kernels can run on ``device``, and the reason."""
+    if not triton_installed():
+        return False, "Triton is not installed"
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < MIN_CAPABILITY:
+            return False, f"compute capability {major}.{minor} is below 7.5 (Turing)"
+        return True, f"CUDA GPU of compute capability {major}.{minor}"
+    if device.type == "cpu" and interpreter_enabled():
+        return True, "Triton interpreter (TRITON_INTERPRET=1)"
+    return False, f"no Triton kernels for device type {device.type!r}"
+
+
+def choose_backend(requested: str, device: torch.device) -> str:
+    """Resolve ``"auto"``; refuse an explicit ``"triton"`` that cannot run."""
+    if requested == "reference":
+        return "reference"
+    ok, why = triton_status(device)
+    if requested == "triton":
+        if not ok:
+            raise RuntimeError(f"backend='triton' cannot run here: {why}")
+        return "triton"
+    if ok and device.type == "cuda":
+        return "triton"
+    return "reference"
+
+
+def has_fp8_tensor_cores(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= FP8_CAPABILITY
+
+
+def choose_quant(requested: str, device: torch.device) -> str:
+    """Resolve ``quant="auto"``: FP8 PV where the GPU has FP8 tensor cores, FP16 PV elsewhere."""
+    if requested != "auto":
+        if requested == PV_FP8 and device.type == "cuda" and not has_fp8_tensor_cores(device):
+            raise RuntimeError("quant='int8_fp8' needs FP8 tensor cores (compute capability 8.9 "
+                               "or newer); use quant='int8_fp16' or 'auto'")
+        return requested
+    return PV_FP8 if has_fp8_tensor_cores(device) else PV_FP16

@@ -1,0 +1,99 @@
+"""Quantization of Q, K and V, in plain PyTorch: the specification the Triton pre-pass follows.
+
+- Q and K: INT8, symmetric, one float32 scale per (batch, head, block of rows); K is smoothed first
+  (its per-channel mean over all tokens subtracted, which leaves softmax unchanged).
+- V: FP8 e4m3 with one float32 scale per (batch, head, channel), where the GPU has FP8 tensor cores;
+  FP16 elsewhere.
+- P (the softmax numerator, in [0, 1]) is multiplied by :data:`P_FP8_SCALE` before its FP8
+  conversion; the factor cancels in the final division.
+
+Rounding is round-half-to-even, as ``torch.round`` does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .mask import num_blocks
+from .predict import smooth_k
+
+INT8_MAX = 127.0
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+P_FP8_SCALE = FP8_MAX
+FP8_DTYPE = torch.float8_e4m3fn
+
+PV_FP8 = "int8_fp8"
+PV_FP16 = "int8_fp16"
+EXACT = "none"
+QUANT_MODES = (PV_FP8, PV_FP16, EXACT)
+
+
+def _safe_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
+    """amax / qmax, with 1 where the block is all zeros (any scale represents it exactly)."""
+    return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+
+
+def quantize_int8_per_block(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric INT8 quantization of x (B, H, L, D) with one scale per block of ``block`` rows.
+
+    Returns ``(values, scales)``: int8 (B, H, L, D) and float32 (B, H, ceil(L / block)), with
+    x ~= values * scales of the row's block.
+    """
+    batch, heads, length, dim = x.shape
+    n = num_blocks(length, block)
+    xf = torch.nn.functional.pad(x.float(), (0, 0, 0, n * block - length))
+    xb = xf.view(batch, heads, n, block, dim)
+    scales = _safe_scale(xb.abs().amax(dim=(3, 4)), INT8_MAX)
+    values = torch.round(xb / scales[..., None, None]).clamp(-INT8_MAX, INT8_MAX)
+    values = values.view(batch, heads, n * block, dim)[:, :, :length].to(torch.int8)
+    return values, scales
+
+
+def quantize_v_fp8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 e4m3 quantization of v (B, H, L, D) with one scale per (batch, head, channel).
+
+    Returns ``(values, scales)``: float8_e4m3fn (B, H, L, D) and float32 (B, H, D).
+    """
+    vf = v.float()
+    scales = _safe_scale(vf.abs().amax(dim=2), FP8_MAX)
+    return (vf / scales[:, :, None, :]).to(FP8_DTYPE), scales
+
+
+def fp8_round(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to the nearest float8_e4m3fn value, returned as float32."""
+    return x.to(FP8_DTYPE).float()
+
+
+@dataclass(frozen=True)
+class QuantizedQKV:
+    """Q, K, V as the quantized kernel consumes them (layout HND, unpadded).
+
+    Attributes:
+        q: int8 (B, Hq, Lq, D); q_scale: float32 (B, Hq, nQ), one per query block.
+        k: int8 (B, Hk, Lk, D) of the smoothed K; k_scale: float32 (B, Hk, nK).
+        v: float8_e4m3fn (B, Hk, Lk, D) with v_scale float32 (B, Hk, D), or float16 with
+            v_scale None (mode ``int8_fp16``).
+    """
+
+    q: torch.Tensor
+    q_scale: torch.Tensor
+    k: torch.Tensor
+    k_scale: torch.Tensor
+    v: torch.Tensor
+    v_scale: torch.Tensor | None
+
+
+def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_q: int,
+                 block_k: int, mode: str) -> QuantizedQKV:
+    """Quantize Q, smoothed K and V for ``mode`` ``int8_fp8`` or ``int8_fp16``."""
+    if mode not in (PV_FP8, PV_FP16):
+        raise ValueError(f"quantize_qkv mode must be {PV_FP8!r} or {PV_FP16!r}, got {mode!r}")
+    q8, q_scale = quantize_int8_per_block(q, block_q)
+    k8, k_scale = quantize_int8_per_block(smooth_k(k), block_k)
+    if mode == PV_FP8:
+        v_q, v_scale = quantize_v_fp8(v)
+    else:
+        v_q, v_scale = v.to(torch.float16), None
+    return QuantizedQKV(q8, q_scale, k8, k_scale, v_q, v_scale)
