@@ -1,0 +1,154 @@
+"""The public API: SDPA-compatible behaviour, layouts, dtypes, statistics and input errors."""
+
+import math
+
+import pytest
+import torch
+from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+import sparge
+from conftest import exact_attention, rel_l1
+
+
+def qkv(rng, b=1, hq=4, hk=2, lq=300, lk=300, d=64, dtype=torch.float32):
+    return (torch.randn(b, hq, lq, d, generator=rng).to(dtype),
+            torch.randn(b, hk, lk, d, generator=rng).to(dtype),
+            torch.randn(b, hk, lk, d, generator=rng).to(dtype))
+
+
+def local_video_tokens(rng, frames=4, side=16, heads=2, dim=64):
+    """Tokens of a (frames, side, side) grid whose features vary smoothly in space and time, so
+    that attention concentrates on nearby tokens (as in video diffusion models)."""
+    t, y, x = torch.meshgrid(torch.arange(frames), torch.arange(side), torch.arange(side),
+                             indexing="ij")
+    pos = torch.stack([t, y, x], dim=-1).reshape(-1, 3).float()
+    freqs = torch.randn(3, dim // 2, generator=rng) * 0.6
+    phase = pos @ freqs
+    feats = torch.cat([phase.sin(), phase.cos()], dim=-1) * 3.0
+    tokens = feats[None, None].expand(1, heads, -1, -1)
+    noise = lambda: 0.3 * torch.randn(tokens.shape, generator=rng)  # noqa: E731
+    return tokens + noise(), tokens + noise(), torch.randn(tokens.shape, generator=rng)
+
+
+@pytest.mark.parametrize("layout", ["HND", "NHD"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_dense_exact_mode_matches_sdpa_in_both_layouts(rng, layout, causal):
+    q, k, v = qkv(rng, lq=200, lk=333)
+    ref = sdpa(q, k, v, is_causal=causal, enable_gqa=True)
+    if layout == "NHD":
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    out = sparge.sparse_attn(q, k, v, topk=1.0, sim_threshold=-1.0, is_causal=causal,
+                             layout=layout, quant="none")
+    if layout == "NHD":
+        out = out.transpose(1, 2)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-5)
+
+
+def test_non_contiguous_inputs_and_custom_scale(rng):
+    q, k, v = qkv(rng, hq=2, hk=2, lq=150, lk=150, d=32)
+    q, k, v = (t.transpose(2, 3).contiguous().transpose(2, 3) for t in (q, k, v))
+    assert not q.is_contiguous()
+    out = sparge.quantized_attn(q, k, v, scale=0.1, quant="none")
+    torch.testing.assert_close(out, sdpa(q, k, v, scale=0.1), rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_output_dtype_follows_input_unless_asked(rng, dtype):
+    q, k, v = qkv(rng, lq=130, lk=130, dtype=dtype)
+    assert sparge.sparse_attn(q, k, v).dtype == dtype
+    out = sparge.sparse_attn(q, k, v, out_dtype=torch.float32)
+    assert out.dtype == torch.float32
+    assert rel_l1(out, exact_attention(q, k, v)) < 0.05
+
+
+def test_inputs_of_magnitude_1e4_give_finite_output(rng):
+    q, k, v = qkv(rng, lq=200, lk=200, dtype=torch.float16)
+    q, k, v = q * 1e4 / q.abs().max(), k * 1e4 / k.abs().max(), v * 1e4 / v.abs().max()
+    out = sparge.sparse_attn(q, k, v)
+    assert torch.isfinite(out).all()
+
+
+def test_stats_report_exact_sparsity_of_the_mask_used(rng):
+    q, k, v = local_video_tokens(rng)
+    out, stats = sparge.sparse_attn(q, k, v, cdf_threshold=0.9, sim_threshold=0.1,
+                                    return_stats=True)
+    mask = sparge.predict_mask(q, k, cdf_threshold=0.9, sim_threshold=0.1)
+    assert torch.equal(stats.mask.blocks, mask.blocks)
+    assert stats.sparsity == pytest.approx(mask.sparsity())
+    assert stats.per_head_sparsity.shape == (2,)
+    assert stats.sparsity > 0.3
+    assert stats.backend == "reference" and stats.quant == "int8_fp16"
+    token = mask.to_token_mask()
+    masked = exact_attention(q, k, v, token_mask=token)
+    assert rel_l1(out, masked) < 0.02, "the output is attention over the kept blocks"
+
+
+def test_sparse_error_matches_block_sparse_run_on_same_mask(rng):
+    q, k, v = local_video_tokens(rng)
+    out, stats = sparge.sparse_attn(q, k, v, topk=0.25, quant="none", return_stats=True)
+    again = sparge.block_sparse_attn(q, k, v, stats.mask, quant="none")
+    assert torch.equal(out, again)
+    ref = exact_attention(q, k, v, token_mask=stats.mask.to_token_mask())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=2e-5)
+
+
+def test_block_sparse_accepts_a_tensor_and_broadcasts_heads(rng):
+    q, k, v = qkv(rng, lq=256, lk=256)
+    blocks = torch.tensor([[[[1, 0], [0, 1], [1, 1], [0, 0]]]], dtype=torch.int8)
+    out = sparge.block_sparse_attn(q, k, v, blocks, block_q=64, block_k=128, quant="none")
+    token = sparge.SparseMask(blocks.bool(), 64, 128, 256, 256).to_token_mask()
+    torch.testing.assert_close(out.double(), exact_attention(q, k, v, token_mask=token),
+                               rtol=1e-5, atol=2e-5)
+    assert out[:, :, 192:].abs().max() == 0  # last query block keeps nothing
+
+
+def test_per_head_thresholds(rng):
+    q, k, v = local_video_tokens(rng, heads=2)
+    _, stats = sparge.sparse_attn(q, k, v, topk=torch.tensor([0.1, 1.0]), sim_threshold=-1.0,
+                                  return_stats=True)
+    assert stats.per_head_sparsity[1] == 0.0 and stats.per_head_sparsity[0] > 0.8
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda q, k, v: sparge.sparse_attn(q[0], k, v), ValueError, "4-D"),
+    (lambda q, k, v: sparge.sparse_attn(q, k.double(), v), TypeError, "dtype"),
+    (lambda q, k, v: sparge.sparse_attn(q.half(), k, v), TypeError, "share a dtype"),
+    (lambda q, k, v: sparge.sparse_attn(q, k[:, :, :10], v), ValueError, "same shape"),
+    (lambda q, k, v: sparge.sparse_attn(q[:, :3], k, v), ValueError, "multiple"),
+    (lambda q, k, v: sparge.sparse_attn(q[..., :32], k, v), ValueError, "head dim"),
+    (lambda q, k, v: sparge.sparse_attn(q[:, :, :0], k, v), ValueError, ">= 1"),
+    (lambda q, k, v: sparge.sparse_attn(q, k, v, layout="BHLD"), ValueError, "layout"),
+    (lambda q, k, v: sparge.sparse_attn(q, k, v, block_q=32), ValueError, "block_q"),
+    (lambda q, k, v: sparge.sparse_attn(q, k, v, cdf_threshold=math.nan), ValueError, "NaN"),
+    (lambda q, k, v: sparge.sparse_attn(q, k, v, cdf_threshold=1.5), ValueError, "<= 1"),
+    (lambda q, k, v: sparge.sparse_attn(q, k, v, topk=0.0), ValueError, "> 0"),
+    (lambda q, k, v: sparge.sparse_attn(q, k, v, topk=0.5, cdf_threshold=0.9), ValueError,
+     "not both"),
+    (lambda q, k, v: sparge.sparse_attn(q, k, v, sim_threshold=torch.tensor([0.1, 0.2])),
+     ValueError, r"\(4,\)"),
+    (lambda q, k, v: sparge.sparse_attn(q, k, v, sim_threshold=math.inf), ValueError, "finite"),
+    (lambda q, k, v: sparge.sparse_attn(q, k, v, pv_threshold=-1.0), ValueError, ">= 0"),
+    (lambda q, k, v: sparge.sparse_attn(q, k, v, scale=0.0), ValueError, "scale"),
+    (lambda q, k, v: sparge.sparse_attn(q, k, v, quant="int4"), ValueError, "quant"),
+    (lambda q, k, v: sparge.sparse_attn(q, k, v, out_dtype=torch.int8), TypeError, "out_dtype"),
+    (lambda q, k, v: sparge.sparse_attn(q, k, v, attn_mask=torch.ones(300, 300, dtype=bool)),
+     NotImplementedError, "attn_mask"),
+    (lambda q, k, v: sparge.sparse_attn(q, k, v, dropout_p=0.1), NotImplementedError, "dropout"),
+    (lambda q, k, v: sparge.block_sparse_attn(q, k, v, torch.ones(1, 1, 5, 3)), ValueError,
+     "block_q and block_k"),
+    (lambda q, k, v: sparge.block_sparse_attn(q, k, v, torch.ones(1, 1, 4, 4, dtype=bool),
+                                              block_q=64, block_k=128), ValueError, "need"),
+    (lambda q, k, v: sparge.block_sparse_attn(q, k, v, sparge.SparseMask.full(1, 4, 100, 300)),
+     ValueError, "made for"),
+])
+def test_bad_input_raises_a_clear_error(rng, call, error, match):
+    q, k, v = qkv(rng)
+    with pytest.raises(error, match=match):
+        call(q, k, v)
+
+
+def test_explicit_triton_backend_without_gpu_says_why(rng, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v = qkv(rng, lq=64, lk=64)
+    with pytest.raises(RuntimeError, match="triton"):
+        sparge.sparse_attn(q, k, v, backend="triton")

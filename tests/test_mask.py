@@ -1,0 +1,99 @@
+"""SparseMask: block bookkeeping, sparsity accounting and conversions."""
+
+import pytest
+import torch
+
+from sparge import SparseMask
+from sparge.mask import causal_block_mask
+
+
+def brute_force_token_mask(blocks, bq, bk, q_len, k_len, causal):
+    b, h = blocks.shape[:2]
+    out = torch.zeros(b, h, q_len, k_len, dtype=torch.bool)
+    for i in range(q_len):
+        for j in range(k_len):
+            if causal and j > i:
+                continue
+            out[:, :, i, j] = blocks[:, :, i // bq, j // bk]
+    return out
+
+
+@pytest.mark.parametrize("q_len,k_len", [(1, 1), (70, 200), (300, 129), (129, 300)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_token_mask_matches_brute_force(rng, q_len, k_len, causal):
+    n_q, n_k = -(-q_len // 64), -(-k_len // 128)
+    blocks = torch.rand(2, 3, n_q, n_k, generator=rng) < 0.5
+    mask = SparseMask(blocks, 64, 128, q_len, k_len, causal)
+    expected = brute_force_token_mask(mask.blocks, 64, 128, q_len, k_len, causal)
+    assert torch.equal(mask.to_token_mask(), expected)
+
+
+def test_causal_mask_drops_blocks_above_the_diagonal():
+    # Lq=200 (4 query blocks of 64), Lk=300 (3 key blocks of 128): key block j is valid for
+    # query block i iff 128 j <= last query index of block i.
+    valid = causal_block_mask(200, 300, 64, 128)
+    expected = torch.tensor([[1, 0, 0], [1, 0, 0], [1, 1, 0], [1, 1, 0]], dtype=torch.bool)
+    assert torch.equal(valid, expected)
+    mask = SparseMask.full(1, 1, 200, 300, 64, 128, causal=True)
+    assert torch.equal(mask.blocks[0, 0], expected)
+    assert mask.sparsity() == 0.0
+
+
+def test_sparsity_counts_only_visitable_blocks():
+    mask = SparseMask.full(2, 2, 256, 256, 64, 128, causal=True)  # 4 x 2 blocks, 6 visitable
+    blocks = mask.blocks.clone()
+    blocks[0, 0, 3, 1] = False  # one of 24 visitable blocks dropped
+    sparse = SparseMask(blocks, 64, 128, 256, 256, causal=True)
+    assert sparse.sparsity() == pytest.approx(1 / 24)
+    per_head = sparse.per_head_sparsity()
+    assert per_head.tolist() == pytest.approx([1 / 12, 0.0])
+
+
+def test_lut_is_delta_encoded_with_counts():
+    blocks = torch.tensor([[[[0, 1, 0, 1, 1], [0, 0, 0, 0, 0], [1, 0, 0, 0, 1]]]], dtype=torch.bool)
+    mask = SparseMask(blocks, 64, 64, 192, 320)
+    lut, counts = mask.to_lut()
+    assert lut.dtype == torch.int32 and counts.dtype == torch.int32
+    assert lut[0, 0].tolist() == [[1, 2, 1, 0, 0], [0, 0, 0, 0, 0], [0, 4, 0, 0, 0]]
+    assert counts[0, 0].tolist() == [3, 0, 2]
+    n, idx = mask.kv_indices()
+    assert idx[0, 0].tolist() == [[1, 3, 4, 0, 0], [0, 0, 0, 0, 0], [0, 4, 0, 0, 0]]
+    assert torch.equal(n, counts)
+
+
+def test_lut_round_trip(rng):
+    blocks = torch.rand(2, 4, 9, 13, generator=rng) < 0.4
+    mask = SparseMask(blocks, 128, 64, 9 * 128 - 5, 13 * 64)
+    assert torch.equal(SparseMask.blocks_from_lut(*mask.to_lut()), blocks)
+
+
+def test_union_and_intersection(rng):
+    a = SparseMask(torch.rand(1, 2, 3, 3, generator=rng) < 0.5, 64, 128, 150, 300)
+    b = SparseMask(torch.rand(1, 2, 3, 3, generator=rng) < 0.5, 64, 128, 150, 300)
+    assert torch.equal((a | b).blocks, a.blocks | b.blocks)
+    assert torch.equal((a & b).blocks, a.blocks & b.blocks)
+    other = SparseMask.full(1, 2, 150, 300, 128, 128)
+    with pytest.raises(ValueError, match="differ"):
+        _ = a | other
+
+
+def test_expand_broadcasts_batch_and_heads():
+    mask = SparseMask.full(1, 1, 100, 100, 64, 64)
+    assert mask.expand(3, 8).shape == (3, 8, 2, 2)
+    with pytest.raises(ValueError, match="broadcast"):
+        SparseMask.full(2, 1, 100, 100, 64, 64).expand(3, 8)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(blocks=torch.ones(1, 1, 2, 2, dtype=torch.int8)), "bool"),
+    (dict(blocks=torch.ones(2, 2, dtype=torch.bool)), "4-D"),
+    (dict(block_q=32), "block_q"),
+    (dict(q_len=300), "need"),
+    (dict(k_len=0), ">= 1"),
+])
+def test_invalid_masks_are_rejected(kwargs, match):
+    args = dict(blocks=torch.ones(1, 1, 2, 2, dtype=torch.bool), block_q=64, block_k=64,
+                q_len=128, k_len=128)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        SparseMask(**args)
