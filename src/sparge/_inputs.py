@@ -33,7 +33,7 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, layout: 
     check_layout(layout)
     names = ("q", "k", "v") if v is not None else ("q", "k")
     tensors = (q, k, v) if v is not None else (q, k)
-    for name, t in zip(names, tensors):
+    for name, t in zip(names, tensors, strict=True):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
@@ -42,7 +42,7 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, layout: 
                              f"got shape {tuple(t.shape)}")
         if t.dtype not in INPUT_DTYPES:
             raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
-    for name, t in zip(names[1:], tensors[1:]):
+    for name, t in zip(names[1:], tensors[1:], strict=True):
         if t.dtype != q.dtype:
             raise TypeError(f"q and {name} must share a dtype, got {q.dtype} and {t.dtype}")
         if t.device != q.device:
@@ -126,7 +126,8 @@ def check_threshold(name: str, value: Threshold | None, heads: int, *, low: floa
 
 
 def check_selection(sim_threshold: Threshold, cdf_threshold: Threshold | None,
-                    topk: Threshold | None, heads: int) -> tuple[Threshold | None, Threshold | None]:
+                    topk: Threshold | None,
+                    heads: int) -> tuple[Threshold | None, Threshold | None]:
     """Validate the predictor's thresholds; returns (cdf_threshold, topk) with the CDF default."""
     if cdf_threshold is not None and topk is not None:
         raise ValueError("give cdf_threshold or topk, not both: they are two selection rules")

@@ -52,6 +52,13 @@ def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str,
     scale = checks.resolve_scale(scale, qh.shape[3])
     backend = choose_backend(backend, q.device)
     mode = choose_quant(quant, q.device)
+    if backend == "triton" and not return_stats:  # one custom op: CUDA graphs, torch.compile
+        from .kernels.ops import sparse_attention_call
+
+        return sparse_attention_call(q, k, v, layout=layout, mask=mask, selection=selection,
+                                     block_q=block_q, block_k=block_k, causal=causal,
+                                     scale=scale, pv_threshold=pv_threshold, mode=mode,
+                                     out_dtype=out_dtype or q.dtype)
     lam = per_head(pv_threshold, heads_q, q.device)
     out = torch.empty(q.shape, dtype=out_dtype or q.dtype, device=q.device)  # caller's layout
     out_hnd = checks.to_hnd(out, layout)
@@ -157,8 +164,8 @@ def as_sparse_mask(mask: SparseMask | torch.Tensor, *, batch: int, heads: int, q
                              f"{tuple(mask.shape)}")
         mask = SparseMask(mask != 0, block_q, block_k, q_len, k_len, causal)
     elif isinstance(mask, SparseMask):
-        given = (block_q, block_k)
-        if any(g is not None and g != m for g, m in zip(given, (mask.block_q, mask.block_k))):
+        given, own = (block_q, block_k), (mask.block_q, mask.block_k)
+        if any(g is not None and g != m for g, m in zip(given, own, strict=True)):
             raise ValueError(f"block sizes {given} contradict the mask's "
                              f"({mask.block_q}, {mask.block_k})")
         if (mask.q_len, mask.k_len) != (q_len, k_len):

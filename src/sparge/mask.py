@@ -68,7 +68,8 @@ class SparseMask:
         if tuple(self.blocks.shape[2:]) != expected:
             raise ValueError(
                 f"blocks has {tuple(self.blocks.shape[2:])} (nQ, nK) blocks but Lq={self.q_len}, "
-                f"Lk={self.k_len} with block sizes ({self.block_q}, {self.block_k}) need {expected}")
+                f"Lk={self.k_len} with block sizes ({self.block_q}, {self.block_k}) "
+                f"need {expected}")
         if self.causal:
             valid = causal_block_mask(self.q_len, self.k_len, self.block_q, self.block_k,
                                       self.blocks.device)
@@ -97,7 +98,8 @@ class SparseMask:
     def visitable(self) -> torch.Tensor:
         """Bool (nQ, nK): the blocks the dense (or causal) computation would visit."""
         if self.causal:
-            return causal_block_mask(self.q_len, self.k_len, self.block_q, self.block_k, self.device)
+            return causal_block_mask(self.q_len, self.k_len, self.block_q, self.block_k,
+                                     self.device)
         return torch.ones(self.shape[2:], dtype=torch.bool, device=self.device)
 
     def sparsity(self) -> float:
@@ -193,7 +195,8 @@ class SparseMask:
         """Broadcast a mask with batch or head dimension 1 to (batch, heads)."""
         b, h = self.shape[:2]
         if (b not in (1, batch)) or (h not in (1, heads)):
-            raise ValueError(f"cannot broadcast a mask for (B={b}, H={h}) to (B={batch}, H={heads})")
+            raise ValueError(f"cannot broadcast a mask for (B={b}, H={h}) to "
+                             f"(B={batch}, H={heads})")
         blocks = self.blocks.expand(batch, heads, *self.shape[2:])
         return SparseMask(blocks, self.block_q, self.block_k, self.q_len, self.k_len, self.causal)
 
