@@ -1,0 +1,7 @@
+"""``python -m sparge``: the ``sparge`` command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,125 @@
+"""The ``sparge`` command line: every subcommand, its output and its exit status."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sparge
+from sparge import cli
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sparge", *args], capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_info(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"torch           {torch.__version__}" in out
+    assert re.search(r"^triton\s+\S+", out, re.M)
+    for entry in cli.ENTRY_POINTS:
+        assert re.search(rf"cpu\s+{entry}\s+-> reference", out)
+    assert "why: PyTorch reference: no Triton kernels for device type 'cpu'" in out
+
+
+def test_python_dash_m_and_version():
+    proc = run("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"sparge {sparge.__version__}"
+    proc = run("info")
+    assert proc.returncode == 0 and "execution path" in proc.stdout
+
+
+def test_no_command_is_an_error():
+    proc = run()
+    assert proc.returncode == 2 and "usage" in proc.stderr
+
+
+def test_demo_quick():
+    proc = run("demo", "--quick", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "1024 tokens" in out
+    for step in ("[1/3]", "[2/3]", "[3/3]"):
+        assert step in out
+    sparsity = float(re.search(r"^sparsity\s+([0-9.]+)", out, re.M).group(1))
+    error = float(re.search(r"^relative L1 error\s+([0-9.]+)", out, re.M).group(1))
+    assert 0.1 < sparsity < 1.0
+    assert error < 0.05
+    assert re.search(r"^time\s+sparge [0-9.]+ ms vs SDPA [0-9.]+ ms", out, re.M)
+
+
+def test_demo_size_options(capsys):
+    assert cli.main(["demo", "--seq-len", "700", "--heads", "2", "--head-dim", "32",
+                     "--height", "8", "--width", "16", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "700 tokens (frames of 8x16, 6 frames), 2 heads, head dim 32" in out
+    assert re.search(r"per head: [0-9.]+, [0-9.]+\)", out)
+
+
+def test_demo_rejects_bad_sizes(capsys):
+    assert cli.main(["demo", "--seq-len", "0"]) == 2
+    assert "--seq-len must be >= 1" in capsys.readouterr().err
+
+
+def test_video_like_qkv_is_deterministic_and_local():
+    q, k, v = cli.video_like_qkv(500, 2, 32, height=8, width=16, seed=7)
+    assert q.shape == k.shape == v.shape == (1, 2, 500, 32)
+    again = cli.video_like_qkv(500, 2, 32, height=8, width=16, seed=7)
+    assert all(torch.equal(a, b) for a, b in zip((q, k, v), again, strict=True))
+    # attention concentrates near the diagonal: most of each row's mass within 64 tokens
+    p = torch.softmax(q[0, 0] @ k[0, 0].T / 32 ** 0.5, dim=-1)
+    i = torch.arange(500)
+    near = ((i[:, None] - i[None, :]).abs() <= 64).float()
+    assert (p * near).sum(-1).mean() > 0.5
+
+
+def test_selftest_passes():
+    proc = run("selftest", "--device", "cpu")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
+    assert len(lines) >= 15 and all(line.startswith("PASS") for line in lines)
+    for name in ("quantized_attn", "sparse_attn CDF", "sparse_attn top-k", "block_sparse_attn",
+                 "predict_mask", "spas_sage_attn_meansim", "spas_sage2_attn_meansim_topk_cuda",
+                 "block_sparse_sage2_attn_cuda, mask_id 128x64",
+                 "block_sparse_sage2_attn_cuda, mask_id 64x128"):
+        assert any(name in line for line in lines), name
+    assert re.search(r"rel L1 = [0-9.e-]+ \(<= 0.05\)", proc.stdout)
+    assert "all" in proc.stdout.splitlines()[-1] and "passed" in proc.stdout
+
+
+def test_selftest_reports_failures(monkeypatch, capsys):
+    real = sparge.quantized_attn
+
+    def broken(q, k, v, **kwargs):
+        return real(q, k, v, **kwargs) * 1.5
+
+    monkeypatch.setattr(sparge, "quantized_attn", broken)
+    monkeypatch.setattr(sparge, "predict_mask", lambda *a, **k: 1 / 0)
+    assert cli.main(["selftest", "--device", "cpu"]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"^FAIL  quantized_attn quant='none' vs SDPA\s+rel L1 = 0\.5", out, re.M)
+    assert "FAIL  predict_mask: ZeroDivisionError" in out
+    assert re.search(r"^PASS  block_sparse_attn", out, re.M)
+    assert re.search(r"^\d+ of \d+ checks FAILED$", out, re.M)
+
+
+def test_selftest_check_line():
+    assert cli.Check("x", 0.01, 0.05).passed
+    assert not cli.Check("x", 0.06, 0.05).passed
+    assert not cli.Check("x", float("nan"), 0.05).passed
+    assert cli.Check("s", 0.3, 0.2, "sparsity", above=True).line().startswith("PASS")
+    assert "(>= 0.2)" in cli.Check("s", 0.1, 0.2, "sparsity", above=True).line()
+
+
+@pytest.mark.parametrize("device", ["cuda:0"])
+def test_cuda_device_without_cuda_is_a_clear_error(device):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    proc = run("demo", "--quick", "--device", device)
+    assert proc.returncode != 0 and "CUDA is not available" in proc.stderr
