@@ -1,0 +1,149 @@
+"""Block selection and the lookup table on the GPU, without host synchronisation.
+
+:func:`select_blocks_gpu` is :func:`sparge.predict.select_blocks` (the specification) written with
+fixed-shape torch operations only: hyperparameters become device tensors through fills (never a
+host-to-device copy), nothing reads a value back, nothing allocates a data-dependent size, so the
+selection can be captured in a CUDA graph. :func:`block_map_to_lut` builds the upstream
+``spas_sage_attn`` lookup table (:meth:`sparge.mask.SparseMask.to_lut`) with one Triton program per
+(batch, head, query block).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..mask import SparseMask, causal_block_mask
+from ..predict import BlockStats, Selection
+from .prepass import block_stats_gpu
+
+
+def per_head_tensor(value: float | torch.Tensor, heads: int, device: torch.device) -> torch.Tensor:
+    """A hyperparameter as float32 (heads,) on ``device``: a fill for a number (no host-to-device
+    copy, so it can be captured), a cast for a tensor (scalar or (heads,))."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=torch.float32).expand(heads)
+    return torch.full((heads,), float(value), dtype=torch.float32, device=device)
+
+
+def select_blocks_gpu(q_stats: BlockStats, k_stats: BlockStats, selection: Selection, *,
+                      q_len: int, k_len: int, block_q: int, block_k: int,
+                      causal: bool = False) -> SparseMask:
+    """:func:`sparge.predict.select_blocks` without host synchronisation (see that function for
+    the rule). ``q_stats`` holds Hq heads, ``k_stats`` Hk heads; query head h reads kv head
+    h // (Hq / Hk). Returns a mask of shape (B, Hq, nQ, nK) on the statistics' device."""
+    batch, heads_q, n_q, dim = q_stats.mean.shape
+    heads_k, n_k = k_stats.mean.shape[1], k_stats.mean.shape[2]
+    group = heads_q // heads_k
+    device = q_stats.mean.device
+
+    sim_thr = per_head_tensor(selection.sim_threshold, heads_q, device)
+    # Similarity of kv head h // group against query head h's threshold: (B, Hq, nK).
+    k_sim = k_stats.similarity.repeat_interleave(group, dim=1) if group > 1 else k_stats.similarity
+    k_similar = k_sim > sim_thr[None, :, None]
+    q_similar = q_stats.similarity > sim_thr[None, :, None]
+
+    k_mean = k_stats.mean.repeat_interleave(group, dim=1) if group > 1 else k_stats.mean
+    scores = q_stats.mean @ k_mean.transpose(-1, -2) / math.sqrt(dim)  # (B, Hq, nQ, nK)
+    allowed = k_similar[:, :, None, :]
+    if causal:
+        valid = causal_block_mask(q_len, k_len, block_q, block_k, device)
+        allowed = allowed & valid
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no candidate: all zero
+
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    if selection.cdf_threshold is not None:
+        tau = per_head_tensor(selection.cdf_threshold, heads_q, device)[None, :, None, None]
+        keep = (torch.cumsum(sorted_probs, dim=-1) <= tau).sum(dim=-1, keepdim=True)
+    else:
+        frac = per_head_tensor(selection.topk, heads_q, device)[None, :, None, None]
+        keep = torch.floor(frac * n_k).expand(batch, heads_q, n_q, 1)
+    keep = keep.clamp_min(1)
+    rank = torch.arange(n_k, device=device)
+    chosen = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, rank < keep)
+
+    chosen |= ~k_similar[:, :, None, :]
+    chosen |= ~q_similar[:, :, :, None]
+    if selection.attention_sink:
+        chosen[..., 0] = True
+    if causal:
+        chosen &= valid
+    return SparseMask(chosen, block_q, block_k, q_len, k_len, causal)
+
+
+def predict_mask_gpu(q: torch.Tensor, k: torch.Tensor, selection: Selection, *, block_q: int,
+                     block_k: int, causal: bool = False) -> SparseMask:
+    """The whole predictor: statistics-only pre-pass of Q and of the smoothed K, then
+    :func:`select_blocks_gpu`. q (B, Hq, Lq, D), k (B, Hk, Lk, D), layout HND, any strides."""
+    q_stats = block_stats_gpu(q, block_q)
+    k_stats = block_stats_gpu(k, block_k, smooth=True)
+    return select_blocks_gpu(q_stats, k_stats, selection, q_len=q.shape[2], k_len=k.shape[2],
+                             block_q=block_q, block_k=block_k, causal=causal)
+
+
+def _alloc(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Output allocation (a seam for tests, which poison the buffers to prove full coverage)."""
+    return torch.empty(*shape, dtype=dtype, device=device)
+
+
+@triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _lut_kernel(blocks_ptr, sbb, sbh, sbq, sbk,  # uint8 (B, H, nQ, nK), any strides
+                lut_ptr, counts_ptr,  # int32 (B, H, nQ, nK) and (B, H, nQ), contiguous
+                H, NQ, NK, NKP: tl.constexpr):
+    row = tl.program_id(0)  # flat (b, h, i)
+    i = row % NQ
+    bh = row // NQ
+    b = bh // H
+    h = bh % H
+    base = blocks_ptr + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh + i.to(tl.int64) * sbq
+    j = tl.arange(0, NKP)
+    kept = (tl.load(base + j * sbk, mask=j < NK, other=0) != 0).to(tl.int32)
+    # The previous block's flag, to find for each j the last kept block strictly before it.
+    prev_kept = tl.load(base + (j - 1) * sbk, mask=(j >= 1) & (j - 1 < NK), other=0) != 0
+    last_before = tl.associative_scan(tl.where(prev_kept, j - 1, -1), 0, _max_combine)
+    delta = j - tl.maximum(last_before, 0)  # the first kept block stores its own index
+    slot = tl.cumsum(kept, 0) - 1  # position of a kept block in its row
+    count = tl.sum(kept, 0)
+    out = lut_ptr + row.to(tl.int64) * NK
+    tl.store(out + slot, delta, mask=(kept != 0) & (j < NK))
+    tl.store(out + j, tl.zeros_like(delta), mask=(j >= count) & (j < NK))
+    tl.store(counts_ptr + row, count)
+
+
+def block_map_to_lut(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The upstream lookup table of a block map, as :meth:`SparseMask.to_lut` defines it.
+
+    Args:
+        blocks: (B, H, nQ, nK) bool or integer (non-zero = kept), any strides.
+
+    Returns:
+        ``(lut, counts)``: int32 (B, H, nQ, nK), per row the kept key-block indices in ascending
+        order delta-encoded (the first the index itself), zeros after the last; int32 (B, H, nQ),
+        the number of kept blocks per row.
+    """
+    if blocks.dim() != 4:
+        raise ValueError(f"blocks must be 4-D (B, H, nQ, nK), got shape {tuple(blocks.shape)}")
+    if blocks.dtype == torch.bool:
+        blocks = blocks.view(torch.uint8)
+    batch, heads, n_q, n_k = blocks.shape
+    lut = _alloc(batch, heads, n_q, n_k, dtype=torch.int32, device=blocks.device)
+    counts = _alloc(batch, heads, n_q, dtype=torch.int32, device=blocks.device)
+    rows = batch * heads * n_q
+    if rows == 0 or n_k == 0:
+        return lut.zero_(), counts.zero_()
+    nkp = max(16, triton.next_power_of_2(n_k))
+    _lut_kernel[(rows,)](blocks, *blocks.stride(), lut, counts, heads, n_q, n_k, NKP=nkp,
+                         num_warps=4 if nkp <= 1024 else 8)
+    return lut, counts
+
+
+__all__ = ["select_blocks_gpu", "predict_mask_gpu", "block_map_to_lut", "per_head_tensor"]
