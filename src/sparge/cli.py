@@ -220,17 +220,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     print(f"[3/3] sparge.sparse_attn (cdf_threshold={args.cdf_threshold}, "
           f"sim_threshold={args.sim_threshold}) ...", flush=True)
-    result: dict[str, object] = {}
-
-    def run_sparse() -> torch.Tensor:
-        out, stats = sparge.sparse_attn(q, k, v, sim_threshold=args.sim_threshold,
-                                        cdf_threshold=args.cdf_threshold, return_stats=True)
-        result["stats"] = stats
-        return out
-
-    out, t_sparse = _timed(run_sparse, device, repeats=3 if on_gpu else 1,
-                           warmup=1 if on_gpu else 0)
-    stats = result["stats"]
+    options = dict(sim_threshold=args.sim_threshold, cdf_threshold=args.cdf_threshold)
+    if on_gpu:  # time the call alone; the statistics (a read-back) come from one more call
+        _, t_sparse = _timed(lambda: sparge.sparse_attn(q, k, v, **options), device, repeats=5,
+                             warmup=1)
+        out, stats = sparge.sparse_attn(q, k, v, return_stats=True, **options)
+    else:  # one call: the reference path is slow and the read-back is negligible next to it
+        start = time.perf_counter()
+        out, stats = sparge.sparse_attn(q, k, v, return_stats=True, **options)
+        t_sparse = time.perf_counter() - start
     print(f"      {t_sparse * 1e3:.1f} ms", flush=True)
 
     err = rel_l1(out, ref)
@@ -240,7 +238,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"(per head: {per_head})")
     print(f"relative L1 error {err:.4f} (sum|o - o_exact| / sum|o_exact|)")
     print(f"time              sparge {t_sparse * 1e3:.1f} ms vs SDPA {t_dense * 1e3:.1f} ms "
-          f"({t_dense / t_sparse:.2f}x)")
+          f"(speed-up {t_dense / t_sparse:.3g}x)")
     if path == "reference":
         print("note: the PyTorch reference path ran (no Triton-capable GPU here); it is the "
               "specification the GPU kernels follow, not a fast path, so it is slower than SDPA.")
@@ -337,7 +335,7 @@ def selftest_checks(device: torch.device, dtype: torch.dtype, seed: int = 0
             Check("sparse_attn NHD layout vs HND", rel_l1(
                 sparge.sparse_attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                    sim_threshold=-0.1, topk=0.5, is_causal=True,
-                                   layout="NHD").transpose(1, 2), out), 1e-6),
+                                   layout="NHD").transpose(1, 2), out), exact_tol),
         ]
 
     def block_sparse() -> list[Check]:
