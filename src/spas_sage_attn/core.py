@@ -85,10 +85,13 @@ def _heads(q: torch.Tensor, tensor_layout: str) -> int:
 
 
 def _per_head(name: str, value: Threshold | None, heads: int,
-              device: torch.device) -> torch.Tensor | None:
-    """A float or (H,) tensor hyperparameter as a float32 (H,) tensor, like upstream's check."""
+              device: torch.device) -> Threshold | None:
+    """A hyperparameter checked like upstream's: a Python number stays a float (no tensor, no
+    device round trip); a tensor becomes float32 (H,) on ``device``."""
     if value is None:
         return None
+    if type(value) in (float, int):
+        return float(value)
     try:
         return hyperparameter_check(value, heads, device).float()
     except (TypeError, ValueError) as err:
