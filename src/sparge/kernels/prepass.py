@@ -29,7 +29,8 @@ from ..mask import num_blocks
 from ..predict import BlockStats
 from ..quant import FP8_DTYPE, FP8_MAX, PV_FP8, PV_FP16, QuantizedQKV
 
-_RINT_MAGIC = 12582912.0  # 1.5 * 2^23: (x + M) - M rounds x half-to-even for |x| < 2^22
+# 1.5 * 2^23: (x + M) - M rounds x half-to-even for |x| < 2^22
+_RINT_MAGIC = tl.constexpr(12582912.0)
 
 
 @triton.jit
@@ -186,7 +187,9 @@ def quantize_v_fp8_kmajor(v: torch.Tensor, block_k: int = 128) -> tuple[torch.Te
     """
     batch, heads, length, dim = v.shape
     amax = torch.linalg.vector_norm(v, float("inf"), dim=2, dtype=torch.float32)
-    scales = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax)).contiguous()
+    # Divide by a tensor: PyTorch on CUDA divides by a Python scalar through its reciprocal,
+    # which is not the IEEE quotient the CPU (and the rest of this pre-pass) computes.
+    scales = torch.where(amax > 0, amax / torch.full_like(amax, FP8_MAX), 1.0).contiguous()
     padded = num_blocks(length, block_k) * block_k
     buf = _alloc(batch, heads, dim, padded, dtype=FP8_DTYPE, device=v.device)
     dp = _dim_pad(dim)
