@@ -70,9 +70,9 @@ def test_inputs_of_magnitude_1e4_give_finite_output(rng):
 
 def test_stats_report_exact_sparsity_of_the_mask_used(rng):
     q, k, v = local_video_tokens(rng)
-    out, stats = sparge.sparse_attn(q, k, v, cdf_threshold=0.9, sim_threshold=0.1,
+    out, stats = sparge.sparse_attn(q, k, v, cdf_threshold=0.9, sim_threshold=-1.0,
                                     return_stats=True)
-    mask = sparge.predict_mask(q, k, cdf_threshold=0.9, sim_threshold=0.1)
+    mask = sparge.predict_mask(q, k, cdf_threshold=0.9, sim_threshold=-1.0)
     assert torch.equal(stats.mask.blocks, mask.blocks)
     assert stats.sparsity == pytest.approx(mask.sparsity())
     assert stats.per_head_sparsity.shape == (2,)

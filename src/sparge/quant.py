@@ -31,8 +31,13 @@ QUANT_MODES = (PV_FP8, PV_FP16, EXACT)
 
 
 def _safe_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
-    """amax / qmax, with 1 where the block is all zeros (any scale represents it exactly)."""
-    return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    """amax / qmax, with 1 where the block is all zeros (any scale represents it exactly).
+
+    The divisor is a tensor so that every device rounds the quotient the same (IEEE) way; a
+    Python-scalar divisor becomes a multiplication by its reciprocal on CUDA.
+    """
+    divisor = torch.tensor(qmax, dtype=amax.dtype, device=amax.device)
+    return torch.where(amax > 0, amax / divisor, torch.ones_like(amax))
 
 
 def quantize_int8_per_block(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
