@@ -8,11 +8,13 @@ would be narrower than a block it stays one block wide and whole frame pairs are
 (only every ``split_factor``-th frame distance is kept: the "diagonal split" rule). Wan models also
 attend the whole first frame (attention sink); text tokens after the video tokens are dense.
 
-The mask reproduces, block for block, ``gen_log_mask_shrinked`` and ``MaskMap.queryLogMask`` of
-``radial_attn/attn_mask.py`` in github.com/mit-han-lab/radial-attention (the version with
-``sparge_mask_convert`` and the ``use_sage_attention`` switch, 2025; its ComfyUI port
-woct0rdho/ComfyUI-RadialAttn builds the same mask apart from forcing the corner blocks of every
-frame pair on, which upstream's ``block_mask[0:0] = True`` never does). Upstream's rules, per pair
+The mask reproduces, block for block, ``gen_log_mask_shrinked`` (with ``shrinkMaskStrict``,
+``get_window_width`` and ``get_diagonal_split_mask``) and ``MaskMap.queryLogMask`` of
+``radial_attn/attn_mask.py`` in github.com/mit-han-lab/radial-attention, commit a5c638b (the
+version with ``sparge_mask_convert`` and ``use_sage_attention``; earlier versions also gave
+HunyuanVideo the first-frame sink). Its ComfyUI port woct0rdho/ComfyUI-RadialAttn builds the same
+mask except that it forces the first and last block of every frame pair on (upstream's
+``block_mask[0:0] = True`` is an empty slice and changes nothing). Upstream's rules, per pair
 of frames (i, j), with ``tpf = video_len // num_frames`` tokens per frame and ``d = |i - j|``:
 
 - local token mask: all ones for ``j == 0`` on Wan (sink); otherwise
