@@ -1,0 +1,31 @@
+"""Mochi text-to-video with sparge sparse attention.
+
+    python examples/mochi.py --model PATH [--mode budget --budget 0.05]
+    python examples/mochi.py --model PATH --mode calibrate --tuned mochi.json
+    python examples/mochi.py --model PATH --mode tuned --tuned mochi.json
+    python examples/mochi.py --tiny        # same sparge path, tiny random model, no weights
+
+PATH is a local diffusers pipeline folder (or a hub id, if you are online).
+"""
+
+import sys
+
+from _sparge_example import parser, run_pipeline, run_tiny, save_video
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parser("mochi", 64).parse_args(argv)
+    if args.tiny:
+        return run_tiny("mochi", args)
+    from diffusers import MochiPipeline
+
+    call_kwargs = {
+        "height": args.height,
+        "width": args.width,
+        "num_frames": args.frames,
+    }
+    return run_pipeline(MochiPipeline, args, call_kwargs, save_video)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

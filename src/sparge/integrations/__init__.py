@@ -1,0 +1,2 @@
+"""Integrations of sparge into other libraries, imported on demand
+(``sparge.integrations.diffusers`` needs diffusers)."""
