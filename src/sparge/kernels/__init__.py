@@ -1,0 +1,117 @@
+"""Triton kernels: the GPU execution path of :mod:`sparge.api`.
+
+The public API calls exactly two functions here (see docs/ARCHITECTURE.md, "Kernel contract"):
+
+- :func:`attention` writes ``out`` in place: with ``mask`` it runs that mask, with ``selection`` it
+  runs the fused pipeline (pre-pass, block selection, lookup table, attention) and returns the
+  predicted mask, with neither it runs dense quantized attention.
+- :func:`predict_mask` runs the predictor alone.
+
+The pre-pass (statistics + quantization) and the block selection come from
+:mod:`sparge.kernels.prepass` and :mod:`sparge.kernels.select`; where those are not available the
+PyTorch specifications in :mod:`sparge.quant` and :mod:`sparge.predict` stand in, behind
+:func:`_prepare` and :func:`_select`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..mask import SparseMask
+from ..predict import (
+    BlockStats,
+    Selection,
+    block_stats,
+    predict_mask_reference,
+    select_blocks,
+    smooth_k,
+)
+from ..quant import EXACT, PV_FP8, QuantizedQKV, quantize_qkv
+from .attention import BlockTable, KernelConfig, block_table, launch
+
+try:  # the fused Triton pre-pass and GPU selection, when present
+    from .prepass import prepare_qkv as _prepare_qkv_gpu
+except ImportError:  # pragma: no cover - depends on the tree
+    _prepare_qkv_gpu = None
+try:
+    from .select import predict_mask_gpu as _predict_mask_gpu
+    from .select import select_blocks_gpu as _select_blocks_gpu
+except ImportError:  # pragma: no cover - depends on the tree
+    _predict_mask_gpu = _select_blocks_gpu = None
+
+
+# ------------------------------------------------------------------------------ pre-pass helpers
+def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_q: int, block_k: int,
+             mode: str, with_stats: bool
+             ) -> tuple[QuantizedQKV, BlockStats | None, BlockStats | None]:
+    """Quantized Q/K/V (V K-major for FP8) and, if asked, block statistics of Q and smoothed K."""
+    if _prepare_qkv_gpu is not None:
+        return _prepare_qkv_gpu(q, k, v, block_q=block_q, block_k=block_k, mode=mode,
+                                with_stats=with_stats)
+    quant = quantize_qkv(q, k, v, block_q=block_q, block_k=block_k, mode=mode)
+    if mode == PV_FP8:  # K-major storage, as the FP8 dot wants its second operand
+        v_kmajor = quant.v.transpose(2, 3).contiguous().transpose(2, 3)
+        quant = QuantizedQKV(quant.q, quant.q_scale, quant.k, quant.k_scale, v_kmajor,
+                             quant.v_scale)
+    if not with_stats:
+        return quant, None, None
+    return quant, block_stats(q, block_q), block_stats(smooth_k(k), block_k)
+
+
+def _select(q_stats: BlockStats, k_stats: BlockStats, selection: Selection, *, q_len: int,
+            k_len: int, block_q: int, block_k: int, causal: bool) -> SparseMask:
+    """Block selection from pooled statistics (GPU kernel when available)."""
+    fn = _select_blocks_gpu if _select_blocks_gpu is not None else select_blocks
+    return fn(q_stats, k_stats, selection, q_len=q_len, k_len=k_len, block_q=block_q,
+              block_k=block_k, causal=causal)
+
+
+def predict_mask(q: torch.Tensor, k: torch.Tensor, selection: Selection, *, block_q: int,
+                 block_k: int, causal: bool) -> SparseMask:
+    """The predicted block mask for q (B, Hq, Lq, D), k (B, Hk, Lk, D) (layout HND)."""
+    fn = _predict_mask_gpu if _predict_mask_gpu is not None else predict_mask_reference
+    return fn(q, k, selection, block_q=block_q, block_k=block_k, causal=causal)
+
+
+# ------------------------------------------------------------------------------ the contract
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: SparseMask | None,
+              selection: Selection | None, block_q: int, block_k: int, causal: bool,
+              scale: float, pv_threshold: torch.Tensor, mode: str,
+              out: torch.Tensor) -> SparseMask | None:
+    """Attention into ``out`` (B, Hq, Lq, D), any strides, in its dtype.
+
+    q (B, Hq, Lq, D), k and v (B, Hk, Lk, D) in layout HND, any strides. With ``mask``, the blocks
+    it keeps (its ``causal`` flag decides causal masking); with ``selection``, the predicted mask,
+    which is returned; with neither, every (causally valid) block without a lookup table.
+    ``pv_threshold`` float32 (Hq,) on the device; ``mode`` ``"int8_fp8"``, ``"int8_fp16"`` or
+    ``"none"``.
+    """
+    if mask is not None and selection is not None:
+        raise ValueError("give mask or selection, not both")
+    q_len, k_len = q.shape[2], k.shape[2]
+    if mask is not None:
+        causal = mask.causal
+        block_q, block_k = mask.block_q, mask.block_k
+    if mode == EXACT:
+        if selection is not None:
+            mask = predict_mask(q, k, selection, block_q=block_q, block_k=block_k, causal=causal)
+        quant = None
+    else:
+        quant, q_stats, k_stats = _prepare(q, k, v, block_q=block_q, block_k=block_k, mode=mode,
+                                           with_stats=selection is not None)
+        if selection is not None:
+            mask = _select(q_stats, k_stats, selection, q_len=q_len, k_len=k_len,
+                           block_q=block_q, block_k=block_k, causal=causal)
+
+    table = block_table(mask) if mask is not None else None
+    if quant is None:
+        operands = dict(q=q, k=k, v=v, q_scale=None, k_scale=None, v_scale=None)
+    else:
+        operands = dict(q=quant.q, k=quant.k, v=quant.v, q_scale=quant.q_scale,
+                        k_scale=quant.k_scale, v_scale=quant.v_scale)
+    launch(**operands, out=out, table=table, block_q=block_q, block_k=block_k, causal=causal,
+           scale=scale, pv_threshold=pv_threshold, mode=mode, pv_skip=table is not None)
+    return mask
+
+
+__all__ = ["BlockTable", "KernelConfig", "attention", "block_table", "launch", "predict_mask"]

@@ -1,0 +1,468 @@
+"""Block-sparse attention kernel: INT8 Q.K^T, online softmax in base 2, FP8 / FP16 / exact P.V.
+
+One Triton kernel serves every variant through ``tl.constexpr`` switches:
+
+- ``MODE``: 0 = INT8 Q.K^T with FP8 e4m3 P.V (V stored K-major, one scale per channel),
+  1 = INT8 Q.K^T with FP16 P.V, 2 = no quantization (fp16 / bf16 dots, or fp32 with IEEE
+  precision).
+- ``SPARSE``: visit the key blocks of a lookup table, or every (causally valid) block (dense mode).
+- ``CAUSAL``: exact per-element causal masking, top-left aligned.
+- ``PV_SKIP``: skip the P.V product of a tile when every row of it skips (see below).
+
+Each program computes ``BLOCK_M`` query rows of one (batch, query head). Key blocks are
+``BLOCK_N = block_k`` rows, so one key block is one loop step. Per step it computes the scores
+``s = (q_int8 . k_int8) * q_scale * k_scale`` (the Q scale already holds ``softmax_scale *
+log2(e)``), the row maxima and ``p = exp2(s - m)``, exactly the arithmetic of
+:func:`sparge.reference.attention_reference`.
+
+PV threshold, per query row: a key block contributes nothing to a row whose running maximum
+``m_old`` is finite when the block's maximum score in that row is below ``m_old - lambda``; under
+causal masking the block holding the row's own position always contributes. A skipped row is
+dropped by subtracting +inf before the exponential, which costs nothing per element; with
+``PV_SKIP`` the kernel also leaves out the P.V product of a tile whose rows all skip.
+
+Lookup table: the kernel reads the mask's :meth:`~sparge.mask.SparseMask.kv_indices` form (per
+query block a count and the ascending kept key-block indices) plus, per query block, how many of
+the kept blocks lie wholly before the query block and inside the keys (``n_full``). Those run
+without any element mask; the rest (the causal diagonal and the last partial key block) run with
+it. Dense mode derives the same two ranges from the tile position.
+
+FP8 details: P is scaled into the FP8 range by folding ``log2(448)`` into the subtracted row
+maximum, so the numerator ``p * 448`` costs no multiply; the row sum carries the same factor and
+it cancels in the final division. Each key block's FP8 product lands in a fresh fp32 tile that is
+then added, which keeps Hopper's FP8 accumulation error from compounding across blocks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..mask import SparseMask, num_blocks
+from ..quant import EXACT, P_FP8_SCALE, PV_FP8, PV_FP16
+
+LOG2E = math.log2(math.e)
+P_SCALE_LOG2 = math.log2(P_FP8_SCALE)
+
+MODE_IDS = {PV_FP8: 0, PV_FP16: 1, EXACT: 2}
+
+
+# ========================================================================================= kernel
+@triton.jit
+def _scores(q, kt, IEEE_DOT: tl.constexpr, MODE: tl.constexpr):
+    """Raw scores of one tile: (BLOCK_M, HEAD_DIM) x (HEAD_DIM, BLOCK_N) -> float32 (M, N).
+
+    INT8 operands accumulate exactly in int32 (|sum| < 2**24, so the float32 conversion is exact);
+    float operands accumulate in float32, with IEEE precision for float32 inputs.
+    """
+    if MODE == 2:
+        if IEEE_DOT:
+            qk = tl.dot(q, kt, input_precision="ieee")
+        else:
+            qk = tl.dot(q, kt)
+    else:
+        qk = tl.dot(q, kt, out_dtype=tl.int32).to(tl.float32)
+    return qk
+
+
+@triton.jit
+def _round_to_e4m3(p):
+    """float32 p in [0, 448] rounded half-to-even onto the float8_e4m3fn grid, as float32.
+
+    Only for the CPU interpreter, whose own float32 -> fp8 conversion rounds some values wrongly
+    (those just below a power of two); the GPU's conversion instruction rounds like PyTorch.
+    Rounding to a multiple of u = 2**(e - 3) is (p + 1.5 u 2**23) - 1.5 u 2**23.
+    """
+    a = tl.minimum(p, 448.0)
+    exp = (a.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    exp = tl.maximum(exp, 127 - 6)  # subnormal e4m3 values share the step 2**-9
+    magic = (((exp + 20) << 23) | 0x400000).to(tl.float32, bitcast=True)
+    return tl.minimum((a + magic) - magic, 448.0)
+
+
+@triton.jit
+def _attend_blocks(acc, l_i, m_i, q, q_scale, offs_m, offs_d,
+                   k_base, v_base, ks_base, idx_base,
+                   stride_kn, stride_kd, stride_vn, stride_vd, stride_ks,
+                   lo, hi, k_len, head_dim, lam,
+                   BLOCK_N: tl.constexpr, MODE: tl.constexpr, MASKED: tl.constexpr,
+                   CAUSAL: tl.constexpr, SPARSE: tl.constexpr, PV_SKIP: tl.constexpr,
+                   EVEN_D: tl.constexpr, IEEE_DOT: tl.constexpr, ROUND_FP8: tl.constexpr):
+    """Online softmax over the key blocks ``lo <= i < hi`` of one query tile.
+
+    acc: float32 (BLOCK_M, HEAD_DIM); l_i, m_i: float32 (BLOCK_M,), the running row sum and the
+    running row maximum (base-2 units, -inf before the first key). ``MASKED`` applies the element
+    mask (keys past ``k_len``, and causal ``key <= query``); unmasked ranges must not need it.
+    """
+    offs_n = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < head_dim
+    for i in range(lo, hi):
+        if SPARSE:
+            j = tl.load(idx_base + i)
+        else:
+            j = i
+        start_n = j * BLOCK_N
+        keys = start_n + offs_n
+        kt_ptrs = k_base + keys[None, :] * stride_kn + offs_d[:, None] * stride_kd
+        v_ptrs = v_base + keys[:, None] * stride_vn + offs_d[None, :] * stride_vd
+        if MASKED:
+            kt = tl.load(kt_ptrs, mask=(keys[None, :] < k_len) & d_ok[:, None], other=0.0)
+        elif EVEN_D:
+            kt = tl.load(kt_ptrs)
+        else:
+            kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
+
+        qk = _scores(q, kt, IEEE_DOT, MODE)
+        if MODE == 2:
+            c = q_scale
+        else:
+            c = q_scale * tl.load(ks_base + j * stride_ks)
+        if MASKED:
+            valid = keys[None, :] < k_len
+            if CAUSAL:
+                valid = valid & (keys[None, :] <= offs_m[:, None])
+            qk = tl.where(valid, qk, float("-inf"))
+
+        # Row maxima: max(qk) * c equals max(qk * c) exactly since c > 0.
+        local = tl.max(qk, 1) * c
+        m_new = tl.maximum(m_i, local)
+        skip = (m_i > float("-inf")) & (local - m_i < -lam)
+        if MASKED and CAUSAL:
+            skip = skip & ((offs_m < start_n) | (offs_m >= start_n + BLOCK_N))
+        m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+        alpha = tl.math.exp2(m_i - m_safe)
+        if MODE == 0:
+            m_sub = m_safe - 8.807354922057604  # log2(448): p comes out scaled into FP8 range
+        else:
+            m_sub = m_safe
+        m_sub = tl.where(skip, float("inf"), m_sub)
+        p = tl.math.exp2(qk * c - m_sub[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+
+        if MASKED:
+            v = tl.load(v_ptrs, mask=(keys[:, None] < k_len) & d_ok[None, :], other=0.0)
+        elif EVEN_D:
+            v = tl.load(v_ptrs)
+        else:
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        if MODE == 0:
+            if ROUND_FP8:
+                p_op = _round_to_e4m3(p).to(tl.float8e4nv)
+            else:
+                p_op = p.to(tl.float8e4nv)
+        elif MODE == 1:
+            p_op = p.to(tl.float16)
+        else:
+            p_op = p.to(v.dtype)
+        if PV_SKIP:
+            if tl.max(tl.where(skip, 0, 1), 0) > 0:
+                acc = _accumulate_pv(acc, p_op, v, MODE, IEEE_DOT)
+        else:
+            acc = _accumulate_pv(acc, p_op, v, MODE, IEEE_DOT)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _accumulate_pv(acc, p, v, MODE: tl.constexpr, IEEE_DOT: tl.constexpr):
+    """acc (BLOCK_M, HEAD_DIM) float32 += p (BLOCK_M, BLOCK_N) . v (BLOCK_N, HEAD_DIM)."""
+    if MODE == 0:
+        acc += tl.dot(p, v)  # fresh fp32 tile per block: Hopper's FP8 accumulator is imprecise
+    elif IEEE_DOT:
+        acc = tl.dot(p, v, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(p, v, acc)
+    return acc
+
+
+@triton.jit
+def _sparse_attn_fwd(
+        Q, K, V, Out, QS, KS, VS, Lam, Counts, NFull, Indices,
+        stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_ob, stride_oh, stride_om, stride_od,
+        stride_qsb, stride_qsh, stride_qsm,
+        stride_ksb, stride_ksh, stride_ksn,
+        stride_vsb, stride_vsh, stride_vsd,
+        stride_cb, stride_ch, stride_cm,
+        stride_ib, stride_ih, stride_im,
+        heads_q, group, q_len, k_len, head_dim, sm_scale_log2,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_Q: tl.constexpr, MODE: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
+        PV_SKIP: tl.constexpr, EVEN_D: tl.constexpr, IEEE_DOT: tl.constexpr,
+        ROUND_FP8: tl.constexpr):
+    """One program: BLOCK_M query rows of one (batch, query head).
+
+    Q (B, Hq, Lq, D) int8 (or float for MODE 2); K (B, Hk, Lk, D) int8 / float; V (B, Hk, Lk, D)
+    float8_e4m3fn (K-major strides preferred), float16 or float; Out (B, Hq, Lq, D) any float dtype.
+    QS (B, Hq, nQ) float32 holds q_scale * softmax_scale * log2(e); KS (B, Hk, nK); VS (B, Hk, D).
+    Lam (Hq,) float32. Counts, NFull (B, Hq, nQ) int32 and Indices (B, Hq, nQ, nK) int32 when
+    SPARSE. Grid: (cdiv(Lq, BLOCK_M), B * Hq), heaviest causal tiles first.
+    """
+    n_tiles = tl.num_programs(0)
+    pid_m = n_tiles - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads_q).to(tl.int64)
+    h = pid_bh % heads_q
+    hk = (h // group).to(tl.int64)
+    h = h.to(tl.int64)
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < q_len
+    d_ok = offs_d < head_dim
+    q_blk = start_m // BLOCK_Q
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm \
+        + offs_d[None, :] * stride_qd
+    if EVEN_D:
+        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if MODE == 2:
+        q_scale = sm_scale_log2
+    else:
+        q_scale = tl.load(QS + b * stride_qsb + h * stride_qsh + q_blk * stride_qsm)
+    lam = tl.load(Lam + h)
+
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    ks_base = KS + b * stride_ksb + hk * stride_ksh
+
+    n_k = tl.cdiv(k_len, BLOCK_N)
+    if SPARSE:
+        c_off = b * stride_cb + h * stride_ch + q_blk * stride_cm
+        hi = tl.load(Counts + c_off)
+        mid = tl.load(NFull + c_off)
+        idx_base = Indices + b * stride_ib + h * stride_ih + q_blk * stride_im
+    else:
+        idx_base = Indices
+        if CAUSAL:
+            last_row = tl.minimum(start_m + BLOCK_M, q_len) - 1
+            hi = tl.minimum(last_row // BLOCK_N + 1, n_k)
+            mid = tl.minimum(start_m // BLOCK_N, k_len // BLOCK_N)
+        else:
+            hi = n_k
+            mid = k_len // BLOCK_N
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    # Key blocks wholly before the tile and inside the keys: no element mask.
+    acc, l_i, m_i = _attend_blocks(
+        acc, l_i, m_i, q, q_scale, offs_m, offs_d, k_base, v_base, ks_base, idx_base,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_ksn, 0, mid, k_len, head_dim, lam,
+        BLOCK_N, MODE, False, CAUSAL, SPARSE, PV_SKIP, EVEN_D, IEEE_DOT, ROUND_FP8)
+    # The causal diagonal and the last partial key block: element mask on.
+    acc, l_i, m_i = _attend_blocks(
+        acc, l_i, m_i, q, q_scale, offs_m, offs_d, k_base, v_base, ks_base, idx_base,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_ksn, mid, hi, k_len, head_dim, lam,
+        BLOCK_N, MODE, True, CAUSAL, SPARSE, PV_SKIP, EVEN_D, IEEE_DOT, ROUND_FP8)
+
+    has_keys = l_i > 0
+    inv_l = 1.0 / tl.where(has_keys, l_i, 1.0)
+    o = acc * inv_l[:, None]
+    if MODE == 0:
+        vs = tl.load(VS + b * stride_vsb + hk * stride_vsh + offs_d * stride_vsd, mask=d_ok,
+                     other=0.0)
+        o = o * vs[None, :]
+    o = tl.where(has_keys[:, None], o, 0.0)
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om \
+        + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+# ========================================================================================= host
+@dataclass(frozen=True)
+class BlockTable:
+    """The lookup table the kernel reads for a :class:`SparseMask` (all int32, on the device).
+
+    Attributes:
+        counts: (B, H, nQ) kept key blocks per query block.
+        n_full: (B, H, nQ) how many of the leading kept blocks need no element mask (wholly before
+            the query block under causal masking, and not the partial last key block).
+        indices: (B, H, nQ, nK) kept key-block indices, ascending, zero-padded.
+    """
+
+    counts: torch.Tensor
+    n_full: torch.Tensor
+    indices: torch.Tensor
+
+
+def block_table(mask: SparseMask) -> BlockTable:
+    """Build the kernel's lookup table from a mask, on the mask's device, without host sync."""
+    counts, indices = mask.kv_indices()
+    n_q, n_k = mask.shape[2], mask.shape[3]
+    device = mask.device
+    limit = torch.full((n_q,), mask.k_len // mask.block_k, device=device)
+    if mask.causal:
+        first_row = torch.arange(n_q, device=device) * mask.block_q
+        limit = torch.minimum(limit, first_row // mask.block_k)
+    unmasked = torch.arange(n_k, device=device)[None, :] < limit[:, None]  # (nQ, nK)
+    n_full = (mask.blocks & unmasked).sum(-1, dtype=torch.int32)
+    return BlockTable(counts.contiguous(), n_full.contiguous(), indices.contiguous())
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch parameters chosen per architecture and shape class."""
+
+    block_m: int
+    num_warps: int
+    num_stages: int
+
+
+def candidate_configs(capability: tuple[int, int], head_dim: int, block_q: int, *,
+                      block_k: int = 128, operand_bytes: tuple[int, int, int] = (1, 1, 1),
+                      smem_bytes: int = 227 * 1024) -> list[KernelConfig]:
+    """Configurations worth timing on a GPU of ``capability``; the first is the default.
+
+    BLOCK_M must divide ``block_q`` (one Q scale and one mask row per tile). ``operand_bytes`` are
+    the element sizes of Q, K and V; pipeline stages are capped so that the K and V tiles of every
+    stage, plus the Q tile, fit in ``smem_bytes`` of shared memory.
+    """
+    if (9, 0) <= capability < (10, 0):  # Hopper: wgmma, deep pipelines
+        cands = [(64, 4, 3), (64, 4, 2), (128, 8, 3), (64, 4, 4), (128, 8, 2)]
+    elif capability >= (8, 0):  # Ampere, Ada, Blackwell
+        cands = [(64, 4, 2), (64, 4, 3), (128, 8, 2), (128, 4, 2)]
+    else:  # Turing
+        cands = [(64, 4, 2), (64, 4, 1), (128, 8, 1)]
+    if head_dim > 128:  # a 128 x 256 fp32 accumulator does not fit the registers
+        cands = [c for c in cands if c[0] == 64]
+    q_bytes, k_bytes, v_bytes = operand_bytes
+    per_stage = block_k * head_dim * (k_bytes + v_bytes)
+    seen: list[KernelConfig] = []
+    for m, w, s in cands:
+        room = (smem_bytes - m * head_dim * q_bytes) // per_stage
+        cfg = KernelConfig(m, w, max(1, min(s, room)))
+        if m <= block_q and block_q % m == 0 and cfg not in seen:
+            seen.append(cfg)
+    return seen
+
+
+_TUNED: dict[tuple, KernelConfig] = {}
+
+
+def _bucket(n: int) -> int:
+    """Shape class of a length: the next power of two (lengths within 2x share a config)."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _autotune_enabled() -> bool:
+    return os.environ.get("SPARGE_AUTOTUNE", "1") != "0"
+
+
+def _head_dim_padded(dim: int) -> int:
+    return max(16, triton.next_power_of_2(dim))
+
+
+def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tensor,
+           q_scale: torch.Tensor | None, k_scale: torch.Tensor | None,
+           v_scale: torch.Tensor | None, table: BlockTable | None, block_q: int, block_k: int,
+           causal: bool, scale: float, pv_threshold: torch.Tensor, mode: str,
+           pv_skip: bool = False, config: KernelConfig | None = None):
+    """Run the attention kernel, writing ``out`` (B, Hq, Lq, D) in place.
+
+    Args:
+        q: int8 (B, Hq, Lq, D) for the quantized modes, else float16/bfloat16/float32.
+        k: int8 (B, Hk, Lk, D) (smoothed K) or float; v: float8_e4m3fn (mode ``int8_fp8``; a
+            (B, Hk, Lk, D) view of a K-major buffer is fastest), float16 (``int8_fp16``) or float.
+        q_scale: float32 (B, Hq, nQ) raw per-block scales (the softmax scale and log2(e) are
+            folded in here); k_scale: float32 (B, Hk, nK); v_scale: float32 (B, Hk, D) for FP8.
+        table: the lookup table of the mask, or None for dense mode.
+        pv_threshold: float32 (Hq,) on the device.
+        pv_skip: skip the P.V product of tiles whose rows all skip (worth it when thresholds are
+            small enough to skip; costs a reduction per step otherwise).
+        config: force a launch configuration (no autotuning).
+
+    Returns Triton's handle of the launched kernel (``n_regs``, ``n_spills``, ``asm``).
+    """
+    batch, heads_q, q_len, dim = q.shape
+    heads_k, k_len = k.shape[1], k.shape[2]
+    mode_id = MODE_IDS[mode]
+    device = q.device
+    head_dim = _head_dim_padded(dim)
+
+    if mode_id == 2:
+        qs = ks = vs = torch.empty(1, 1, 1, dtype=torch.float32, device=device)
+    else:
+        qs = q_scale * (scale * LOG2E)  # the same operation as the reference
+        ks = k_scale
+        vs = v_scale if v_scale is not None else torch.ones(1, 1, 1, dtype=torch.float32,
+                                                            device=device)
+    lam = pv_threshold.to(device=device, dtype=torch.float32).contiguous()
+    if table is None:
+        dummy = torch.zeros(1, 1, 1, dtype=torch.int32, device=device)
+        counts = n_full = indices = dummy
+    else:
+        counts, n_full, indices = table.counts, table.n_full, table.indices
+
+    def run(cfg: KernelConfig):
+        grid = (triton.cdiv(q_len, cfg.block_m), batch * heads_q)
+        return _sparse_attn_fwd[grid](
+            q, k, v, out, qs, ks, vs, lam, counts, n_full, indices,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            *qs.stride(), *ks.stride(), *vs.stride(),
+            *counts.stride(), *indices.stride()[:3],
+            heads_q, heads_q // heads_k, q_len, k_len, dim, scale * LOG2E,
+            HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=block_k, BLOCK_Q=block_q,
+            MODE=mode_id, CAUSAL=causal, SPARSE=table is not None, PV_SKIP=pv_skip,
+            EVEN_D=dim == head_dim, IEEE_DOT=q.dtype == torch.float32,
+            ROUND_FP8=device.type != "cuda",
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    if config is None:
+        sizes = (q.element_size(), k.element_size(), v.element_size())
+        config = _choose_config(run, device, mode, q.dtype, head_dim, block_q, block_k, causal,
+                                table is not None, pv_skip, q_len, k_len, sizes)
+    return run(config)
+
+
+def _choose_config(run, device: torch.device, mode: str, dtype: torch.dtype, head_dim: int,
+                   block_q: int, block_k: int, causal: bool, sparse: bool, pv_skip: bool,
+                   q_len: int, k_len: int, operand_bytes: tuple[int, int, int]) -> KernelConfig:
+    """The cached configuration for this shape class; times the candidates on its first call."""
+    if device.type != "cuda":
+        return KernelConfig(64, 4, 1)  # the interpreter: any valid configuration
+    capability = torch.cuda.get_device_capability(device)
+    key = (capability, mode, dtype, head_dim, block_q, block_k, causal, sparse, pv_skip,
+           _bucket(q_len), _bucket(k_len))
+    if key in _TUNED:
+        return _TUNED[key]
+    props = torch.cuda.get_device_properties(device)
+    smem = getattr(props, "shared_memory_per_block_optin", 99 * 1024)
+    cands = candidate_configs(capability, head_dim, block_q, block_k=block_k,
+                              operand_bytes=operand_bytes, smem_bytes=smem)
+    if not _autotune_enabled() or torch.cuda.is_current_stream_capturing():
+        _TUNED[key] = cands[0]
+        return cands[0]
+    best, best_ms = None, float("inf")
+    for cfg in cands:
+        try:
+            ms = triton.testing.do_bench(lambda cfg=cfg: run(cfg), warmup=5, rep=20,
+                                         return_mode="median")
+        except Exception:  # noqa: BLE001 - a config that does not compile here (resources)
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    if best is None:
+        raise RuntimeError(f"no attention kernel configuration compiled for {key}")
+    _TUNED[key] = best
+    return best
+
+
+def tuned_configs() -> dict[tuple, KernelConfig]:
+    """The configurations chosen so far, by shape class (for reports)."""
+    return dict(_TUNED)
+
+
+__all__ = ["BlockTable", "KernelConfig", "block_table", "candidate_configs", "launch",
+           "tuned_configs", "num_blocks"]

@@ -1,0 +1,422 @@
+"""The block-sparse attention kernel against :func:`sparge.reference.attention_reference`.
+
+CPU: the kernel runs under Triton's interpreter. ``TRITON_INTERPRET`` is read when a kernel is
+decorated, so the interpreter cases run in one child process started with it set (this file is
+the child's script); the parent tests only read the child's measurements. Interpreter facts that
+shape the cases: int8, fp16 and fp32 dots are exact, fp8 values loaded from memory are exact,
+bf16 is computed wrongly (no bf16 case on the CPU), and its own float32 -> fp8 conversion rounds
+some values wrongly, so the kernel rounds P onto the e4m3 grid itself under the interpreter (the
+GPU's conversion instruction rounds like PyTorch). With the same quantized operands the kernel and
+the reference then differ only by summation order and the last bits of exp2, so the CPU
+tolerances are tight.
+
+GPU (``@pytest.mark.gpu``, skipped without CUDA): real shapes, bf16, FP8 on the tensor cores,
+large inputs, poisoned outputs.
+
+Every case draws fresh random inputs; the seed is recorded in the result (CPU) or printed (GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# --------------------------------------------------------------------------------------- cases
+# name -> parameters. kind: "dense" (no mask), "mask" (random block mask of the given density),
+# "selection" (the fused pipeline), "api" (sparge.sparse_attn backend="triton" vs "reference").
+_BASE = dict(B=1, Hq=2, Hk=1, Lq=150, Lk=200, D=40, bq=64, bk=128, mode="int8_fp16",
+             causal=False, kind="dense", density=1.0, lam=50.0, dtype="float16",
+             out_dtype="float32", layout="HND", empty_rows=False, scale_x=1.0)
+
+
+def _case(**kw) -> dict:
+    return {**_BASE, **kw}
+
+
+CPU_CASES = {
+    "fp16pv_dense": _case(),
+    "fp16pv_dense_causal_lq_gt_lk": _case(Lq=200, Lk=130, causal=True),
+    "fp16pv_dense_causal_lq_lt_lk": _case(Lq=90, Lk=300, causal=True, D=64),
+    "fp16pv_mask_causal_gqa_bq128_bk64": _case(B=2, Hq=2, Hk=1, Lq=300, Lk=260, causal=True,
+                                               kind="mask", density=0.5, bq=128, bk=64),
+    "fp16pv_mask_empty_rows": _case(Hq=3, Hk=3, Lq=260, Lk=270, kind="mask", density=0.6,
+                                    empty_rows=True),
+    "fp16pv_pv_threshold_per_head": _case(Hq=4, Hk=2, Lq=128, Lk=520, D=64, kind="mask",
+                                          density=0.8, lam=[0.0, 0.5, 3.0, math.inf]),
+    "fp16pv_pv_threshold_causal": _case(Hq=4, Hk=1, Lq=330, Lk=330, D=32, kind="mask",
+                                        causal=True, density=0.9, lam=[0.0, 1.0, 2.0, 0.25]),
+    "fp8_dense": _case(mode="int8_fp8", D=64, Lq=190, Lk=333),
+    "fp8_mask_causal_gqa": _case(mode="int8_fp8", Hq=4, Hk=2, Lq=260, Lk=300, causal=True,
+                                 kind="mask", density=0.8, bk=64, lam=[0.0, 0.0, 50.0, 4.0]),
+    "fp8_d256_lq1": _case(mode="int8_fp8", D=256, Lq=1, Lk=77, causal=True),
+    "exact_fp32_mask": _case(mode="none", dtype="float32", kind="mask", density=0.7, Lq=129,
+                             Lk=257, D=48),
+    "exact_fp16_causal": _case(mode="none", causal=True, Lq=140, Lk=140, D=16),
+    "strided_nhd_views_fp16_out": _case(mode="int8_fp8", layout="NHD", out_dtype="float16",
+                                        Hq=4, Hk=2, kind="mask", density=0.7, causal=True),
+    "one_token": _case(Lq=1, Lk=1, D=8),
+    "selection_pipeline": _case(mode="int8_fp8", kind="selection", Hq=2, Hk=1, Lq=384, Lk=512,
+                                D=32, causal=True),
+    "api_sparse_attn_nhd": _case(mode="int8_fp16", kind="api", Hq=2, Hk=2, Lq=256, Lk=256,
+                                 D=64, layout="NHD"),
+}
+
+# Tolerances, by what can differ between kernel and reference. Quantized modes: identical int8
+# scores; P differs by the last bits of exp2 (numpy vs torch, and the FP8 scale folded into the
+# exponent), which now and then moves one fp16 / fp8 rounding of P across a midpoint (an FP8 step
+# is 1/16 of the value: a single such flip in a row with few keys moves that row by up to ~1e-2);
+# the sums run in another order. Measured: up to ~1e-5 rel L1 from a few flips. So: rel L1 at
+# the level of a few flips (one wrong row among the ~400 of a case gives ~2e-3), and a max error
+# bounded by one flip. An fp16 output adds its own rounding (2**-11).
+QUANT_REL_L1 = 1e-4
+QUANT_MAX_ABS = 1e-2
+FP16_OUT_REL_L1 = 5e-4
+EXACT_FP32_ABS = 1e-5
+EXACT_FP16_REL_L1 = 2e-3
+
+
+def _child_env() -> dict:
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@pytest.fixture(scope="module")
+def interpreter_results() -> dict:
+    """Run every CPU case in one interpreter child process; returns name -> measurements."""
+    proc = subprocess.run([sys.executable, __file__, "--interpret"], env=_child_env(),
+                          capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        pytest.fail(f"interpreter child failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                    f"{proc.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.mark.parametrize("name", list(CPU_CASES))
+def test_interpreter_matches_reference(name: str, interpreter_results: dict) -> None:
+    res = interpreter_results[name]
+    assert "error" not in res, f"seed {res.get('seed')}: {res.get('error')}"
+    case = CPU_CASES[name]
+    info = f"seed {res['seed']}: {res}"
+    assert res["unwritten"] == 0, f"{res['unwritten']} output elements never written; {info}"
+    assert res["nonfinite"] == 0, info
+    if case["mode"] == "none":
+        if case["dtype"] == "float32":
+            assert res["max_abs"] <= EXACT_FP32_ABS, info
+        else:
+            assert res["rel_l1"] <= EXACT_FP16_REL_L1, info
+    else:
+        tol = FP16_OUT_REL_L1 if case["out_dtype"] == "float16" else QUANT_REL_L1
+        assert res["rel_l1"] <= tol, info
+        assert res["max_abs"] <= QUANT_MAX_ABS, info
+    if res["pv_effect"] < 1e-3:
+        # Without skipping, the quantized result is still attention: near the exact float64
+        # answer on the same mask (INT8/FP8 quantization error, see the issue's 0.04 target).
+        assert res["rel_l1_exact"] <= 0.05, info
+    if case["empty_rows"]:
+        assert res["empty_rows"] > 0 and res["empty_rows_max_abs"] == 0.0, info
+    if isinstance(case["lam"], list) and min(case["lam"]) < 1.0:
+        # The thresholds must matter, or this case would not test skipping at all.
+        assert res["pv_effect"] > 1e-3, info
+    if name == "selection_pipeline":
+        assert res["mask_matches_reference"], info
+        assert 0.0 < res["sparsity"] < 1.0, info
+
+
+def test_interpreter_tile_skip_is_exact(interpreter_results: dict) -> None:
+    """Leaving out the P.V product of all-skipped tiles changes nothing (bit for bit)."""
+    res = interpreter_results["__pv_skip_toggle__"]
+    assert "error" not in res, res
+    assert res["skipped_rows"] > 0, res
+    assert res["max_abs"] == 0.0, res
+
+
+# --------------------------------------------------------------------------------------- helpers
+def _exact_attention(q, k, v, token_mask, scale):
+    """Float64 attention with a (B, Hq, Lq, Lk) token mask; rows with no key are zero."""
+    group = q.shape[1] // k.shape[1]
+    k = k.double().repeat_interleave(group, dim=1)
+    v = v.double().repeat_interleave(group, dim=1)
+    s = (q.double() @ k.transpose(-1, -2)) * scale
+    s = s.masked_fill(~token_mask, float("-inf"))
+    return torch.softmax(s, dim=-1).nan_to_num(0.0) @ v
+
+
+def _rel_l1(out, ref) -> float:
+    out, ref = out.double(), ref.double()
+    return float((out - ref).abs().sum() / ref.abs().sum().clamp_min(1e-300))
+
+
+def _random_mask(case, gen, device):
+    from sparge.mask import SparseMask, num_blocks
+
+    n_q, n_k = num_blocks(case["Lq"], case["bq"]), num_blocks(case["Lk"], case["bk"])
+    blocks = torch.rand(case["B"], case["Hq"], n_q, n_k, generator=gen) < case["density"]
+    if case["empty_rows"]:
+        blocks[:, :, 1] = False  # a whole query block with no key
+        blocks[0, 0, 0] = False
+    mask = SparseMask(blocks.to(device), case["bq"], case["bk"], case["Lq"], case["Lk"],
+                      case["causal"])
+    return mask
+
+
+def _inputs(case, gen, device):
+    dtype = getattr(torch, case["dtype"])
+    b, hq, hk, lq, lk, d = (case[x] for x in ("B", "Hq", "Hk", "Lq", "Lk", "D"))
+    if case["layout"] == "NHD":  # HND views of (B, L, H, D) tensors: non-contiguous strides
+        q = torch.randn(b, lq, hq, d, generator=gen).transpose(1, 2)
+        k = torch.randn(b, lk, hk, d, generator=gen).transpose(1, 2)
+        v = torch.randn(b, lk, hk, d, generator=gen).transpose(1, 2)
+    else:
+        q = torch.randn(b, hq, lq, d, generator=gen)
+        k = torch.randn(b, hk, lk, d, generator=gen)
+        v = torch.randn(b, hk, lk, d, generator=gen)
+    q, k, v = (t * case["scale_x"] for t in (q, k, v))
+    return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
+
+
+def _poisoned_out(case, device):
+    dtype = getattr(torch, case["out_dtype"])
+    b, hq, lq, d = case["B"], case["Hq"], case["Lq"], case["D"]
+    if case["layout"] == "NHD":
+        return torch.full((b, lq, hq, d), float("nan"), dtype=dtype, device=device).transpose(1, 2)
+    return torch.full((b, hq, lq, d), float("nan"), dtype=dtype, device=device)
+
+
+def run_case(case: dict, seed: int, device: str = "cpu") -> dict:
+    """Run one case through the kernel and the reference; returns the measurements."""
+    from sparge import kernels, sparse_attn
+    from sparge.mask import SparseMask
+    from sparge.predict import Selection, per_head, predict_mask_reference
+    from sparge.reference import attention_reference
+
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = _inputs(case, gen, device)
+    scale = case["D"] ** -0.5
+    lam = per_head(torch.tensor(case["lam"]) if isinstance(case["lam"], list) else case["lam"],
+                   case["Hq"], torch.device(device)).contiguous()
+    out = _poisoned_out(case, device)
+    res: dict = {"seed": seed}
+
+    if case["kind"] == "api":
+        layout = case["layout"]
+        qn, kn, vn = ((t.transpose(1, 2) if layout == "NHD" else t) for t in (q, k, v))
+        kw = dict(topk=0.5, sim_threshold=-0.1, is_causal=case["causal"], layout=layout,
+                  quant=case["mode"], out_dtype=getattr(torch, case["out_dtype"]),
+                  return_stats=True)
+        out_api, stats = sparse_attn(qn, kn, vn, backend="triton", **kw)
+        ref_api, ref_stats = sparse_attn(qn, kn, vn, backend="reference", **kw)
+        out = out_api.transpose(1, 2) if layout == "NHD" else out_api
+        ref = ref_api.transpose(1, 2) if layout == "NHD" else ref_api
+        mask = stats.mask
+        res["mask_matches_reference"] = bool(torch.equal(mask.blocks, ref_stats.mask.blocks))
+        res["pv_effect"] = 0.0  # the default threshold (50) skips nothing on random inputs
+    else:
+        if case["kind"] == "mask":
+            mask, selection = _random_mask(case, gen, device), None
+        elif case["kind"] == "selection":
+            mask, selection = None, Selection(sim_threshold=0.0, cdf_threshold=0.6)
+        else:
+            mask = selection = None
+        got = kernels.attention(q, k, v, mask=mask, selection=selection, block_q=case["bq"],
+                                block_k=case["bk"], causal=case["causal"], scale=scale,
+                                pv_threshold=lam, mode=case["mode"], out=out)
+        if selection is not None:
+            mask = got
+            expected = predict_mask_reference(q, k, selection, block_q=case["bq"],
+                                              block_k=case["bk"], causal=case["causal"])
+            res["mask_matches_reference"] = bool(torch.equal(mask.blocks, expected.blocks))
+        run_mask = mask or SparseMask.full(case["B"], case["Hq"], case["Lq"], case["Lk"],
+                                           case["bq"], case["bk"], case["causal"], device)
+        ref = attention_reference(q, k, v, run_mask, scale=scale, pv_threshold=lam,
+                                  mode=case["mode"], out_dtype=torch.float32)
+        no_skip = attention_reference(q, k, v, run_mask, scale=scale,
+                                      pv_threshold=torch.full_like(lam, math.inf),
+                                      mode=case["mode"], out_dtype=torch.float32)
+        res["pv_effect"] = _rel_l1(ref, no_skip)
+        mask = run_mask
+
+    res["unwritten"] = int(out.isnan().sum())
+    res["nonfinite"] = int((~torch.isfinite(out)).sum()) - res["unwritten"]
+    outf = out.float()
+    res["max_abs"] = float((outf - ref.float()).abs().max())
+    res["rel_l1"] = _rel_l1(outf, ref)
+    token_mask = mask.to_token_mask()
+    exact = _exact_attention(q, k, v, token_mask, scale)
+    res["rel_l1_exact"] = _rel_l1(outf, exact)
+    empty = ~token_mask.any(-1)
+    res["empty_rows"] = int(empty.sum())
+    res["empty_rows_max_abs"] = float(outf[empty].abs().max()) if res["empty_rows"] else 0.0
+    res["sparsity"] = mask.sparsity()
+    return res
+
+
+def _pv_skip_toggle(seed: int, device: str = "cpu") -> dict:
+    """The same mask and thresholds with the tile-level P.V skip on and off."""
+    from sparge.kernels import _prepare, block_table, launch
+
+    case = _case(Hq=2, Hk=1, Lq=256, Lk=640, D=32, kind="mask", density=0.9, mode="int8_fp16")
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = _inputs(case, gen, device)
+    # Keys after the first block are pushed far down: whole tiles skip at a small threshold.
+    k[:, :, 128:] *= 0.05
+    q = q * 4
+    mask = _random_mask(case, gen, device)
+    mask = type(mask)(mask.blocks | (torch.arange(mask.shape[3]) == 0), mask.block_q,
+                      mask.block_k, mask.q_len, mask.k_len, mask.causal)
+    quant, _, _ = _prepare(q, k, v, block_q=64, block_k=128, mode="int8_fp16", with_stats=False)
+    lam = torch.tensor([1.0, 2.0])
+    outs = []
+    for pv_skip in (False, True):
+        out = torch.full(q.shape, float("nan"))
+        launch(quant.q, quant.k, quant.v, out=out, q_scale=quant.q_scale, k_scale=quant.k_scale,
+               v_scale=None, table=block_table(mask), block_q=64, block_k=128, causal=False,
+               scale=case["D"] ** -0.5, pv_threshold=lam, mode="int8_fp16", pv_skip=pv_skip)
+        outs.append(out)
+    from sparge.reference import attention_reference
+
+    ref = attention_reference(q, k, v, mask, scale=case["D"] ** -0.5, pv_threshold=lam,
+                              mode="int8_fp16", out_dtype=torch.float32)
+    full = attention_reference(q, k, v, mask, scale=case["D"] ** -0.5,
+                               pv_threshold=torch.full_like(lam, math.inf), mode="int8_fp16",
+                               out_dtype=torch.float32)
+    return {"seed": seed, "max_abs": float((outs[0] - outs[1]).abs().max()),
+            "ref_max_abs": float((outs[1] - ref).abs().max()),
+            "skipped_rows": int(((ref - full).abs().amax(-1) > 0).sum())}
+
+
+def _interpreter_main() -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    results = {}
+    for name, case in CPU_CASES.items():
+        seed = int.from_bytes(os.urandom(4), "little")
+        try:
+            results[name] = run_case(case, seed)
+        except Exception as exc:  # noqa: BLE001 - reported per case to the parent
+            results[name] = {"seed": seed, "error": f"{type(exc).__name__}: {exc}"}
+        print(name, results[name], flush=True)
+    seed = int.from_bytes(os.urandom(4), "little")
+    try:
+        results["__pv_skip_toggle__"] = _pv_skip_toggle(seed)
+    except Exception as exc:  # noqa: BLE001
+        results["__pv_skip_toggle__"] = {"seed": seed, "error": f"{type(exc).__name__}: {exc}"}
+    print("RESULT " + json.dumps(results), flush=True)
+
+
+# --------------------------------------------------------------------------------------- GPU
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+GPU_CASES = {
+    # name: (case, max rel L1 vs the same-mode reference, max rel L1 vs exact float64)
+    "fp8_dense_l4096_d128": (_case(Hq=8, Hk=8, Lq=4096, Lk=4096, D=128, mode="int8_fp8",
+                                   dtype="bfloat16", out_dtype="bfloat16"), 0.01, 0.04),
+    "fp8_dense_causal_lq_lt_lk_d64": (_case(Hq=8, Hk=2, Lq=1000, Lk=3001, D=64,
+                                            mode="int8_fp8", causal=True), 0.01, 0.04),
+    "fp8_mask_odd_d96_gqa": (_case(B=2, Hq=6, Hk=2, Lq=1531, Lk=2077, D=96, mode="int8_fp8",
+                                   kind="mask", density=0.5, lam=[0.0, 1.0, 3.0, 8.0, 50.0,
+                                                                  math.inf]), 0.01, 0.05),
+    "fp8_mask_causal_d256_bq128_bk64": (_case(Hq=4, Hk=4, Lq=1200, Lk=900, D=256,
+                                              mode="int8_fp8", causal=True, kind="mask",
+                                              density=0.6, bq=128, bk=64), 0.01, 0.05),
+    "fp8_mask_empty_rows_nhd": (_case(Hq=4, Hk=2, Lq=777, Lk=1500, D=64, mode="int8_fp8",
+                                      kind="mask", density=0.3, empty_rows=True,
+                                      layout="NHD", dtype="bfloat16", out_dtype="bfloat16"),
+                                0.01, 0.05),
+    "fp16pv_mask_causal_d128": (_case(Hq=4, Hk=1, Lq=2048, Lk=2048, D=128, causal=True,
+                                      kind="mask", density=0.5, lam=[0.0, 2.0, 4.0, 50.0]),
+                                1e-3, 0.04),
+    "exact_bf16_dense_causal": (_case(Hq=4, Hk=4, Lq=1024, Lk=1500, D=64, mode="none",
+                                      dtype="bfloat16", causal=True), 0.01, 0.01),
+    "exact_fp32_mask_d96": (_case(Hq=2, Hk=1, Lq=700, Lk=900, D=96, mode="none",
+                                  dtype="float32", kind="mask", density=0.5), 1e-5, 1e-5),
+    "selection_pipeline_fp8": (_case(Hq=8, Hk=8, Lq=4096, Lk=4096, D=128, mode="int8_fp8",
+                                     kind="selection", causal=True), 0.01, 0.05),
+}
+# Why these tolerances: FP8 P has 3 mantissa bits; on the GPU exp2 is the hardware's approximate
+# exp2, so P values near an FP8 rounding midpoint round differently from the reference's torch
+# exp2, and the tensor cores sum in another order with FP8-product accumulation: 1% rel L1 vs the
+# same-mode reference leaves room for that and still catches any indexing or masking bug (those
+# give O(1) errors). FP16 P (11 bits) is tighter. The exact modes differ only by summation order
+# (fp32 with IEEE dots) or bf16 rounding of P. Against exact float64 attention, 0.04 is the issue's
+# accuracy target for INT8/FP8 with all blocks kept; sparser masks leave fewer keys per row, whose
+# errors average less (0.05).
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("name", list(GPU_CASES))
+def test_gpu_matches_reference(name: str) -> None:
+    case, tol_ref, tol_exact = GPU_CASES[name]
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"random seed: {seed}")
+    res = run_case(case, seed, device="cuda")
+    print(name, res)
+    assert res["unwritten"] == 0 and res["nonfinite"] == 0, res
+    assert res["rel_l1"] <= tol_ref, res
+    assert res["rel_l1_exact"] <= tol_exact, res
+    if case["empty_rows"]:
+        assert res["empty_rows"] > 0 and res["empty_rows_max_abs"] == 0.0, res
+    if case["kind"] == "selection":
+        assert 0.0 < res["sparsity"] < 1.0, res
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("mode,dtype", [("int8_fp8", "bfloat16"), ("int8_fp8", "float16"),
+                                        ("int8_fp16", "float16"), ("none", "bfloat16")])
+def test_gpu_large_inputs_stay_finite(mode: str, dtype: str) -> None:
+    """|x| up to 1e4: no NaN or Inf, and the same answer as the reference."""
+    case = _case(Hq=4, Hk=2, Lq=1100, Lk=1300, D=128, mode=mode, dtype=dtype,
+                 out_dtype=dtype, kind="mask", density=0.7, causal=True, scale_x=1.0)
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"random seed: {seed}")
+    gen = torch.Generator().manual_seed(seed)
+    from sparge import kernels
+    from sparge.reference import attention_reference
+
+    q, k, v = (((torch.rand(s, generator=gen) * 2 - 1) * 1e4).to("cuda", getattr(torch, dtype))
+               for s in ((1, 4, 1100, 128), (1, 2, 1300, 128), (1, 2, 1300, 128)))
+    mask = _random_mask(case, gen, "cuda")
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype, device="cuda")
+    lam = torch.full((4,), 50.0, device="cuda")
+    kernels.attention(q, k, v, mask=mask, selection=None, block_q=64, block_k=128, causal=True,
+                      scale=128 ** -0.5, pv_threshold=lam, mode=mode, out=out)
+    assert torch.isfinite(out).all()
+    ref = attention_reference(q, k, v, mask, scale=128 ** -0.5, pv_threshold=lam, mode=mode,
+                              out_dtype=torch.float32)
+    # Scores of order 1e9: softmax is one-hot on both sides; only P / output roundings differ.
+    assert _rel_l1(out, ref) <= 0.02
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_dense_mode_equals_full_mask() -> None:
+    """Dense mode (no lookup table) and the all-kept mask compute the same thing."""
+    from sparge import kernels
+    from sparge.mask import SparseMask
+
+    q, k, v = (torch.randn(1, 8, 2000, 128, device="cuda", dtype=torch.bfloat16)
+               for _ in range(3))
+    lam = torch.full((8,), math.inf, device="cuda")
+    outs = []
+    for mask in (None, SparseMask.full(1, 8, 2000, 2000, 64, 128, True, "cuda")):
+        out = torch.full_like(q, float("nan"))
+        kernels.attention(q, k, v, mask=mask, selection=None, block_q=64, block_k=128,
+                          causal=True, scale=128 ** -0.5, pv_threshold=lam, mode="int8_fp8",
+                          out=out)
+        outs.append(out.float())
+    # Same blocks in the same order; only the tile-level skip branch differs (none skip here).
+    assert _rel_l1(outs[0], outs[1]) <= 1e-3
+
+
+if __name__ == "__main__" and "--interpret" in sys.argv:
+    _interpreter_main()
