@@ -256,8 +256,9 @@ def run_shape(args, b: int, h: int, length: int, d: int, causal: bool, meta: dic
 
     # Block-sparse at fixed fractions of skipped blocks, and FlexAttention with the same masks.
     flex, flex_options = None, {}
-    if not args.no_flex and (args.flex_lengths == "all"
-                             or str(length) in args.flex_lengths.split(",")):
+    wanted = args.flex_shapes.split(",")
+    if not args.no_flex and (args.flex_shapes == "all" or str(length) in wanted
+                             or f"{length}:{d}" in wanted):
         from torch.nn.attention.flex_attention import flex_attention
         flex = torch.compile(flex_attention, dynamic=False)
     for skip in SPARSITIES:
@@ -374,8 +375,9 @@ def main() -> None:
     parser.add_argument("--rep", type=int, default=100, help="do_bench measuring time, ms")
     parser.add_argument("--mode", default="auto", help="sparge quantization mode")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
-    parser.add_argument("--flex-lengths", default="all",
-                        help="lengths at which to run FlexAttention (each shape compiles anew)")
+    parser.add_argument("--flex-shapes", default="all",
+                        help="comma list of L or L:D at which to run FlexAttention (each shape "
+                        "compiles anew)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
