@@ -62,6 +62,8 @@ CPU_CASES = {
     "strided_nhd_views_fp16_out": _case(mode="int8_fp8", layout="NHD", out_dtype="float16",
                                         Hq=4, Hk=2, kind="mask", density=0.7, causal=True),
     "one_token": _case(Lq=1, Lk=1, D=8),
+    "large_inputs_fp8": _case(mode="int8_fp8", scale_x=3000.0, out_dtype="float16", Hq=2, Hk=2,
+                              Lq=300, Lk=280, D=64, kind="mask", density=0.7, causal=True),
     "selection_pipeline": _case(mode="int8_fp8", kind="selection", Hq=2, Hk=1, Lq=384, Lk=512,
                                 D=32, causal=True),
     "api_sparse_attn_nhd": _case(mode="int8_fp16", kind="api", Hq=2, Hk=2, Lq=256, Lk=256,
@@ -71,7 +73,8 @@ CPU_CASES = {
 # Tolerances, by what can differ between kernel and reference. Quantized modes: identical int8
 # scores; P differs by the last bits of exp2 (numpy vs torch, and the FP8 scale folded into the
 # exponent), which now and then moves one fp16 / fp8 rounding of P across a midpoint (an FP8 step
-# is 1/16 of the value: a single such flip in a row with few keys moves that row by up to ~1e-2);
+# is 1/16 of the value: a single such flip in a row with few keys moves that row by up to ~1e-2
+# of the output's scale);
 # the sums run in another order. Measured: up to ~1e-5 rel L1 from a few flips. So: rel L1 at
 # the level of a few flips (one wrong row among the ~400 of a case gives ~2e-3), and a max error
 # bounded by one flip. An fp16 output adds its own rounding (2**-11).
@@ -117,10 +120,12 @@ def test_interpreter_matches_reference(name: str, interpreter_results: dict) -> 
     else:
         tol = FP16_OUT_REL_L1 if case["out_dtype"] == "float16" else QUANT_REL_L1
         assert res["rel_l1"] <= tol, info
-        assert res["max_abs"] <= QUANT_MAX_ABS, info
-    if res["pv_effect"] < 1e-3:
+        assert res["max_abs"] <= QUANT_MAX_ABS * res["ref_max"], info
+    if res["pv_effect"] < 1e-3 and case["scale_x"] == 1.0:
         # Without skipping, the quantized result is still attention: near the exact float64
         # answer on the same mask (INT8/FP8 quantization error, see the issue's 0.04 target).
+        # Not for huge inputs: with scores spanning ~1e6, INT8 score error decides between
+        # nearly tied keys of a near one-hot softmax.
         assert res["rel_l1_exact"] <= 0.05, info
     if case["empty_rows"]:
         assert res["empty_rows"] > 0 and res["empty_rows_max_abs"] == 0.0, info
@@ -249,6 +254,7 @@ def run_case(case: dict, seed: int, device: str = "cpu") -> dict:
     res["nonfinite"] = int((~torch.isfinite(out)).sum()) - res["unwritten"]
     outf = out.float()
     res["max_abs"] = float((outf - ref.float()).abs().max())
+    res["ref_max"] = float(ref.float().abs().max())
     res["rel_l1"] = _rel_l1(outf, ref)
     token_mask = mask.to_token_mask()
     exact = _exact_attention(q, k, v, token_mask, scale)
@@ -271,13 +277,13 @@ def _pv_skip_toggle(seed: int, device: str = "cpu") -> dict:
     k[:, :, 128:] *= 0.05
     q = q * 4
     mask = _random_mask(case, gen, device)
-    mask = type(mask)(mask.blocks | (torch.arange(mask.shape[3]) == 0), mask.block_q,
+    mask = type(mask)(mask.blocks | (torch.arange(mask.shape[3], device=device) == 0), mask.block_q,
                       mask.block_k, mask.q_len, mask.k_len, mask.causal)
     quant, _, _ = _prepare(q, k, v, block_q=64, block_k=128, mode="int8_fp16", with_stats=False)
-    lam = torch.tensor([1.0, 2.0])
+    lam = torch.tensor([1.0, 2.0], device=device)
     outs = []
     for pv_skip in (False, True):
-        out = torch.full(q.shape, float("nan"))
+        out = torch.full(q.shape, float("nan"), device=device)
         launch(quant.q, quant.k, quant.v, out=out, q_scale=quant.q_scale, k_scale=quant.k_scale,
                v_scale=None, table=block_table(mask), block_q=64, block_k=128, causal=False,
                scale=case["D"] ** -0.5, pv_threshold=lam, mode="int8_fp16", pv_skip=pv_skip)
@@ -362,7 +368,8 @@ def test_gpu_matches_reference(name: str) -> None:
     print(name, res)
     assert res["unwritten"] == 0 and res["nonfinite"] == 0, res
     assert res["rel_l1"] <= tol_ref, res
-    assert res["rel_l1_exact"] <= tol_exact, res
+    if res["pv_effect"] < 1e-3:  # skipping rows on purpose moves the result away from exact
+        assert res["rel_l1_exact"] <= tol_exact, res
     if case["empty_rows"]:
         assert res["empty_rows"] > 0 and res["empty_rows_max_abs"] == 0.0, res
     if case["kind"] == "selection":
@@ -395,6 +402,17 @@ def test_gpu_large_inputs_stay_finite(mode: str, dtype: str) -> None:
                               out_dtype=torch.float32)
     # Scores of order 1e9: softmax is one-hot on both sides; only P / output roundings differ.
     assert _rel_l1(out, ref) <= 0.02
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_tile_skip_is_exact() -> None:
+    """The tile-level P.V skip changes nothing on the GPU either (and skipping did happen)."""
+    res = _pv_skip_toggle(int.from_bytes(os.urandom(4), "little"), device="cuda")
+    print(res)
+    assert res["skipped_rows"] > 0, res
+    assert res["max_abs"] == 0.0, res
+    assert res["ref_max_abs"] <= 1e-3, res
 
 
 @pytest.mark.gpu

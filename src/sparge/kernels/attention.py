@@ -18,8 +18,15 @@ log2(e)``), the row maxima and ``p = exp2(s - m)``, exactly the arithmetic of
 PV threshold, per query row: a key block contributes nothing to a row whose running maximum
 ``m_old`` is finite when the block's maximum score in that row is below ``m_old - lambda``; under
 causal masking the block holding the row's own position always contributes. A skipped row is
-dropped by subtracting +inf before the exponential, which costs nothing per element; with
-``PV_SKIP`` the kernel also leaves out the P.V product of a tile whose rows all skip.
+dropped by adding -inf to its exponent, which costs nothing per element; with ``PV_SKIP`` the
+kernel also leaves out the P.V product of a tile whose rows all skip (a branch that, in Triton 3.6
+and 3.9, keeps the loop's loads from being software-pipelined, so it pays only when many tiles
+skip).
+
+Scores are shifted by their row maximum before scaling, in integers for the INT8 modes (then
+converted exactly without a conversion instruction, see :func:`_offsets_from_max`): the
+exponent argument is exact at the maximum for any magnitude of scores, and the per-element work
+is an integer add, a float add, one FMA and the exp2.
 
 Lookup table: the kernel reads the mask's :meth:`~sparge.mask.SparseMask.kv_indices` form (per
 query block a count and the ascending kept key-block indices) plus, per query block, how many of
@@ -27,8 +34,8 @@ the kept blocks lie wholly before the query block and inside the keys (``n_full`
 without any element mask; the rest (the causal diagonal and the last partial key block) run with
 it. Dense mode derives the same two ranges from the tile position.
 
-FP8 details: P is scaled into the FP8 range by folding ``log2(448)`` into the subtracted row
-maximum, so the numerator ``p * 448`` costs no multiply; the row sum carries the same factor and
+FP8 details: P is scaled into the FP8 range by folding ``log2(448)`` into the exponent's per-row
+bias, so the numerator ``p * 448`` costs no multiply; the row sum carries the same factor and
 it cancels in the final division. Each key block's FP8 product lands in a fresh fp32 tile that is
 then added, which keeps Hopper's FP8 accumulation error from compounding across blocks.
 """
@@ -55,10 +62,10 @@ MODE_IDS = {PV_FP8: 0, PV_FP16: 1, EXACT: 2}
 # ========================================================================================= kernel
 @triton.jit
 def _scores(q, kt, IEEE_DOT: tl.constexpr, MODE: tl.constexpr):
-    """Raw scores of one tile: (BLOCK_M, HEAD_DIM) x (HEAD_DIM, BLOCK_N) -> float32 (M, N).
+    """Raw scores of one tile: (BLOCK_M, HEAD_DIM) x (HEAD_DIM, BLOCK_N) -> (M, N).
 
-    INT8 operands accumulate exactly in int32 (|sum| < 2**24, so the float32 conversion is exact);
-    float operands accumulate in float32, with IEEE precision for float32 inputs.
+    INT8 operands give exact int32 sums; float operands float32 sums (IEEE precision for float32
+    inputs).
     """
     if MODE == 2:
         if IEEE_DOT:
@@ -66,8 +73,44 @@ def _scores(q, kt, IEEE_DOT: tl.constexpr, MODE: tl.constexpr):
         else:
             qk = tl.dot(q, kt)
     else:
-        qk = tl.dot(q, kt, out_dtype=tl.int32).to(tl.float32)
+        qk = tl.dot(q, kt, out_dtype=tl.int32)
     return qk
+
+
+@triton.jit
+def _offsets_from_max(qk, valid, MODE: tl.constexpr, MASKED: tl.constexpr,
+                      FAST_CVT: tl.constexpr):
+    """Row maxima of raw scores and each score's offset from its row maximum.
+
+    qk: int32 or float32 (M, N); valid: bool (M, N), used when MASKED. Returns ``(row_max, d)``:
+    float32 (M,) the maximum over valid scores (-inf for a row with none) and float32 (M, N)
+    ``qk - row_max`` (meaningless where not valid). For int32 scores the offset is computed in
+    integers and converted exactly by the magic-number trick (float bits of 1.5 * 2**23 + d
+    for |d| < 2**22, which holds for HEAD_DIM <= 128), so no int-to-float conversion instruction
+    runs per element; taking offsets before scaling also keeps ``d * scale`` exact at the row
+    maximum however large the scores are.
+    """
+    if MODE == 2:
+        if MASKED:
+            row_max = tl.max(tl.where(valid, qk, float("-inf")), 1)
+        else:
+            row_max = tl.max(qk, 1)
+        anchor = tl.where(row_max > float("-inf"), row_max, 0.0)
+        d = qk - anchor[:, None]
+    else:
+        if MASKED:
+            m_int = tl.max(tl.where(valid, qk, -(2 ** 30)), 1)
+            has_key = m_int > -(2 ** 30)
+            m_int = tl.where(has_key, m_int, 0)
+            row_max = tl.where(has_key, m_int.to(tl.float32), float("-inf"))
+        else:
+            m_int = tl.max(qk, 1)
+            row_max = m_int.to(tl.float32)
+        if FAST_CVT:
+            d = (qk + (0x4B400000 - m_int)[:, None]).to(tl.float32, bitcast=True) - 12582912.0
+        else:
+            d = qk.to(tl.float32) - m_int.to(tl.float32)[:, None]
+    return row_max, d
 
 
 @triton.jit
@@ -92,7 +135,8 @@ def _attend_blocks(acc, l_i, m_i, q, q_scale, offs_m, offs_d,
                    lo, hi, k_len, head_dim, lam,
                    BLOCK_N: tl.constexpr, MODE: tl.constexpr, MASKED: tl.constexpr,
                    CAUSAL: tl.constexpr, SPARSE: tl.constexpr, PV_SKIP: tl.constexpr,
-                   EVEN_D: tl.constexpr, IEEE_DOT: tl.constexpr, ROUND_FP8: tl.constexpr):
+                   EVEN_D: tl.constexpr, IEEE_DOT: tl.constexpr, ROUND_FP8: tl.constexpr,
+                   FAST_CVT: tl.constexpr):
     """Online softmax over the key blocks ``lo <= i < hi`` of one query tile.
 
     acc: float32 (BLOCK_M, HEAD_DIM); l_i, m_i: float32 (BLOCK_M,), the running row sum and the
@@ -122,26 +166,29 @@ def _attend_blocks(acc, l_i, m_i, q, q_scale, offs_m, offs_d,
             c = q_scale
         else:
             c = q_scale * tl.load(ks_base + j * stride_ks)
-        if MASKED:
-            valid = keys[None, :] < k_len
-            if CAUSAL:
-                valid = valid & (keys[None, :] <= offs_m[:, None])
-            qk = tl.where(valid, qk, float("-inf"))
+        valid = keys[None, :] < k_len
+        if CAUSAL:
+            valid = valid & (keys[None, :] <= offs_m[:, None])
+        raw_max, d = _offsets_from_max(qk, valid, MODE, MASKED, FAST_CVT)
 
-        # Row maxima: max(qk) * c equals max(qk * c) exactly since c > 0.
-        local = tl.max(qk, 1) * c
+        # Row maxima in base-2 units: max(qk) * c equals max(qk * c) exactly since c > 0.
+        local = raw_max * c
         m_new = tl.maximum(m_i, local)
         skip = (m_i > float("-inf")) & (local - m_i < -lam)
         if MASKED and CAUSAL:
             skip = skip & ((offs_m < start_n) | (offs_m >= start_n + BLOCK_N))
         m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
         alpha = tl.math.exp2(m_i - m_safe)
+        # p = exp2(qk * c - m_safe) = exp2(d * c + (local - m_safe)); FP8 mode adds log2(448) so
+        # that p comes out scaled into the FP8 range. Skipped rows (and rows without a valid key)
+        # get -inf: their p is 0 at no per-element cost.
+        bias = local - m_safe
         if MODE == 0:
-            m_sub = m_safe - 8.807354922057604  # log2(448): p comes out scaled into FP8 range
-        else:
-            m_sub = m_safe
-        m_sub = tl.where(skip, float("inf"), m_sub)
-        p = tl.math.exp2(qk * c - m_sub[:, None])
+            bias = bias + 8.807354922057604
+        bias = tl.where(skip | (local == float("-inf")), float("-inf"), bias)
+        p = tl.math.exp2(d * c + bias[:, None])
+        if MASKED:
+            p = tl.where(valid, p, 0.0)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
 
@@ -197,7 +244,7 @@ def _sparse_attn_fwd(
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_Q: tl.constexpr, MODE: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
         PV_SKIP: tl.constexpr, EVEN_D: tl.constexpr, IEEE_DOT: tl.constexpr,
-        ROUND_FP8: tl.constexpr):
+        ROUND_FP8: tl.constexpr, FAST_CVT: tl.constexpr):
     """One program: BLOCK_M query rows of one (batch, query head).
 
     Q (B, Hq, Lq, D) int8 (or float for MODE 2); K (B, Hk, Lk, D) int8 / float; V (B, Hk, Lk, D)
@@ -260,12 +307,14 @@ def _sparse_attn_fwd(
     acc, l_i, m_i = _attend_blocks(
         acc, l_i, m_i, q, q_scale, offs_m, offs_d, k_base, v_base, ks_base, idx_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_ksn, 0, mid, k_len, head_dim, lam,
-        BLOCK_N, MODE, False, CAUSAL, SPARSE, PV_SKIP, EVEN_D, IEEE_DOT, ROUND_FP8)
+        BLOCK_N, MODE, False, CAUSAL, SPARSE, PV_SKIP, EVEN_D, IEEE_DOT, ROUND_FP8,
+        FAST_CVT)
     # The causal diagonal and the last partial key block: element mask on.
     acc, l_i, m_i = _attend_blocks(
         acc, l_i, m_i, q, q_scale, offs_m, offs_d, k_base, v_base, ks_base, idx_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_ksn, mid, hi, k_len, head_dim, lam,
-        BLOCK_N, MODE, True, CAUSAL, SPARSE, PV_SKIP, EVEN_D, IEEE_DOT, ROUND_FP8)
+        BLOCK_N, MODE, True, CAUSAL, SPARSE, PV_SKIP, EVEN_D, IEEE_DOT, ROUND_FP8,
+        FAST_CVT)
 
     has_keys = l_i > 0
     inv_l = 1.0 / tl.where(has_keys, l_i, 1.0)
@@ -416,7 +465,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tens
             HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=block_k, BLOCK_Q=block_q,
             MODE=mode_id, CAUSAL=causal, SPARSE=table is not None, PV_SKIP=pv_skip,
             EVEN_D=dim == head_dim, IEEE_DOT=q.dtype == torch.float32,
-            ROUND_FP8=device.type != "cuda",
+            ROUND_FP8=device.type != "cuda", FAST_CVT=mode_id != 2 and head_dim <= 128,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if config is None:
