@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib
 import json
 import math
 import platform
@@ -245,7 +246,7 @@ def run_shape(args, b: int, h: int, length: int, d: int, causal: bool, meta: dic
             qq = quant[i]
             launch(qq.q, qq.k, qq.v, out=out, q_scale=qq.q_scale, k_scale=qq.k_scale,
                    v_scale=qq.v_scale, table=table, block_q=BQ, block_k=BK, causal=causal,
-                   scale=scale, pv_threshold=lam, mode=args.mode, pv_skip=table is not None)
+                   scale=scale, pv_threshold=lam, mode=args.mode, pv_skip=args.tile_skip)
             return out
         return fn
 
@@ -307,7 +308,7 @@ def run_shape(args, b: int, h: int, length: int, d: int, causal: bool, meta: dic
             qq = qdata[i]
             launch(qq.q, qq.k, qq.v, out=out, q_scale=qq.q_scale, k_scale=qq.k_scale,
                    v_scale=qq.v_scale, table=table, block_q=BQ, block_k=BK, causal=causal,
-                   scale=scale, pv_threshold=lam, mode=args.mode, pv_skip=True)
+                   scale=scale, pv_threshold=lam, mode=args.mode, pv_skip=args.tile_skip)
             return out
 
         exact_m = exact_rows(*data[0], rows_idx, stats.mask, causal, scale)
@@ -375,6 +376,8 @@ def main() -> None:
     parser.add_argument("--rep", type=int, default=100, help="do_bench measuring time, ms")
     parser.add_argument("--mode", default="auto", help="sparge quantization mode")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
+    parser.add_argument("--tile-skip", action="store_true",
+                        help="kernel rows with the tile-level P.V skip branch on")
     parser.add_argument("--flex-shapes", default="all",
                         help="comma list of L or L:D at which to run FlexAttention (each shape "
                         "compiles anew)")
@@ -382,6 +385,13 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_attention.py needs a CUDA GPU")
+    # One compiled flex_attention per shape and mask kind: more than dynamo's default cache
+    # holds, and past it dynamo silently falls back to the unfused eager implementation.
+    dynamo_config = importlib.import_module("torch._dynamo").config
+    for knob in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                 "accumulated_recompile_limit"):
+        if hasattr(dynamo_config, knob):
+            setattr(dynamo_config, knob, 1024)
     if args.mode == "auto":
         args.mode = "int8_fp8" if torch.cuda.get_device_capability() >= (8, 9) else "int8_fp16"
 

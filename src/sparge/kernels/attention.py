@@ -114,6 +114,22 @@ def _offsets_from_max(qk, valid, MODE: tl.constexpr, MASKED: tl.constexpr,
 
 
 @triton.jit
+def _mul_rn(x, c, INTERPRETED: tl.constexpr):
+    """float32 x * c rounded, never contracted with a later add into an FMA.
+
+    The row maximum must be the same rounded number wherever it is used: an FMA would subtract
+    the running maximum from the unrounded product, and p at the maximum would no longer be
+    exactly 2**bias (with large scores, off by several binades). PTX's ``mul.rn`` is never
+    contracted; the interpreter does not contract at all.
+    """
+    if INTERPRETED:
+        return x * c
+    return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r",
+                                     [x, tl.zeros_like(x) + c], dtype=tl.float32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
 def _round_to_e4m3(p):
     """float32 p in [0, 448] rounded half-to-even onto the float8_e4m3fn grid, as float32.
 
@@ -172,7 +188,7 @@ def _attend_blocks(acc, l_i, m_i, q, q_scale, offs_m, offs_d,
         raw_max, d = _offsets_from_max(qk, valid, MODE, MASKED, FAST_CVT)
 
         # Row maxima in base-2 units: max(qk) * c equals max(qk * c) exactly since c > 0.
-        local = raw_max * c
+        local = _mul_rn(raw_max, c, ROUND_FP8)
         m_new = tl.maximum(m_i, local)
         skip = (m_i > float("-inf")) & (local - m_i < -lam)
         if MASKED and CAUSAL:
