@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import sparge  # noqa: E402
-from sparge.kernels import _prepare, block_table, launch  # noqa: E402
+from sparge.kernels import block_table, launch, prepare_qkv  # noqa: E402
 from sparge.kernels.attention import tuned_configs  # noqa: E402
 from sparge.mask import SparseMask, causal_block_mask, num_blocks  # noqa: E402
 
@@ -238,7 +238,7 @@ def run_shape(args, b: int, h: int, length: int, d: int, causal: bool, meta: dic
         timed(name, sdpa_fn, 0.0, exact_dense)
 
     # sparge dense quantized: the kernel on pre-quantized inputs, and the whole call.
-    quant = [_prepare(*s, block_q=BQ, block_k=BK, mode=args.mode, with_stats=False)[0]
+    quant = [prepare_qkv(*s, block_q=BQ, block_k=BK, mode=args.mode, with_stats=False)[0]
              for s in sets]
 
     def kernel_fn(table):
@@ -301,7 +301,7 @@ def run_shape(args, b: int, h: int, length: int, d: int, causal: bool, meta: dic
               stats.sparsity, exact)
         # The kernel alone on the pipeline's own mask (set 0's mask for every set).
         table = block_table(stats.mask)
-        qdata = [_prepare(*s, block_q=BQ, block_k=BK, mode=args.mode, with_stats=False)[0]
+        qdata = [prepare_qkv(*s, block_q=BQ, block_k=BK, mode=args.mode, with_stats=False)[0]
                  for s in data]
 
         def alone(i, table=table, qdata=qdata):

@@ -1,24 +1,34 @@
 #!/usr/bin/env bash
-# One device session: GPU tests of the attention kernel, the compiler's report on it, then the
-# benchmark. Logs and tables go under $OUT (default /tmp/sparge_gpu).
-#   BENCH_ARGS="--shapes 32768:128:0" bash bench/gpu_session.sh
+# One device session: every GPU test, the command line's selftest and demo on the GPU, the
+# compiler's report on the attention kernel, then the attention and radial benchmarks.
+# Logs go to $OUT/logs, tables to $OUT/results, both packed into $OUT/session.tar.gz at the end.
+#   BENCH_ARGS="--shapes 32768:128:0" SKIP_INFO=1 bash bench/gpu_session.sh
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/sparge_gpu}
-mkdir -p "$OUT/asm" "$OUT/results"
+LOGS=$OUT/logs
+mkdir -p "$LOGS" "$OUT/results"
+pack() { tar czf "$OUT/session.tar.gz" -C "$OUT" logs results && rm -rf "$LOGS" "$OUT/results"; }
+trap pack EXIT
+
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, \
-torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
+torch.cuda.get_device_name(), torch.cuda.get_device_capability())" | tee "$LOGS/versions.log"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu \
-  --format=csv,noheader
+  --format=csv,noheader | tee -a "$LOGS/versions.log"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  SPARGE_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu -rs \
-    tests/test_kernels_attention.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 25
+  SPARGE_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-170}" python3 -m pytest -q -m gpu -rs \
+    -p no:cacheprovider tests/ 2>&1 | tee "$LOGS/gpu_tests.log" | tail -n 25
+  timeout 45 python3 -m sparge selftest 2>&1 | tee "$LOGS/selftest.log" | tail -n 4
+  timeout 60 python3 -m sparge demo 2>&1 | tee "$LOGS/demo.log" | tail -n 10
 fi
 if [ "${SKIP_INFO:-0}" != 1 ]; then
-  timeout 180 python3 bench/kernel_info.py --out "$OUT/asm" 2>&1 | tail -n 30
-  tar czf "$OUT/asm.tar.gz" -C "$OUT" asm && rm -rf "$OUT/asm"
+  timeout 120 python3 bench/kernel_info.py --out "$LOGS/asm" 2>&1 | tee "$LOGS/kernel_info.log" \
+    | tail -n 20
 fi
 # shellcheck disable=SC2086
-timeout "${BENCH_TIMEOUT:-420}" python3 bench/bench_attention.py ${BENCH_ARGS:-} \
-  --out "$OUT/results" 2>&1 | tee "$OUT/bench.log" | grep -v "^|" | tail -n 80
-tail -n 60 "$OUT/results/"*-*.md 2>/dev/null | grep "^|" | head -n 0
+timeout "${BENCH_TIMEOUT:-220}" python3 bench/bench_attention.py ${BENCH_ARGS:-} \
+  --out "$OUT/results" 2>&1 | tee "$LOGS/bench.log" | grep -v "^|" | tail -n 30
+if [ "${SKIP_RADIAL:-0}" != 1 ]; then
+  timeout "${RADIAL_TIMEOUT:-60}" python3 bench/bench_radial.py --out "$OUT/results" 2>&1 \
+    | tee "$LOGS/radial.log" | tail -n 12
+fi

@@ -268,7 +268,7 @@ def run_case(case: dict, seed: int, device: str = "cpu") -> dict:
 
 def _pv_skip_toggle(seed: int, device: str = "cpu") -> dict:
     """The same mask and thresholds with the tile-level P.V skip on and off."""
-    from sparge.kernels import _prepare, block_table, launch
+    from sparge.kernels import block_table, launch, prepare_qkv
 
     case = _case(Hq=2, Hk=1, Lq=256, Lk=640, D=32, kind="mask", density=0.9, mode="int8_fp16")
     gen = torch.Generator().manual_seed(seed)
@@ -279,7 +279,7 @@ def _pv_skip_toggle(seed: int, device: str = "cpu") -> dict:
     mask = _random_mask(case, gen, device)
     mask = type(mask)(mask.blocks | (torch.arange(mask.shape[3], device=device) == 0), mask.block_q,
                       mask.block_k, mask.q_len, mask.k_len, mask.causal)
-    quant, _, _ = _prepare(q, k, v, block_q=64, block_k=128, mode="int8_fp16", with_stats=False)
+    quant, _, _ = prepare_qkv(q, k, v, block_q=64, block_k=128, mode="int8_fp16", with_stats=False)
     lam = torch.tensor([1.0, 2.0], device=device)
     outs = []
     for pv_skip in (False, True):

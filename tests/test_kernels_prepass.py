@@ -167,6 +167,9 @@ def check_lut(blocks):
     assert lut.dtype == torch.int32 and counts.dtype == torch.int32
     assert torch.equal(lut, ref_lut) and torch.equal(counts, ref_counts)
     assert torch.equal(SparseMask.blocks_from_lut(lut, counts), blocks != 0)
+    ref_counts, ref_indices = SparseMask(blocks != 0, 64, 64, n_q * 64, n_k * 64).kv_indices()
+    indices, counts = block_map_to_lut(blocks, delta=False)
+    assert torch.equal(indices, ref_indices) and torch.equal(counts, ref_counts)
 
 
 def selections(heads_q, device):

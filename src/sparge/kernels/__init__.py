@@ -8,9 +8,7 @@ The public API calls exactly two functions here (see docs/ARCHITECTURE.md, "Kern
 - :func:`predict_mask` runs the predictor alone.
 
 The pre-pass (statistics + quantization) and the block selection come from
-:mod:`sparge.kernels.prepass` and :mod:`sparge.kernels.select`; where those are not available the
-PyTorch specifications in :mod:`sparge.quant` and :mod:`sparge.predict` stand in, behind
-:func:`_prepare` and :func:`_select`.
+:mod:`sparge.kernels.prepass` and :mod:`sparge.kernels.select`.
 """
 
 from __future__ import annotations
@@ -20,59 +18,17 @@ import os
 import torch
 
 from ..mask import SparseMask
-from ..predict import (
-    BlockStats,
-    Selection,
-    block_stats,
-    predict_mask_reference,
-    select_blocks,
-    smooth_k,
-)
-from ..quant import EXACT, PV_FP8, QuantizedQKV, quantize_qkv
+from ..predict import Selection
+from ..quant import EXACT
 from .attention import BlockTable, KernelConfig, block_table, launch
-
-try:  # the fused Triton pre-pass and GPU selection, when present
-    from .prepass import prepare_qkv as _prepare_qkv_gpu
-except ImportError:  # pragma: no cover - depends on the tree
-    _prepare_qkv_gpu = None
-try:
-    from .select import predict_mask_gpu as _predict_mask_gpu
-    from .select import select_blocks_gpu as _select_blocks_gpu
-except ImportError:  # pragma: no cover - depends on the tree
-    _predict_mask_gpu = _select_blocks_gpu = None
-
-
-# ------------------------------------------------------------------------------ pre-pass helpers
-def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_q: int, block_k: int,
-             mode: str, with_stats: bool
-             ) -> tuple[QuantizedQKV, BlockStats | None, BlockStats | None]:
-    """Quantized Q/K/V (V K-major for FP8) and, if asked, block statistics of Q and smoothed K."""
-    if _prepare_qkv_gpu is not None:
-        return _prepare_qkv_gpu(q, k, v, block_q=block_q, block_k=block_k, mode=mode,
-                                with_stats=with_stats)
-    quant = quantize_qkv(q, k, v, block_q=block_q, block_k=block_k, mode=mode)
-    if mode == PV_FP8:  # K-major storage, as the FP8 dot wants its second operand
-        v_kmajor = quant.v.transpose(2, 3).contiguous().transpose(2, 3)
-        quant = QuantizedQKV(quant.q, quant.q_scale, quant.k, quant.k_scale, v_kmajor,
-                             quant.v_scale)
-    if not with_stats:
-        return quant, None, None
-    return quant, block_stats(q, block_q), block_stats(smooth_k(k), block_k)
-
-
-def _select(q_stats: BlockStats, k_stats: BlockStats, selection: Selection, *, q_len: int,
-            k_len: int, block_q: int, block_k: int, causal: bool) -> SparseMask:
-    """Block selection from pooled statistics (GPU kernel when available)."""
-    fn = _select_blocks_gpu if _select_blocks_gpu is not None else select_blocks
-    return fn(q_stats, k_stats, selection, q_len=q_len, k_len=k_len, block_q=block_q,
-              block_k=block_k, causal=causal)
+from .prepass import prepare_qkv
+from .select import predict_mask_gpu, select_blocks_gpu
 
 
 def predict_mask(q: torch.Tensor, k: torch.Tensor, selection: Selection, *, block_q: int,
                  block_k: int, causal: bool) -> SparseMask:
     """The predicted block mask for q (B, Hq, Lq, D), k (B, Hk, Lk, D) (layout HND)."""
-    fn = _predict_mask_gpu if _predict_mask_gpu is not None else predict_mask_reference
-    return fn(q, k, selection, block_q=block_q, block_k=block_k, causal=causal)
+    return predict_mask_gpu(q, k, selection, block_q=block_q, block_k=block_k, causal=causal)
 
 
 def _tile_skip_enabled() -> bool:
@@ -110,11 +66,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: Sparse
             mask = predict_mask(q, k, selection, block_q=block_q, block_k=block_k, causal=causal)
         quant = None
     else:
-        quant, q_stats, k_stats = _prepare(q, k, v, block_q=block_q, block_k=block_k, mode=mode,
-                                           with_stats=selection is not None)
+        quant, q_stats, k_stats = prepare_qkv(q, k, v, block_q=block_q, block_k=block_k,
+                                              mode=mode, with_stats=selection is not None)
         if selection is not None:
-            mask = _select(q_stats, k_stats, selection, q_len=q_len, k_len=k_len,
-                           block_q=block_q, block_k=block_k, causal=causal)
+            mask = select_blocks_gpu(q_stats, k_stats, selection, q_len=q_len, k_len=k_len,
+                                     block_q=block_q, block_k=block_k, causal=causal)
 
     table = block_table(mask) if mask is not None else None
     if quant is None:

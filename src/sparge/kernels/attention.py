@@ -52,6 +52,7 @@ import triton.language as tl
 
 from ..mask import SparseMask, num_blocks
 from ..quant import EXACT, P_FP8_SCALE, PV_FP8, PV_FP16
+from .select import block_map_to_lut
 
 LOG2E = math.log2(math.e)
 P_SCALE_LOG2 = math.log2(P_FP8_SCALE)
@@ -364,7 +365,7 @@ class BlockTable:
 
 def block_table(mask: SparseMask) -> BlockTable:
     """Build the kernel's lookup table from a mask, on the mask's device, without host sync."""
-    counts, indices = mask.kv_indices()
+    indices, counts = block_map_to_lut(mask.blocks, delta=False)
     n_q, n_k = mask.shape[2], mask.shape[3]
     device = mask.device
     limit = torch.full((n_q,), mask.k_len // mask.block_k, device=device)

@@ -98,7 +98,9 @@ def _max_combine(a, b):
 @triton.jit
 def _lut_kernel(blocks_ptr, sbb, sbh, sbq, sbk,  # uint8 (B, H, nQ, nK), any strides
                 lut_ptr, counts_ptr,  # int32 (B, H, nQ, nK) and (B, H, nQ), contiguous
-                H, NQ, NK, NKP: tl.constexpr):
+                H, NQ, NK, NKP: tl.constexpr, DELTA: tl.constexpr):
+    """One row of the table: kept key-block indices in ascending order, delta-encoded when DELTA
+    (upstream's format) or absolute, zero after the last; and the row's count."""
     row = tl.program_id(0)  # flat (b, h, i)
     i = row % NQ
     bh = row // NQ
@@ -114,21 +116,25 @@ def _lut_kernel(blocks_ptr, sbb, sbh, sbq, sbk,  # uint8 (B, H, nQ, nK), any str
     slot = tl.cumsum(kept, 0) - 1  # position of a kept block in its row
     count = tl.sum(kept, 0)
     out = lut_ptr + row.to(tl.int64) * NK
-    tl.store(out + slot, delta, mask=(kept != 0) & (j < NK))
+    value = delta if DELTA else j
+    tl.store(out + slot, value, mask=(kept != 0) & (j < NK))
     tl.store(out + j, tl.zeros_like(delta), mask=(j >= count) & (j < NK))
     tl.store(counts_ptr + row, count)
 
 
-def block_map_to_lut(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def block_map_to_lut(blocks: torch.Tensor, *,
+                     delta: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The upstream lookup table of a block map, as :meth:`SparseMask.to_lut` defines it.
 
     Args:
         blocks: (B, H, nQ, nK) bool or integer (non-zero = kept), any strides.
+        delta: delta-encode the indices (upstream's format); False gives absolute indices, as
+            :meth:`SparseMask.kv_indices` does.
 
     Returns:
         ``(lut, counts)``: int32 (B, H, nQ, nK), per row the kept key-block indices in ascending
-        order delta-encoded (the first the index itself), zeros after the last; int32 (B, H, nQ),
-        the number of kept blocks per row.
+        order, delta-encoded (the first the index itself) or absolute, zeros after the last;
+        int32 (B, H, nQ), the number of kept blocks per row.
     """
     if blocks.dim() != 4:
         raise ValueError(f"blocks must be 4-D (B, H, nQ, nK), got shape {tuple(blocks.shape)}")
@@ -142,7 +148,7 @@ def block_map_to_lut(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return lut.zero_(), counts.zero_()
     nkp = max(16, triton.next_power_of_2(n_k))
     _lut_kernel[(rows,)](blocks, *blocks.stride(), lut, counts, heads, n_q, n_k, NKP=nkp,
-                         num_warps=4 if nkp <= 1024 else 8)
+                         DELTA=delta, num_warps=4 if nkp <= 1024 else 8)
     return lut, counts
 
 
