@@ -98,8 +98,9 @@ def check_prepare_qkv(q, k, v, block_q, block_k, mode):
     assert got.q.dtype == torch.int8 and got.q.shape == q.shape
     assert torch.equal(got.q.cpu(), ref.q)
     assert torch.equal(got.q_scale.cpu(), ref.q_scale)
-    # K: exact given the same channel mean; the mean itself matches smooth_k's to rounding.
-    torch.testing.assert_close(mean, k.float().mean(dim=2), rtol=1e-6, atol=1e-6)
+    # K: exact given the same channel mean; the mean itself matches smooth_k's to float32 rounding
+    # of a sum over Lk terms in another order (a few ulps: rtol 1e-5).
+    torch.testing.assert_close(mean, k.float().mean(dim=2), rtol=1e-5, atol=1e-6)
     k8, ks = quantize_int8_per_block(k.float() - mean[:, :, None, :], block_k)
     assert torch.equal(got.k.cpu(), k8)
     assert torch.equal(got.k_scale.cpu(), ks)
