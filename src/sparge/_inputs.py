@@ -97,8 +97,9 @@ def check_threshold(name: str, value: Threshold | None, heads: int, *, low: floa
                     allow_inf: bool = False) -> None:
     """A hyperparameter is a real number or a (heads,) tensor, not NaN, within [low, high].
 
-    A tensor on a GPU is checked too, except during CUDA graph capture (where reading it back
-    is impossible).
+    Numbers are checked in plain Python (no tensor is made, so this costs no device work and
+    traces under ``torch.compile``). A tensor's values are read back and checked too, except
+    during CUDA graph capture or compilation, where reading it back is impossible.
     """
     if value is None:
         return
@@ -109,19 +110,20 @@ def check_threshold(name: str, value: Threshold | None, heads: int, *, low: floa
         if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != heads):
             raise ValueError(f"{name} must be a scalar or have shape ({heads},) (one per query "
                              f"head), got shape {tuple(value.shape)}")
-        if value.is_cuda and torch.cuda.is_current_stream_capturing():
+        if torch.compiler.is_compiling() or (value.is_cuda
+                                             and torch.cuda.is_current_stream_capturing()):
             return
-        values = value.detach().double().cpu()
+        values = [float(x) for x in value.detach().double().cpu().reshape(-1)]
     else:
-        values = torch.tensor([float(value)], dtype=torch.float64)
-    if torch.isnan(values).any():
+        values = [float(value)]
+    if any(math.isnan(x) for x in values):
         raise ValueError(f"{name} must not be NaN, got {value!r}")
-    if not allow_inf and torch.isinf(values).any():
+    if not allow_inf and any(math.isinf(x) for x in values):
         raise ValueError(f"{name} must be finite, got {value!r}")
-    if low is not None and ((values <= low).any() if low_open else (values < low).any()):
+    if low is not None and any(x <= low if low_open else x < low for x in values):
         bound = f"> {low}" if low_open else f">= {low}"
         raise ValueError(f"{name} must be {bound}, got {value!r}")
-    if high is not None and (values > high).any():
+    if high is not None and any(x > high for x in values):
         raise ValueError(f"{name} must be <= {high}, got {value!r}")
 
 

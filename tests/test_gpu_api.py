@@ -1,0 +1,45 @@
+"""The public API on a CUDA GPU: torch.compile and CUDA graphs around sparge.sparse_attn."""
+
+import pytest
+import torch
+
+import sparge
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def inputs(seed: int, length: int = 3000):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    shape = (1, 8, length, 128)
+    return tuple(torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16)
+                 for _ in range(3))
+
+
+@pytest.mark.gpu
+@gpu
+def test_sparse_attn_compiles_without_graph_breaks():
+    q, k, v = inputs(torch.seed() % 2**31)
+
+    def layer(q, k, v):
+        return sparge.sparse_attn(q * 1.0, k, v, cdf_threshold=0.9, is_causal=True) * 2.0
+
+    eager = layer(q, k, v)
+    compiled = torch.compile(layer, fullgraph=True)(q, k, v)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@gpu
+def test_sparse_attn_replays_in_a_cuda_graph():
+    q, k, v = inputs(torch.seed() % 2**31)
+    static = [t.clone() for t in (q, k, v)]
+    sparge.sparse_attn(*static, topk=0.3)  # compile kernels, tune, warm the allocator
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = sparge.sparse_attn(*static, topk=0.3)
+    fresh = inputs(torch.seed() % 2**31)
+    for buf, new in zip(static, fresh, strict=True):
+        buf.copy_(new)
+    graph.replay()
+    torch.testing.assert_close(out, sparge.sparse_attn(*fresh, topk=0.3), rtol=0, atol=0)
