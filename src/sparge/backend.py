@@ -22,6 +22,23 @@ MIN_CAPABILITY = (7, 5)
 FP8_CAPABILITY = (8, 9)
 
 
+@torch.compiler.assume_constant_result
+def cuda_capability(index: int) -> int:
+    """Compute capability of CUDA device ``index`` as 10 * major + minor (8.9 -> 89).
+
+    Evaluated once at trace time under ``torch.compile``: a device's capability never changes.
+    """
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+def _capability_of(device: torch.device) -> tuple[int, int]:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    value = cuda_capability(index)
+    return value // 10, value % 10
+
+
+@torch.compiler.assume_constant_result
 def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -35,7 +52,7 @@ def triton_status(device: torch.device) -> tuple[bool, str]:
     if not triton_installed():
         return False, "Triton is not installed"
     if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
+        major, minor = _capability_of(device)
         if (major, minor) < MIN_CAPABILITY:
             return False, f"compute capability {major}.{minor} is below 7.5 (Turing)"
         return True, f"CUDA GPU of compute capability {major}.{minor}"
@@ -59,7 +76,7 @@ def choose_backend(requested: str, device: torch.device) -> str:
 
 
 def has_fp8_tensor_cores(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= FP8_CAPABILITY
+    return device.type == "cuda" and _capability_of(device) >= FP8_CAPABILITY
 
 
 def choose_quant(requested: str, device: torch.device) -> str:
