@@ -136,19 +136,29 @@ def check_prepare_qkv(q, k, v, block_q, block_k, mode):
 
 
 def check_selection_matches(q, k, selection, block_q, block_k, causal, max_diff=0.0):
-    """select_blocks_gpu == select_blocks on the same statistics (exactly); predict_mask_gpu ==
-    predict_mask_reference (exactly unless ``max_diff``: the fraction of blocks allowed to flip
-    where statistics differ by float rounding at a threshold)."""
-    from sparge.kernels.select import predict_mask_gpu, select_blocks_gpu
-    from sparge.predict import block_stats, predict_mask_reference, select_blocks, smooth_k
+    """Selection on the inputs' device from the same statistics equals the CPU's exactly;
+    predict_mask_gpu == predict_mask_reference (exactly unless ``max_diff``: the fraction of blocks
+    allowed to flip where statistics differ by float rounding at a threshold)."""
+    from sparge.kernels.select import predict_mask_gpu
+    from sparge.predict import (
+        BlockStats,
+        block_stats,
+        predict_mask_reference,
+        select_blocks,
+        smooth_k,
+    )
 
     qs, ks = block_stats(q, block_q), block_stats(smooth_k(k), block_k)
     kw = dict(q_len=q.shape[2], k_len=k.shape[2], block_q=block_q, block_k=block_k,
               causal=causal)
-    ref = select_blocks(qs, ks, selection, **kw)
-    got = select_blocks_gpu(qs, ks, selection, **kw)
+    got = select_blocks(qs, ks, selection, **kw)
+    on_cpu = [BlockStats(s.mean.cpu(), s.similarity.cpu()) for s in (qs, ks)]
+    cpu_selection = type(selection)(*(x.cpu() if isinstance(x, torch.Tensor) else x
+                                      for x in (selection.sim_threshold, selection.cdf_threshold,
+                                                selection.topk, selection.attention_sink)))
+    ref = select_blocks(*on_cpu, cpu_selection, **kw)
     assert got.shape == ref.shape and got.causal == causal
-    assert torch.equal(got.blocks, ref.blocks)
+    assert torch.equal(got.blocks.cpu(), ref.blocks)
 
     ref = predict_mask_reference(q, k, selection, block_q=block_q, block_k=block_k, causal=causal)
     got = predict_mask_gpu(q, k, selection, block_q=block_q, block_k=block_k, causal=causal)
@@ -323,14 +333,13 @@ def case_custom_op_and_compile():
     break (aot_eager: no C++ compiler needed)."""
     _fresh_seed()
     from sparge.kernels import ops
-    from sparge.kernels.select import per_head_tensor
-    from sparge.predict import Selection, predict_mask_reference
+    from sparge.predict import Selection, per_head, predict_mask_reference
     from sparge.reference import attention_reference
 
     b, hq, hk, length, d = 1, 2, 1, 150, 32
     q, k, v = (torch.randn(b, h, length, d) for h in (hq, hk, hk))
-    lam = per_head_tensor(50.0, hq, q.device)
-    sim, rule = per_head_tensor(-1.0, hq, q.device), per_head_tensor(0.5, hq, q.device)
+    lam = per_head(50.0, hq, q.device)
+    sim, rule = per_head(-1.0, hq, q.device), per_head(0.5, hq, q.device)
     args = (q, k, v, lam, sim, rule, None, False, False, True, d ** -0.5, 64, 64, "int8_fp16",
             "HND", torch.float32)
     out = ops.sparse_attention(*args)
@@ -435,7 +444,8 @@ def test_lookup_table_gpu(monkeypatch):
 @gpu
 def test_prepass_and_selection_do_not_synchronise():
     from sparge.kernels.prepass import prepare_qkv
-    from sparge.kernels.select import block_map_to_lut, predict_mask_gpu, select_blocks_gpu
+    from sparge.kernels.select import block_map_to_lut, predict_mask_gpu
+    from sparge.predict import select_blocks
 
     q, k, v = (_smooth_tokens(1, 4, 2000, 128, device="cuda", dtype=torch.bfloat16)
                for _ in range(3))
@@ -447,8 +457,8 @@ def test_prepass_and_selection_do_not_synchronise():
             for s in sel:
                 quant, qs, ks = prepare_qkv(q, k, v, block_q=64, block_k=128, mode="int8_fp8",
                                             with_stats=True)
-                mask = select_blocks_gpu(qs, ks, s, q_len=2000, k_len=2000, block_q=64,
-                                         block_k=128, causal=True)
+                mask = select_blocks(qs, ks, s, q_len=2000, k_len=2000, block_q=64,
+                                     block_k=128, causal=True)
                 block_map_to_lut(mask.blocks)
                 predict_mask_gpu(q, k, s, block_q=64, block_k=128)
         finally:
@@ -460,8 +470,8 @@ def test_prepass_and_selection_do_not_synchronise():
 def test_prepass_selection_lut_capture():
     """Pre-pass + selection + lookup table in a CUDA graph: replay on new inputs equals eager."""
     from sparge.kernels.prepass import prepare_qkv
-    from sparge.kernels.select import block_map_to_lut, select_blocks_gpu
-    from sparge.predict import Selection
+    from sparge.kernels.select import block_map_to_lut
+    from sparge.predict import Selection, select_blocks
 
     shape = (1, 4, 3000, 128)
     static = [_smooth_tokens(*shape, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
@@ -470,7 +480,7 @@ def test_prepass_selection_lut_capture():
     def pipeline():
         quant, qs, ks = prepare_qkv(*static, block_q=64, block_k=128, mode="int8_fp8",
                                     with_stats=True)
-        mask = select_blocks_gpu(qs, ks, sel, q_len=3000, k_len=3000, block_q=64, block_k=128)
+        mask = select_blocks(qs, ks, sel, q_len=3000, k_len=3000, block_q=64, block_k=128)
         return (quant.q, quant.q_scale, quant.k, quant.k_scale, quant.v, quant.v_scale,
                 mask.blocks, *block_map_to_lut(mask.blocks))
 
@@ -527,13 +537,13 @@ def test_sparse_attn_cuda_graph_capture(causal):
 @gpu
 def test_torch_compile_fullgraph_gpu():
     from sparge.kernels import ops
-    from sparge.kernels.select import per_head_tensor
+    from sparge.predict import per_head
 
     b, hq, hk, length, d = 1, 8, 2, 2000, 128
     q, k, v = (_smooth_tokens(b, h, length, d, device="cuda", dtype=torch.bfloat16)
                for h in (hq, hk, hk))
-    lam = per_head_tensor(50.0, hq, q.device)
-    sim, rule = per_head_tensor(0.5, hq, q.device), per_head_tensor(0.9, hq, q.device)
+    lam = per_head(50.0, hq, q.device)
+    sim, rule = per_head(0.5, hq, q.device), per_head(0.9, hq, q.device)
 
     def fn(q, k, v):
         o = torch.ops.sparge.sparse_attention(q, k, v, lam, sim, rule, None, False, False, True,

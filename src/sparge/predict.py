@@ -51,8 +51,11 @@ def smooth_k(k: torch.Tensor) -> torch.Tensor:
 
 
 def per_head(value: float | torch.Tensor, heads: int, device: torch.device) -> torch.Tensor:
-    """A hyperparameter as a float32 tensor (heads,), from a float or a (heads,) tensor."""
-    return torch.as_tensor(value, dtype=torch.float32, device=device).expand(heads)
+    """A hyperparameter as float32 (heads,) on ``device``, from a float or a scalar or (heads,)
+    tensor. A number becomes a fill, never a host-to-device copy, so a CUDA graph can capture it."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=torch.float32).expand(heads)
+    return torch.full((heads,), float(value), dtype=torch.float32, device=device)
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,11 @@ class Selection:
 def select_blocks(q_stats: BlockStats, k_stats: BlockStats, selection: Selection, *, q_len: int,
                   k_len: int, block_q: int, block_k: int, causal: bool = False) -> SparseMask:
     """Choose the kept key blocks of each query block from pooled statistics (see
-    :class:`Selection`). Causally invalid blocks are dropped. Returns a mask with H = Hq."""
+    :class:`Selection`). Causally invalid blocks are dropped. Returns a mask with H = Hq.
+
+    Fixed-shape tensor operations only: nothing is read back to the host and no size depends on
+    the data, so on a GPU this runs without synchronisation and can be captured in a CUDA graph.
+    """
     sim_threshold, cdf_threshold = selection.sim_threshold, selection.cdf_threshold
     topk, attention_sink = selection.topk, selection.attention_sink
     batch, heads_q, n_q, dim = q_stats.mean.shape
@@ -88,15 +95,20 @@ def select_blocks(q_stats: BlockStats, k_stats: BlockStats, selection: Selection
     device = q_stats.mean.device
 
     sim_thr = per_head(sim_threshold, heads_q, device)[None, :, None]
-    k_mean = k_stats.mean.repeat_interleave(group, dim=1)
-    k_similar = k_stats.similarity.repeat_interleave(group, dim=1) > sim_thr  # (B, Hq, nK)
+    # Query head h reads kv head h // group.
+    k_mean, k_sim = k_stats.mean, k_stats.similarity
+    if group > 1:
+        k_mean = k_mean.repeat_interleave(group, dim=1)
+        k_sim = k_sim.repeat_interleave(group, dim=1)
+    k_similar = k_sim > sim_thr  # (B, Hq, nK)
     q_similar = q_stats.similarity > sim_thr  # (B, Hq, nQ)
 
-    scores = q_stats.mean @ k_mean.transpose(-1, -2) / math.sqrt(dim)
-    scores = scores.masked_fill(~k_similar[:, :, None, :], float("-inf"))
-    valid = (causal_block_mask(q_len, k_len, block_q, block_k, device) if causal
-             else torch.ones(n_q, n_k, dtype=torch.bool, device=device))
-    scores = scores.masked_fill(~valid, float("-inf"))
+    scores = q_stats.mean @ k_mean.transpose(-1, -2) / math.sqrt(dim)  # (B, Hq, nQ, nK)
+    allowed = k_similar[:, :, None, :]
+    if causal:
+        valid = causal_block_mask(q_len, k_len, block_q, block_k, device)
+        allowed = allowed & valid
+    scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no candidate: all zero
 
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
@@ -114,7 +126,8 @@ def select_blocks(q_stats: BlockStats, k_stats: BlockStats, selection: Selection
     chosen |= ~q_similar[:, :, :, None]
     if attention_sink:
         chosen[..., 0] = True
-    chosen &= valid
+    if causal:
+        chosen &= valid
     return SparseMask(chosen, block_q, block_k, q_len, k_len, causal)
 
 

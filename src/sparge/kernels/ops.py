@@ -13,7 +13,7 @@ One operator covers the three entry points:
 - neither: dense quantized attention (:func:`sparge.quantized_attn`).
 
 Every threshold is a float32 tensor of shape (Hq,) on the inputs' device (build it with
-:func:`sparge.kernels.select.per_head_tensor`, which fills rather than copies, so a CUDA graph can
+:func:`sparge.predict.per_head`, which fills rather than copies, so a CUDA graph can
 capture it).
 """
 
@@ -22,8 +22,7 @@ from typing import Optional
 import torch
 
 from ..mask import SparseMask
-from ..predict import Selection
-from .select import per_head_tensor
+from ..predict import Selection, per_head
 
 
 def _hnd(x: torch.Tensor, layout: str) -> torch.Tensor:
@@ -84,20 +83,20 @@ def sparse_attention_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
     """
     heads_q = _hnd(q, layout).shape[1]
 
-    def per_head(value: float | torch.Tensor | None) -> torch.Tensor | None:
-        return None if value is None else per_head_tensor(value, heads_q, q.device)
+    def on_device(value: float | torch.Tensor | None) -> torch.Tensor | None:
+        return None if value is None else per_head(value, heads_q, q.device)
 
     sim = rule = None
     topk = sink = False
     if selection is not None:
         topk = selection.topk is not None
-        sim = per_head(selection.sim_threshold)
-        rule = per_head(selection.topk if topk else selection.cdf_threshold)
+        sim = on_device(selection.sim_threshold)
+        rule = on_device(selection.topk if topk else selection.cdf_threshold)
         sink = selection.attention_sink
     if mask is not None:
         causal, block_q, block_k = mask.causal, mask.block_q, mask.block_k
     op = sparse_attention if torch.compiler.is_compiling() else _sparse_attention_impl
-    return op(q, k, v, per_head(pv_threshold), sim, rule,
+    return op(q, k, v, on_device(pv_threshold), sim, rule,
                             mask.blocks if mask is not None else None, topk, sink, causal,
                             float(scale), block_q, block_k, mode, layout, out_dtype)
 

@@ -1,88 +1,32 @@
-"""Block selection and the lookup table on the GPU, without host synchronisation.
+"""The predictor and the lookup table on the GPU, without host synchronisation.
 
-:func:`select_blocks_gpu` is :func:`sparge.predict.select_blocks` (the specification) written with
-fixed-shape torch operations only: hyperparameters become device tensors through fills (never a
-host-to-device copy), nothing reads a value back, nothing allocates a data-dependent size, so the
-selection can be captured in a CUDA graph. :func:`block_map_to_lut` builds the upstream
-``spas_sage_attn`` lookup table (:meth:`sparge.mask.SparseMask.to_lut`) with one Triton program per
-(batch, head, query block).
+:func:`predict_mask_gpu` runs the Triton statistics pre-pass, then the selection of
+:func:`sparge.predict.select_blocks`, whose fixed-shape tensor operations need no host
+synchronisation. :func:`block_map_to_lut` builds the upstream ``spas_sage_attn`` lookup table
+(:meth:`sparge.mask.SparseMask.to_lut`), or the absolute-index table the attention kernel reads,
+with one Triton program per (batch, head, query block).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-from ..mask import SparseMask, causal_block_mask
-from ..predict import BlockStats, Selection
+from ..mask import SparseMask
+from ..predict import Selection, select_blocks
 from .prepass import block_stats_gpu
-
-
-def per_head_tensor(value: float | torch.Tensor, heads: int, device: torch.device) -> torch.Tensor:
-    """A hyperparameter as float32 (heads,) on ``device``: a fill for a number (no host-to-device
-    copy, so it can be captured), a cast for a tensor (scalar or (heads,))."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device=device, dtype=torch.float32).expand(heads)
-    return torch.full((heads,), float(value), dtype=torch.float32, device=device)
-
-
-def select_blocks_gpu(q_stats: BlockStats, k_stats: BlockStats, selection: Selection, *,
-                      q_len: int, k_len: int, block_q: int, block_k: int,
-                      causal: bool = False) -> SparseMask:
-    """:func:`sparge.predict.select_blocks` without host synchronisation (see that function for
-    the rule). ``q_stats`` holds Hq heads, ``k_stats`` Hk heads; query head h reads kv head
-    h // (Hq / Hk). Returns a mask of shape (B, Hq, nQ, nK) on the statistics' device."""
-    batch, heads_q, n_q, dim = q_stats.mean.shape
-    heads_k, n_k = k_stats.mean.shape[1], k_stats.mean.shape[2]
-    group = heads_q // heads_k
-    device = q_stats.mean.device
-
-    sim_thr = per_head_tensor(selection.sim_threshold, heads_q, device)
-    # Similarity of kv head h // group against query head h's threshold: (B, Hq, nK).
-    k_sim = k_stats.similarity.repeat_interleave(group, dim=1) if group > 1 else k_stats.similarity
-    k_similar = k_sim > sim_thr[None, :, None]
-    q_similar = q_stats.similarity > sim_thr[None, :, None]
-
-    k_mean = k_stats.mean.repeat_interleave(group, dim=1) if group > 1 else k_stats.mean
-    scores = q_stats.mean @ k_mean.transpose(-1, -2) / math.sqrt(dim)  # (B, Hq, nQ, nK)
-    allowed = k_similar[:, :, None, :]
-    if causal:
-        valid = causal_block_mask(q_len, k_len, block_q, block_k, device)
-        allowed = allowed & valid
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no candidate: all zero
-
-    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-    if selection.cdf_threshold is not None:
-        tau = per_head_tensor(selection.cdf_threshold, heads_q, device)[None, :, None, None]
-        keep = (torch.cumsum(sorted_probs, dim=-1) <= tau).sum(dim=-1, keepdim=True)
-    else:
-        frac = per_head_tensor(selection.topk, heads_q, device)[None, :, None, None]
-        keep = torch.floor(frac * n_k).expand(batch, heads_q, n_q, 1)
-    keep = keep.clamp_min(1)
-    rank = torch.arange(n_k, device=device)
-    chosen = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, rank < keep)
-
-    chosen |= ~k_similar[:, :, None, :]
-    chosen |= ~q_similar[:, :, :, None]
-    if selection.attention_sink:
-        chosen[..., 0] = True
-    if causal:
-        chosen &= valid
-    return SparseMask(chosen, block_q, block_k, q_len, k_len, causal)
 
 
 def predict_mask_gpu(q: torch.Tensor, k: torch.Tensor, selection: Selection, *, block_q: int,
                      block_k: int, causal: bool = False) -> SparseMask:
     """The whole predictor: statistics-only pre-pass of Q and of the smoothed K, then
-    :func:`select_blocks_gpu`. q (B, Hq, Lq, D), k (B, Hk, Lk, D), layout HND, any strides."""
+    :func:`sparge.predict.select_blocks`. q (B, Hq, Lq, D), k (B, Hk, Lk, D), layout HND, any
+    strides."""
     q_stats = block_stats_gpu(q, block_q)
     k_stats = block_stats_gpu(k, block_k, smooth=True)
-    return select_blocks_gpu(q_stats, k_stats, selection, q_len=q.shape[2], k_len=k.shape[2],
-                             block_q=block_q, block_k=block_k, causal=causal)
+    return select_blocks(q_stats, k_stats, selection, q_len=q.shape[2], k_len=k.shape[2],
+                         block_q=block_q, block_k=block_k, causal=causal)
 
 
 def _alloc(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -152,4 +96,4 @@ def block_map_to_lut(blocks: torch.Tensor, *,
     return lut, counts
 
 
-__all__ = ["select_blocks_gpu", "predict_mask_gpu", "block_map_to_lut", "per_head_tensor"]
+__all__ = ["predict_mask_gpu", "block_map_to_lut"]
