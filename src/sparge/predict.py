@@ -126,9 +126,7 @@ def select_blocks(q_stats: BlockStats, k_stats: BlockStats, selection: Selection
     chosen |= ~q_similar[:, :, :, None]
     if attention_sink:
         chosen[..., 0] = True
-    if causal:
-        chosen &= valid
-    return SparseMask(chosen, block_q, block_k, q_len, k_len, causal)
+    return SparseMask(chosen, block_q, block_k, q_len, k_len, causal)  # drops causally invalid
 
 
 def predict_mask_reference(q: torch.Tensor, k: torch.Tensor, selection: Selection, *,
