@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from sparge.kernels import _prepare, block_table, launch  # noqa: E402
+from sparge.kernels import block_table, launch, prepare_qkv  # noqa: E402
 from sparge.kernels.attention import candidate_configs  # noqa: E402
 from sparge.mask import SparseMask  # noqa: E402
 
@@ -31,8 +31,8 @@ def main() -> None:
     for d in (64, 128):
         q, k, v = (torch.randn(1, 4, 4096, d, device="cuda", dtype=torch.bfloat16)
                    for _ in range(3))
-        quant, _, _ = _prepare(q, k, v, block_q=64, block_k=128, mode="int8_fp8",
-                               with_stats=False)
+        quant, _, _ = prepare_qkv(q, k, v, block_q=64, block_k=128, mode="int8_fp8",
+                                  with_stats=False)
         out = torch.empty_like(q)
         lam = torch.full((4,), 50.0, device="cuda")
         mask = SparseMask.full(1, 4, 4096, 4096, 64, 128, False, "cuda")

@@ -111,7 +111,9 @@ def select_blocks(q_stats: BlockStats, k_stats: BlockStats, selection: Selection
     scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no candidate: all zero
 
-    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    # Stable: equal probabilities (a uniform row, masked blocks) rank by block index on every
+    # device, so ties never make two devices keep different blocks.
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
     if cdf_threshold is not None:
         tau = per_head(cdf_threshold, heads_q, device)[None, :, None, None]
         keep = (torch.cumsum(sorted_probs, dim=-1) <= tau).sum(dim=-1, keepdim=True)

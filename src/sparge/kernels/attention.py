@@ -146,22 +146,109 @@ def _round_to_e4m3(p):
 
 
 @triton.jit
+def _load_kt(k_base, keys, offs_d, stride_kn, stride_kd, k_len, head_dim,
+             MASKED: tl.constexpr, EVEN_D: tl.constexpr):
+    """K^T tile (HEAD_DIM, BLOCK_N) of the given key rows (zeros past ``k_len`` when MASKED)."""
+    ptrs = k_base + keys[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    if MASKED:
+        return tl.load(ptrs, mask=(keys[None, :] < k_len) & (offs_d < head_dim)[:, None],
+                       other=0.0)
+    if EVEN_D:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=(offs_d < head_dim)[:, None], other=0.0)
+
+
+@triton.jit
+def _load_v(v_base, keys, offs_d, stride_vn, stride_vd, k_len, head_dim,
+            MASKED: tl.constexpr, EVEN_D: tl.constexpr):
+    """V tile (BLOCK_N, HEAD_DIM) of the given key rows (zeros past ``k_len`` when MASKED)."""
+    ptrs = v_base + keys[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    if MASKED:
+        return tl.load(ptrs, mask=(keys[:, None] < k_len) & (offs_d < head_dim)[None, :],
+                       other=0.0)
+    if EVEN_D:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=(offs_d < head_dim)[None, :], other=0.0)
+
+
+@triton.jit
+def _softmax_tile(qk, c, m_i, lam, offs_m, keys, start_n, k_len,
+                  BLOCK_N: tl.constexpr, MODE: tl.constexpr, MASKED: tl.constexpr,
+                  CAUSAL: tl.constexpr, ROUND_FP8: tl.constexpr, FAST_CVT: tl.constexpr,
+                  PV_DTYPE: tl.constexpr):
+    """One online-softmax step on raw scores qk (BLOCK_M, BLOCK_N) of one key block.
+
+    c: the block's score scale (base-2 units); m_i: float32 (BLOCK_M,) running row maximum.
+    Returns ``(p, row_sum, m_new, alpha, skip)``: p the P.V operand (PV_DTYPE, relative to
+    m_new, FP8 mode scaled by 448), row_sum float32 (BLOCK_M,) its row sums before the operand
+    cast, the new running maximum, alpha = exp2(m_i - m_new) the factor for what was
+    accumulated so far, and the rows whose P.V contribution the threshold drops.
+    """
+    valid = keys[None, :] < k_len
+    if CAUSAL:
+        valid = valid & (keys[None, :] <= offs_m[:, None])
+    raw_max, d = _offsets_from_max(qk, valid, MODE, MASKED, FAST_CVT)
+
+    # Row maxima in base-2 units: max(qk) * c equals max(qk * c) exactly since c > 0.
+    local = _mul_rn(raw_max, c, ROUND_FP8)
+    m_new = tl.maximum(m_i, local)
+    skip = (m_i > float("-inf")) & (local - m_i < -lam)
+    if MASKED and CAUSAL:
+        skip = skip & ((offs_m < start_n) | (offs_m >= start_n + BLOCK_N))
+    m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+    alpha = tl.math.exp2(m_i - m_safe)
+    # p = exp2(qk * c - m_safe) = exp2(d * c + (local - m_safe)); FP8 mode adds log2(448) so
+    # that p comes out scaled into the FP8 range. Skipped rows (and rows without a valid key)
+    # get -inf: their p is 0 at no per-element cost.
+    bias = local - m_safe
+    if MODE == 0:
+        bias = bias + 8.807354922057604
+    bias = tl.where(skip | (local == float("-inf")), float("-inf"), bias)
+    p = tl.math.exp2(d * c + bias[:, None])
+    if MASKED:
+        p = tl.where(valid, p, 0.0)
+    row_sum = tl.sum(p, 1)
+    if MODE == 0:
+        if ROUND_FP8:
+            p_op = _round_to_e4m3(p).to(tl.float8e4nv)
+        else:
+            p_op = p.to(tl.float8e4nv)
+    else:
+        p_op = p.to(PV_DTYPE)
+    return p_op, row_sum, m_new, alpha, skip
+
+
+@triton.jit
+def _block_scale(q_scale, ks_base, stride_ks, j, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 MODE: tl.constexpr):
+    """Scale of the raw scores against key tile j (BLOCK_N rows inside one K block of BLOCK_K
+    rows, which holds one K scale), in base-2 units."""
+    if MODE == 2:
+        return q_scale
+    if BLOCK_N == BLOCK_K:
+        block = j
+    else:
+        block = j // (BLOCK_K // BLOCK_N)
+    return q_scale * tl.load(ks_base + block * stride_ks)
+
+
+@triton.jit
 def _attend_blocks(acc, l_i, m_i, q, q_scale, offs_m, offs_d,
                    k_base, v_base, ks_base, idx_base,
                    stride_kn, stride_kd, stride_vn, stride_vd, stride_ks,
                    lo, hi, k_len, head_dim, lam,
-                   BLOCK_N: tl.constexpr, MODE: tl.constexpr, MASKED: tl.constexpr,
-                   CAUSAL: tl.constexpr, SPARSE: tl.constexpr, PV_SKIP: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr,
+                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
+                   PV_SKIP: tl.constexpr,
                    EVEN_D: tl.constexpr, IEEE_DOT: tl.constexpr, ROUND_FP8: tl.constexpr,
-                   FAST_CVT: tl.constexpr):
-    """Online softmax over the key blocks ``lo <= i < hi`` of one query tile.
+                   FAST_CVT: tl.constexpr, PV_DTYPE: tl.constexpr):
+    """Online softmax over the key blocks ``lo <= i < hi`` of one query tile, one block at a time.
 
     acc: float32 (BLOCK_M, HEAD_DIM); l_i, m_i: float32 (BLOCK_M,), the running row sum and the
     running row maximum (base-2 units, -inf before the first key). ``MASKED`` applies the element
     mask (keys past ``k_len``, and causal ``key <= query``); unmasked ranges must not need it.
     """
     offs_n = tl.arange(0, BLOCK_N)
-    d_ok = offs_d < head_dim
     for i in range(lo, hi):
         if SPARSE:
             j = tl.load(idx_base + i)
@@ -169,67 +256,21 @@ def _attend_blocks(acc, l_i, m_i, q, q_scale, offs_m, offs_d,
             j = i
         start_n = j * BLOCK_N
         keys = start_n + offs_n
-        kt_ptrs = k_base + keys[None, :] * stride_kn + offs_d[:, None] * stride_kd
-        v_ptrs = v_base + keys[:, None] * stride_vn + offs_d[None, :] * stride_vd
-        if MASKED:
-            kt = tl.load(kt_ptrs, mask=(keys[None, :] < k_len) & d_ok[:, None], other=0.0)
-        elif EVEN_D:
-            kt = tl.load(kt_ptrs)
-        else:
-            kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
-
+        kt = _load_kt(k_base, keys, offs_d, stride_kn, stride_kd, k_len, head_dim, MASKED,
+                      EVEN_D)
         qk = _scores(q, kt, IEEE_DOT, MODE)
-        if MODE == 2:
-            c = q_scale
-        else:
-            c = q_scale * tl.load(ks_base + j * stride_ks)
-        valid = keys[None, :] < k_len
-        if CAUSAL:
-            valid = valid & (keys[None, :] <= offs_m[:, None])
-        raw_max, d = _offsets_from_max(qk, valid, MODE, MASKED, FAST_CVT)
-
-        # Row maxima in base-2 units: max(qk) * c equals max(qk * c) exactly since c > 0.
-        local = _mul_rn(raw_max, c, ROUND_FP8)
-        m_new = tl.maximum(m_i, local)
-        skip = (m_i > float("-inf")) & (local - m_i < -lam)
-        if MASKED and CAUSAL:
-            skip = skip & ((offs_m < start_n) | (offs_m >= start_n + BLOCK_N))
-        m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
-        alpha = tl.math.exp2(m_i - m_safe)
-        # p = exp2(qk * c - m_safe) = exp2(d * c + (local - m_safe)); FP8 mode adds log2(448) so
-        # that p comes out scaled into the FP8 range. Skipped rows (and rows without a valid key)
-        # get -inf: their p is 0 at no per-element cost.
-        bias = local - m_safe
-        if MODE == 0:
-            bias = bias + 8.807354922057604
-        bias = tl.where(skip | (local == float("-inf")), float("-inf"), bias)
-        p = tl.math.exp2(d * c + bias[:, None])
-        if MASKED:
-            p = tl.where(valid, p, 0.0)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        c = _block_scale(q_scale, ks_base, stride_ks, j, BLOCK_N, BLOCK_K, MODE)
+        p, row_sum, m_i, alpha, skip = _softmax_tile(
+            qk, c, m_i, lam, offs_m, keys, start_n, k_len, BLOCK_N, MODE, MASKED, CAUSAL,
+            ROUND_FP8, FAST_CVT, PV_DTYPE)
+        l_i = l_i * alpha + row_sum
         acc = acc * alpha[:, None]
-
-        if MASKED:
-            v = tl.load(v_ptrs, mask=(keys[:, None] < k_len) & d_ok[None, :], other=0.0)
-        elif EVEN_D:
-            v = tl.load(v_ptrs)
-        else:
-            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-        if MODE == 0:
-            if ROUND_FP8:
-                p_op = _round_to_e4m3(p).to(tl.float8e4nv)
-            else:
-                p_op = p.to(tl.float8e4nv)
-        elif MODE == 1:
-            p_op = p.to(tl.float16)
-        else:
-            p_op = p.to(v.dtype)
+        v = _load_v(v_base, keys, offs_d, stride_vn, stride_vd, k_len, head_dim, MASKED, EVEN_D)
         if PV_SKIP:
             if tl.max(tl.where(skip, 0, 1), 0) > 0:
-                acc = _accumulate_pv(acc, p_op, v, MODE, IEEE_DOT)
+                acc = _accumulate_pv(acc, p, v, MODE, IEEE_DOT)
         else:
-            acc = _accumulate_pv(acc, p_op, v, MODE, IEEE_DOT)
-        m_i = m_new
+            acc = _accumulate_pv(acc, p, v, MODE, IEEE_DOT)
     return acc, l_i, m_i
 
 
@@ -259,8 +300,8 @@ def _sparse_attn_fwd(
         stride_ib, stride_ih, stride_im,
         heads_q, group, q_len, k_len, head_dim, sm_scale_log2,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_Q: tl.constexpr, MODE: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
-        PV_SKIP: tl.constexpr, EVEN_D: tl.constexpr, IEEE_DOT: tl.constexpr,
+        BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr, CAUSAL: tl.constexpr,
+        SPARSE: tl.constexpr, PV_SKIP: tl.constexpr, EVEN_D: tl.constexpr, IEEE_DOT: tl.constexpr,
         ROUND_FP8: tl.constexpr, FAST_CVT: tl.constexpr):
     """One program: BLOCK_M query rows of one (batch, query head).
 
@@ -296,6 +337,10 @@ def _sparse_attn_fwd(
     else:
         q_scale = tl.load(QS + b * stride_qsb + h * stride_qsh + q_blk * stride_qsm)
     lam = tl.load(Lam + h)
+    if MODE == 1:
+        pv_dtype: tl.constexpr = tl.float16
+    else:
+        pv_dtype: tl.constexpr = V.dtype.element_ty
 
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
@@ -324,14 +369,14 @@ def _sparse_attn_fwd(
     acc, l_i, m_i = _attend_blocks(
         acc, l_i, m_i, q, q_scale, offs_m, offs_d, k_base, v_base, ks_base, idx_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_ksn, 0, mid, k_len, head_dim, lam,
-        BLOCK_N, MODE, False, CAUSAL, SPARSE, PV_SKIP, EVEN_D, IEEE_DOT, ROUND_FP8,
-        FAST_CVT)
+        BLOCK_N, BLOCK_K, MODE, False, CAUSAL, SPARSE, PV_SKIP, EVEN_D, IEEE_DOT, ROUND_FP8,
+        FAST_CVT, pv_dtype)
     # The causal diagonal and the last partial key block: element mask on.
     acc, l_i, m_i = _attend_blocks(
         acc, l_i, m_i, q, q_scale, offs_m, offs_d, k_base, v_base, ks_base, idx_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_ksn, mid, hi, k_len, head_dim, lam,
-        BLOCK_N, MODE, True, CAUSAL, SPARSE, PV_SKIP, EVEN_D, IEEE_DOT, ROUND_FP8,
-        FAST_CVT)
+        BLOCK_N, BLOCK_K, MODE, True, CAUSAL, SPARSE, PV_SKIP, EVEN_D, IEEE_DOT, ROUND_FP8,
+        FAST_CVT, pv_dtype)
 
     has_keys = l_i > 0
     inv_l = 1.0 / tl.where(has_keys, l_i, 1.0)
@@ -384,6 +429,8 @@ class KernelConfig:
     block_m: int
     num_warps: int
     num_stages: int
+    max_registers: int | None = None  # a per-thread register cap (more programs per SM)
+    block_n: int | None = None  # keys per loop step, dividing block_k (dense mode); None: block_k
 
 
 def candidate_configs(capability: tuple[int, int], head_dim: int, block_q: int, *,
@@ -396,19 +443,22 @@ def candidate_configs(capability: tuple[int, int], head_dim: int, block_q: int, 
     stage, plus the Q tile, fit in ``smem_bytes`` of shared memory.
     """
     if (9, 0) <= capability < (10, 0):  # Hopper: wgmma, deep pipelines
-        cands = [(64, 4, 3), (64, 4, 2), (128, 8, 3), (64, 4, 4), (128, 8, 2)]
+        # A 168-register cap lets three 4-warp programs share an SM (65536 registers), so one
+        # program's softmax can run while another's matrix products do.
+        cands = [(64, 4, 3, None), (64, 4, 3, 168), (64, 4, 2, None), (64, 4, 2, 168),
+                 (128, 8, 3, None), (64, 4, 4, None), (128, 8, 2, None)]
     elif capability >= (8, 0):  # Ampere, Ada, Blackwell
-        cands = [(64, 4, 2), (64, 4, 3), (128, 8, 2), (128, 4, 2)]
+        cands = [(64, 4, 2, None), (64, 4, 3, None), (128, 8, 2, None), (128, 4, 2, None)]
     else:  # Turing
-        cands = [(64, 4, 2), (64, 4, 1), (128, 8, 1)]
+        cands = [(64, 4, 2, None), (64, 4, 1, None), (128, 8, 1, None)]
     if head_dim > 128:  # a 128 x 256 fp32 accumulator does not fit the registers
-        cands = [c for c in cands if c[0] == 64]
+        cands = [c for c in cands if c[0] == 64 and c[3] is None]
     q_bytes, k_bytes, v_bytes = operand_bytes
     per_stage = block_k * head_dim * (k_bytes + v_bytes)
     seen: list[KernelConfig] = []
-    for m, w, s in cands:
+    for m, w, s, regs in cands:
         room = (smem_bytes - m * head_dim * q_bytes) // per_stage
-        cfg = KernelConfig(m, w, max(1, min(s, room)))
+        cfg = KernelConfig(m, w, max(1, min(s, room)), regs)
         if m <= block_q and block_q % m == 0 and cfg not in seen:
             seen.append(cfg)
     return seen
@@ -472,18 +522,23 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tens
         counts, n_full, indices = table.counts, table.n_full, table.indices
 
     def run(cfg: KernelConfig):
+        if cfg.block_n not in (None, block_k) and (table is not None or block_k % cfg.block_n):
+            raise ValueError(f"block_n {cfg.block_n} needs dense mode and must divide block_k "
+                             f"{block_k}")
         grid = (triton.cdiv(q_len, cfg.block_m), batch * heads_q)
+        caps = {} if cfg.max_registers is None else {"maxnreg": cfg.max_registers}
         return _sparse_attn_fwd[grid](
             q, k, v, out, qs, ks, vs, lam, counts, n_full, indices,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             *qs.stride(), *ks.stride(), *vs.stride(),
             *counts.stride(), *indices.stride()[:3],
             heads_q, heads_q // heads_k, q_len, k_len, dim, scale * LOG2E,
-            HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=block_k, BLOCK_Q=block_q,
+            HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n or block_k,
+            BLOCK_Q=block_q, BLOCK_K=block_k,
             MODE=mode_id, CAUSAL=causal, SPARSE=table is not None, PV_SKIP=pv_skip,
             EVEN_D=dim == head_dim, IEEE_DOT=q.dtype == torch.float32,
             ROUND_FP8=device.type != "cuda", FAST_CVT=mode_id != 2 and head_dim <= 128,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **caps)
 
     if config is None:
         sizes = (q.element_size(), k.element_size(), v.element_size())
