@@ -1,0 +1,120 @@
+"""What the compiler makes of the attention kernel's inner loop, without a GPU.
+
+Compiles ``_sparse_attn_fwd`` ahead of time for an NVIDIA target (default sm_90) with Triton's
+bundled ``ptxas``, disassembles it with the bundled ``nvdisasm`` and reports the registers, the
+spill stack, the shared memory, and the instruction mix of each loop body that issues matrix
+instructions (the per-key-tile work), with the count per score element. Integer strides are
+assumed divisible by 16 and the head-dim stride 1, as Triton specialises them for contiguous
+tensors at launch.
+
+    python bench/sass_report.py                       # D128, BLOCK_M 64, 4 warps, 3 stages
+    python bench/sass_report.py --dim 64 --max-registers 168 --block-n 128 --arch 90
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+attention = importlib.import_module("sparge.kernels.attention")
+
+POINTERS = {"Q": "*i8", "K": "*i8", "V": "*fp8e4nv", "Out": "*bf16", "QS": "*fp32", "KS": "*fp32",
+            "VS": "*fp32", "Lam": "*fp32", "Counts": "*i32", "NFull": "*i32", "Indices": "*i32"}
+UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_od", "stride_vn", "group")
+
+
+def compile_kernel(args) -> triton.compiler.CompiledKernel:
+    fn = attention._sparse_attn_fwd
+    names = list(fn.arg_names)
+    constants = dict(HEAD_DIM=args.dim, BLOCK_M=args.block_m, BLOCK_N=args.block_n,
+                     BLOCK_Q=args.block_m, BLOCK_K=128, MODE=0, CAUSAL=args.causal,
+                     SPARSE=args.sparse, PV_SKIP=False, EVEN_D=True, IEEE_DOT=False,
+                     ROUND_FP8=False, FAST_CVT=True)
+    constants.update({n: 1 for n in UNIT_STRIDES})
+    signature = {}
+    for n in names:
+        if n in POINTERS:
+            signature[n] = POINTERS[n]
+        elif n in constants:
+            signature[n] = "constexpr"
+        else:
+            signature[n] = "fp32" if n == "sm_scale_log2" else "i32"
+    aligned = [n for n in names if signature[n] != "constexpr" and n not in ("heads_q",
+                                                                             "sm_scale_log2")]
+    src = ASTSource(fn, signature, constexprs={(names.index(n),): v for n, v in constants.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    options = dict(num_warps=args.warps, num_stages=args.stages)
+    if args.max_registers:
+        options["maxnreg"] = args.max_registers
+    return triton.compile(src, target=GPUTarget("cuda", args.arch, 32), options=options)
+
+
+def loop_bodies(sass: str) -> dict[str, list[str]]:
+    """Instructions (opcode with modifiers) per basic block label."""
+    blocks: dict[str, list[str]] = {"entry": []}
+    current = "entry"
+    for line in sass.splitlines():
+        label = re.match(r"^\s*(\.L_x_\d+):", line)
+        if label:
+            current = label.group(1)
+            blocks[current] = []
+            continue
+        op = re.match(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*(?:\.[\w.]+)?)",
+                      line)
+        if op:
+            blocks[current].append(op.group(1))
+    return blocks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--block-m", type=int, default=64)
+    parser.add_argument("--block-n", type=int, default=128)
+    parser.add_argument("--warps", type=int, default=4)
+    parser.add_argument("--stages", type=int, default=3)
+    parser.add_argument("--max-registers", type=int, default=0)
+    parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--sparse", action="store_true")
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90")
+    args = parser.parse_args()
+
+    kernel = compile_kernel(args)
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        sass = subprocess.run([str(tools / "nvdisasm"), "-c", str(cubin)], capture_output=True,
+                              text=True, check=True).stdout
+        usage = subprocess.run([str(tools / "cuobjdump"), "-res-usage", str(cubin)],
+                               capture_output=True, text=True, check=True).stdout
+    resources = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    print(f"Triton {triton.__version__}, sm_{args.arch}: D{args.dim} BLOCK_M {args.block_m} "
+          f"BLOCK_N {args.block_n}, {args.warps} warps, {args.stages} stages, register cap "
+          f"{args.max_registers or 'none'}")
+    print(f"registers {resources.group(1)}, stack {resources.group(2)} bytes, shared "
+          f"{kernel.metadata.shared} bytes")
+    per_thread = args.block_m * args.block_n // (32 * args.warps)
+    for label, ops in loop_bodies(sass).items():
+        if not any(re.match(r"[A-Z]*GMMA|HMMA|IMMA", op) for op in ops):
+            continue
+        mix = Counter(op.split(".")[0] for op in ops)
+        local = mix["LDL"] + mix["STL"]
+        print(f"\n{label}: {len(ops)} instructions per key tile, {len(ops) / per_thread:.1f} per "
+              f"score element (per thread), {local} local-memory accesses")
+        print("  " + ", ".join(f"{op} {n}" for op, n in mix.most_common(16)))
+
+
+if __name__ == "__main__":
+    main()
