@@ -5,7 +5,9 @@
 - V: FP8 e4m3 with one float32 scale per (batch, head, channel), where the GPU has FP8 tensor cores;
   FP16 elsewhere.
 - P (the softmax numerator, in [0, 1]) is multiplied by :data:`P_FP8_SCALE` before its FP8
-  conversion; the factor cancels in the final division.
+  conversion; the factor cancels in the final division. The softmax denominator sums the rounded
+  P (FP8 or FP16) that the P.V product uses, so the output is a weighted mean of V rows whose
+  weights sum to one.
 
 Rounding is round-half-to-even, as ``torch.round`` does.
 """

@@ -116,20 +116,20 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
         p = torch.exp2(s - m_safe[..., None]).masked_fill(skip[..., None], 0.0)
         alpha = torch.exp2(m_old - m_safe)
 
-        v_j = v_blocks[kv, j]
+        # The quantized modes round P for the P.V product (FP8 P scaled by 448 into its range)
+        # and normalise by the sum of those same rounded values: weights summing to one.
         if mode == PV_FP8:
-            pv = torch.bmm(fp8_round(p * P_FP8_SCALE), v_j)
+            p = fp8_round(p * P_FP8_SCALE)
         elif mode == PV_FP16:
-            pv = torch.bmm(p.half().float(), v_j)
-        else:
-            pv = torch.bmm(p, v_j)
+            p = p.half().float()
+        pv = torch.bmm(p, v_blocks[kv, j])
         row_sum[idx] = row_sum[idx] * alpha + p.sum(dim=-1)
         acc[idx] = acc[idx] * alpha[..., None] + pv
         row_max[idx] = m_new
 
     denom = row_sum[..., None]
-    if mode == PV_FP8:
-        acc = acc * v_scale.reshape(batch * heads_k, 1, dim)[kv_of_row] / P_FP8_SCALE
+    if mode == PV_FP8:  # the factor 448 of P is in both acc and row_sum
+        acc = acc * v_scale.reshape(batch * heads_k, 1, dim)[kv_of_row]
     out = torch.where(denom > 0, acc / denom.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
     out = out.reshape(batch, heads_q, n_q * bq, dim)[:, :, :q_len]
     return out.to(out_dtype or q.dtype)

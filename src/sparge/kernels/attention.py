@@ -38,6 +38,10 @@ FP8 details: P is scaled into the FP8 range by folding ``log2(448)`` into the ex
 bias, so the numerator ``p * 448`` costs no multiply; the row sum carries the same factor and
 it cancels in the final division. Each key block's FP8 product lands in a fresh fp32 tile that is
 then added, which keeps Hopper's FP8 accumulation error from compounding across blocks.
+
+Row sums (quantized modes): the sum of the rounded P the P.V product uses, computed as one more
+small product on the tensor cores (P times a column of ones), which costs less than the BLOCK_N
+float adds per row it replaces and makes the weights of the V rows sum to one.
 """
 
 from __future__ import annotations
@@ -172,17 +176,22 @@ def _load_v(v_base, keys, offs_d, stride_vn, stride_vd, k_len, head_dim,
 
 
 @triton.jit
-def _softmax_tile(qk, c, m_i, lam, offs_m, keys, start_n, k_len,
+def _softmax_tile(qk, c, m_i, lam, offs_m, keys, start_n, k_len, sum_col,
                   BLOCK_N: tl.constexpr, MODE: tl.constexpr, MASKED: tl.constexpr,
                   CAUSAL: tl.constexpr, ROUND_FP8: tl.constexpr, FAST_CVT: tl.constexpr,
                   PV_DTYPE: tl.constexpr):
     """One online-softmax step on raw scores qk (BLOCK_M, BLOCK_N) of one key block.
 
-    c: the block's score scale (base-2 units); m_i: float32 (BLOCK_M,) running row maximum.
+    c: the block's score scale (base-2 units); m_i: float32 (BLOCK_M,) running row maximum;
+    sum_col: (BLOCK_N, 16) of PV_DTYPE, ones in column 0 and zeros elsewhere (quantized modes).
     Returns ``(p, row_sum, m_new, alpha, skip)``: p the P.V operand (PV_DTYPE, relative to
-    m_new, FP8 mode scaled by 448), row_sum float32 (BLOCK_M,) its row sums before the operand
-    cast, the new running maximum, alpha = exp2(m_i - m_new) the factor for what was
-    accumulated so far, and the rows whose P.V contribution the threshold drops.
+    m_new, FP8 mode scaled by 448), row_sum float32 (BLOCK_M,) its row sums, the new running
+    maximum, alpha = exp2(m_i - m_new) the factor for what was accumulated so far, and the rows
+    whose P.V contribution the threshold drops.
+
+    In the quantized modes the row sums are of the rounded P that the P.V product uses, taken
+    on the tensor cores (p . sum_col) instead of by BLOCK_N float adds per row: the output is
+    then an exact weighted mean of V rows, with weights that sum to one.
     """
     valid = keys[None, :] < k_len
     if CAUSAL:
@@ -207,7 +216,6 @@ def _softmax_tile(qk, c, m_i, lam, offs_m, keys, start_n, k_len,
     p = tl.math.exp2(d * c + bias[:, None])
     if MASKED:
         p = tl.where(valid, p, 0.0)
-    row_sum = tl.sum(p, 1)
     if MODE == 0:
         if ROUND_FP8:
             p_op = _round_to_e4m3(p).to(tl.float8e4nv)
@@ -215,6 +223,10 @@ def _softmax_tile(qk, c, m_i, lam, offs_m, keys, start_n, k_len,
             p_op = p.to(tl.float8e4nv)
     else:
         p_op = p.to(PV_DTYPE)
+    if MODE == 2:
+        row_sum = tl.sum(p, 1)
+    else:
+        row_sum = tl.sum(tl.dot(p_op, sum_col), 1)  # column 0 holds the sum, the rest zeros
     return p_op, row_sum, m_new, alpha, skip
 
 
@@ -234,7 +246,7 @@ def _block_scale(q_scale, ks_base, stride_ks, j, BLOCK_N: tl.constexpr, BLOCK_K:
 
 @triton.jit
 def _attend_blocks(acc, l_i, m_i, q, q_scale, offs_m, offs_d,
-                   k_base, v_base, ks_base, idx_base,
+                   k_base, v_base, ks_base, idx_base, sum_col,
                    stride_kn, stride_kd, stride_vn, stride_vd, stride_ks,
                    lo, hi, k_len, head_dim, lam,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr,
@@ -261,8 +273,8 @@ def _attend_blocks(acc, l_i, m_i, q, q_scale, offs_m, offs_d,
         qk = _scores(q, kt, IEEE_DOT, MODE)
         c = _block_scale(q_scale, ks_base, stride_ks, j, BLOCK_N, BLOCK_K, MODE)
         p, row_sum, m_i, alpha, skip = _softmax_tile(
-            qk, c, m_i, lam, offs_m, keys, start_n, k_len, BLOCK_N, MODE, MASKED, CAUSAL,
-            ROUND_FP8, FAST_CVT, PV_DTYPE)
+            qk, c, m_i, lam, offs_m, keys, start_n, k_len, sum_col, BLOCK_N, MODE, MASKED,
+            CAUSAL, ROUND_FP8, FAST_CVT, PV_DTYPE)
         l_i = l_i * alpha + row_sum
         acc = acc * alpha[:, None]
         v = _load_v(v_base, keys, offs_d, stride_vn, stride_vd, k_len, head_dim, MASKED, EVEN_D)
@@ -362,18 +374,20 @@ def _sparse_attn_fwd(
             hi = n_k
             mid = k_len // BLOCK_N
 
+    sum_col = tl.where((tl.arange(0, 16) == 0)[None, :], 1.0,
+                       tl.zeros([BLOCK_N, 16], dtype=tl.float32)).to(pv_dtype)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     # Key blocks wholly before the tile and inside the keys: no element mask.
     acc, l_i, m_i = _attend_blocks(
-        acc, l_i, m_i, q, q_scale, offs_m, offs_d, k_base, v_base, ks_base, idx_base,
+        acc, l_i, m_i, q, q_scale, offs_m, offs_d, k_base, v_base, ks_base, idx_base, sum_col,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_ksn, 0, mid, k_len, head_dim, lam,
         BLOCK_N, BLOCK_K, MODE, False, CAUSAL, SPARSE, PV_SKIP, EVEN_D, IEEE_DOT, ROUND_FP8,
         FAST_CVT, pv_dtype)
     # The causal diagonal and the last partial key block: element mask on.
     acc, l_i, m_i = _attend_blocks(
-        acc, l_i, m_i, q, q_scale, offs_m, offs_d, k_base, v_base, ks_base, idx_base,
+        acc, l_i, m_i, q, q_scale, offs_m, offs_d, k_base, v_base, ks_base, idx_base, sum_col,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_ksn, mid, hi, k_len, head_dim, lam,
         BLOCK_N, BLOCK_K, MODE, True, CAUSAL, SPARSE, PV_SKIP, EVEN_D, IEEE_DOT, ROUND_FP8,
         FAST_CVT, pv_dtype)
