@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 attention = importlib.import_module("sparge.kernels.attention")
 
 POINTERS = {"Q": "*i8", "K": "*i8", "V": "*fp8e4nv", "Out": "*bf16", "QS": "*fp32", "KS": "*fp32",
-            "VS": "*fp32", "Lam": "*fp32", "Counts": "*i32", "NFull": "*i32", "Indices": "*i32"}
+            "KSMax": "*fp32", "VS": "*fp32", "Lam": "*fp32", "Counts": "*i32", "NFull": "*i32",
+            "Indices": "*i32"}
 UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_od", "stride_vn", "group")
 
 
@@ -40,7 +41,7 @@ def compile_kernel(args) -> triton.compiler.CompiledKernel:
     constants = dict(HEAD_DIM=args.dim, BLOCK_M=args.block_m, BLOCK_N=args.block_n,
                      BLOCK_Q=args.block_m, BLOCK_K=128, MODE=0, CAUSAL=args.causal,
                      SPARSE=args.sparse, PV_SKIP=False, EVEN_D=True, IEEE_DOT=False,
-                     ROUND_FP8=False, FAST_CVT=True)
+                     ROUND_FP8=False, FAST_CVT=True, FOLD=not args.no_fold)
     constants.update({n: 1 for n in UNIT_STRIDES})
     signature = {}
     for n in names:
@@ -87,6 +88,7 @@ def main() -> None:
     parser.add_argument("--max-registers", type=int, default=0)
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--sparse", action="store_true")
+    parser.add_argument("--no-fold", action="store_true", help="the exact exponent path")
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90")
     args = parser.parse_args()
 

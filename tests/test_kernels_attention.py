@@ -406,6 +406,31 @@ def test_gpu_large_inputs_stay_finite(mode: str, dtype: str) -> None:
 
 @pytest.mark.gpu
 @requires_cuda
+@pytest.mark.parametrize("scale_x,folded", [(1.0, True), (5.0, True), (12.0, False)])
+def test_gpu_folded_and_exact_exponent_paths(scale_x: float, folded: bool) -> None:
+    """The folded exponent (score scales <= 2**-7: unit-scale inputs, and x5, near the limit,
+    where the rounding offsets it tracks are largest) and the exact path (x12) both match the
+    reference."""
+    from sparge.kernels import prepare_qkv
+    from sparge.kernels.attention import FOLD_MAX_SCALE
+
+    case = _case(Hq=4, Hk=2, Lq=2000, Lk=3000, D=128, mode="int8_fp8", dtype="bfloat16",
+                 out_dtype="bfloat16", scale_x=scale_x)
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"random seed: {seed}")
+    res = run_case(case, seed, device="cuda")
+    print(res)
+    assert res["unwritten"] == 0 and res["nonfinite"] == 0, res
+    assert res["rel_l1"] <= 0.01, res  # the reasoning of GPU_CASES' tolerances
+
+    q, k, v = _inputs(case, torch.Generator().manual_seed(seed), "cuda")
+    quant = prepare_qkv(q, k, v, block_q=64, block_k=128, mode="int8_fp8", with_stats=False)[0]
+    largest = float(quant.q_scale.max() * quant.k_scale.max()) * 128 ** -0.5 * math.log2(math.e)
+    assert (largest <= FOLD_MAX_SCALE.value) == folded, largest
+
+
+@pytest.mark.gpu
+@requires_cuda
 def test_gpu_tile_skip_is_exact() -> None:
     """The tile-level P.V skip changes nothing on the GPU either (and skipping did happen)."""
     res = _pv_skip_toggle(int.from_bytes(os.urandom(4), "little"), device="cuda")

@@ -62,6 +62,10 @@ LOG2E = math.log2(math.e)
 P_SCALE_LOG2 = math.log2(P_FP8_SCALE)
 
 MODE_IDS = {PV_FP8: 0, PV_FP16: 1, EXACT: 2}
+MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: float bits 0x4B400000 + d hold MAGIC + d
+# Folding MAGIC into the exponent's FMA rounds its per-row constant by up to 2**-8 (plus 2**-8
+# for the product) when the score scale c satisfies MAGIC * c < 2**17, i.e. c <= 2**-7.
+FOLD_MAX_SCALE = tl.constexpr(0.0078125)
 
 
 # ========================================================================================= kernel
@@ -84,7 +88,7 @@ def _scores(q, kt, IEEE_DOT: tl.constexpr, MODE: tl.constexpr):
 
 @triton.jit
 def _offsets_from_max(qk, valid, MODE: tl.constexpr, MASKED: tl.constexpr,
-                      FAST_CVT: tl.constexpr):
+                      FAST_CVT: tl.constexpr, FOLD: tl.constexpr):
     """Row maxima of raw scores and each score's offset from its row maximum.
 
     qk: int32 or float32 (M, N); valid: bool (M, N), used when MASKED. Returns ``(row_max, d)``:
@@ -93,7 +97,8 @@ def _offsets_from_max(qk, valid, MODE: tl.constexpr, MASKED: tl.constexpr,
     integers and converted exactly by the magic-number trick (float bits of 1.5 * 2**23 + d
     for |d| < 2**22, which holds for HEAD_DIM <= 128), so no int-to-float conversion instruction
     runs per element; taking offsets before scaling also keeps ``d * scale`` exact at the row
-    maximum however large the scores are.
+    maximum however large the scores are. With ``FOLD`` the offsets come back as
+    ``MAGIC + d`` (``MAGIC`` = 1.5 * 2**23), the caller folding the subtraction into its FMA.
     """
     if MODE == 2:
         if MASKED:
@@ -111,8 +116,10 @@ def _offsets_from_max(qk, valid, MODE: tl.constexpr, MASKED: tl.constexpr,
         else:
             m_int = tl.max(qk, 1)
             row_max = m_int.to(tl.float32)
-        if FAST_CVT:
-            d = (qk + (0x4B400000 - m_int)[:, None]).to(tl.float32, bitcast=True) - 12582912.0
+        if FOLD:
+            d = (qk + (0x4B400000 - m_int)[:, None]).to(tl.float32, bitcast=True)
+        elif FAST_CVT:
+            d = (qk + (0x4B400000 - m_int)[:, None]).to(tl.float32, bitcast=True) - MAGIC
         else:
             d = qk.to(tl.float32) - m_int.to(tl.float32)[:, None]
     return row_max, d
@@ -176,27 +183,32 @@ def _load_v(v_base, keys, offs_d, stride_vn, stride_vd, k_len, head_dim,
 
 
 @triton.jit
-def _softmax_tile(qk, c, m_i, lam, offs_m, keys, start_n, k_len, sum_col,
+def _softmax_tile(qk, c, m_i, s_i, lam, offs_m, keys, start_n, k_len,
                   BLOCK_N: tl.constexpr, MODE: tl.constexpr, MASKED: tl.constexpr,
                   CAUSAL: tl.constexpr, ROUND_FP8: tl.constexpr, FAST_CVT: tl.constexpr,
-                  PV_DTYPE: tl.constexpr):
+                  FOLD: tl.constexpr, PV_DTYPE: tl.constexpr):
     """One online-softmax step on raw scores qk (BLOCK_M, BLOCK_N) of one key block.
 
     c: the block's score scale (base-2 units); m_i: float32 (BLOCK_M,) running row maximum;
-    sum_col: (BLOCK_N, 16) of PV_DTYPE, ones in column 0 and zeros elsewhere (quantized modes).
-    Returns ``(p, row_sum, m_new, alpha, skip)``: p the P.V operand (PV_DTYPE, relative to
-    m_new, FP8 mode scaled by 448), row_sum float32 (BLOCK_M,) its row sums, the new running
-    maximum, alpha = exp2(m_i - m_new) the factor for what was accumulated so far, and the rows
-    whose P.V contribution the threshold drops.
+    s_i: float32 (BLOCK_M,) the exponent offset of what was accumulated so far (see FOLD).
+    Returns ``(p, p_op, m_new, alpha, skip, s_new)``: p float32 (BLOCK_M, BLOCK_N) and p_op the
+    P.V operand (PV_DTYPE; relative to m_new, FP8 mode scaled by 448), the new running maximum,
+    alpha = exp2(m_i - m_new + s_new - s_i) the factor for what was accumulated so far, the rows
+    whose P.V contribution the threshold drops, and this tile's exponent offset.
 
-    In the quantized modes the row sums are of the rounded P that the P.V product uses, taken
-    on the tensor cores (p . sum_col) instead of by BLOCK_N float adds per row: the output is
-    then an exact weighted mean of V rows, with weights that sum to one.
+    ``FOLD`` (integer scores, c <= 2**-7): the exponent ``d * c + bias`` becomes one FMA
+    ``(MAGIC + d) * c + K`` with K = bias - MAGIC * c rounded to float32. K's rounding error e is
+    computed exactly per row (the product's error by an FMA, the difference's by TwoSum); every
+    p of the row is 2**e too large, so the accumulators carry the offset e (``s``) and alpha
+    converts between offsets: numerator and denominator share it and it cancels. For a tile
+    whose maximum is near the running maximum (the only ones whose P reaches the FP8 limit),
+    |e| <= 2**-7, so its largest P is at most 448 * 2**(2**-7) and saturates to 448, an error
+    below 0.6 % on that one value. Without FOLD the offset is 0.
     """
     valid = keys[None, :] < k_len
     if CAUSAL:
         valid = valid & (keys[None, :] <= offs_m[:, None])
-    raw_max, d = _offsets_from_max(qk, valid, MODE, MASKED, FAST_CVT)
+    raw_max, d = _offsets_from_max(qk, valid, MODE, MASKED, FAST_CVT, FOLD)
 
     # Row maxima in base-2 units: max(qk) * c equals max(qk * c) exactly since c > 0.
     local = _mul_rn(raw_max, c, ROUND_FP8)
@@ -205,15 +217,26 @@ def _softmax_tile(qk, c, m_i, lam, offs_m, keys, start_n, k_len, sum_col,
     if MASKED and CAUSAL:
         skip = skip & ((offs_m < start_n) | (offs_m >= start_n + BLOCK_N))
     m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
-    alpha = tl.math.exp2(m_i - m_safe)
     # p = exp2(qk * c - m_safe) = exp2(d * c + (local - m_safe)); FP8 mode adds log2(448) so
     # that p comes out scaled into the FP8 range. Skipped rows (and rows without a valid key)
     # get -inf: their p is 0 at no per-element cost.
     bias = local - m_safe
     if MODE == 0:
         bias = bias + 8.807354922057604
-    bias = tl.where(skip | (local == float("-inf")), float("-inf"), bias)
-    p = tl.math.exp2(d * c + bias[:, None])
+    no_p = skip | (local == float("-inf"))
+    bias = tl.where(no_p, float("-inf"), bias)
+    if FOLD:
+        big = _mul_rn(c, MAGIC, ROUND_FP8)
+        product_err = tl.fma(c, MAGIC, -big)  # MAGIC * c - big, exactly
+        k_row = bias - big
+        shift = k_row - bias  # TwoSum: the rounding error of k_row, exactly
+        sum_err = (bias - (k_row - shift)) + (-big - shift)  # (bias - big) - k_row
+        s_new = tl.where(no_p, 0.0, product_err - sum_err)
+        p = tl.math.exp2(tl.fma(d, c, k_row[:, None]))
+    else:
+        s_new = tl.zeros_like(s_i)
+        p = tl.math.exp2(d * c + bias[:, None])
+    alpha = tl.math.exp2((m_i - m_safe) + (s_new - s_i))
     if MASKED:
         p = tl.where(valid, p, 0.0)
     if MODE == 0:
@@ -223,11 +246,21 @@ def _softmax_tile(qk, c, m_i, lam, offs_m, keys, start_n, k_len, sum_col,
             p_op = p.to(tl.float8e4nv)
     else:
         p_op = p.to(PV_DTYPE)
+    return p, p_op, m_new, alpha, skip, s_new
+
+
+@triton.jit
+def _row_sums(p, p_op, sum_col, MODE: tl.constexpr):
+    """float32 (BLOCK_M,) row sums of one tile's P.
+
+    In the quantized modes, of the rounded P that the P.V product uses, taken on the tensor
+    cores (p_op . sum_col, sum_col holding ones in column 0 and zeros elsewhere) instead of by
+    BLOCK_N float adds per row: the output is then a weighted mean of V rows whose weights sum
+    to one.
+    """
     if MODE == 2:
-        row_sum = tl.sum(p, 1)
-    else:
-        row_sum = tl.sum(tl.dot(p_op, sum_col), 1)  # column 0 holds the sum, the rest zeros
-    return p_op, row_sum, m_new, alpha, skip
+        return tl.sum(p, 1)
+    return tl.sum(tl.dot(p_op, sum_col), 1)
 
 
 @triton.jit
@@ -245,7 +278,7 @@ def _block_scale(q_scale, ks_base, stride_ks, j, BLOCK_N: tl.constexpr, BLOCK_K:
 
 
 @triton.jit
-def _attend_blocks(acc, l_i, m_i, q, q_scale, offs_m, offs_d,
+def _attend_blocks(acc, l_i, m_i, s_i, q, q_scale, offs_m, offs_d,
                    k_base, v_base, ks_base, idx_base, sum_col,
                    stride_kn, stride_kd, stride_vn, stride_vd, stride_ks,
                    lo, hi, k_len, head_dim, lam,
@@ -253,12 +286,13 @@ def _attend_blocks(acc, l_i, m_i, q, q_scale, offs_m, offs_d,
                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
                    PV_SKIP: tl.constexpr,
                    EVEN_D: tl.constexpr, IEEE_DOT: tl.constexpr, ROUND_FP8: tl.constexpr,
-                   FAST_CVT: tl.constexpr, PV_DTYPE: tl.constexpr):
+                   FAST_CVT: tl.constexpr, FOLD: tl.constexpr, PV_DTYPE: tl.constexpr):
     """Online softmax over the key blocks ``lo <= i < hi`` of one query tile, one block at a time.
 
-    acc: float32 (BLOCK_M, HEAD_DIM); l_i, m_i: float32 (BLOCK_M,), the running row sum and the
-    running row maximum (base-2 units, -inf before the first key). ``MASKED`` applies the element
-    mask (keys past ``k_len``, and causal ``key <= query``); unmasked ranges must not need it.
+    acc: float32 (BLOCK_M, HEAD_DIM); l_i, m_i, s_i: float32 (BLOCK_M,), the running row sum, the
+    running row maximum (base-2 units, -inf before the first key) and the accumulators' exponent
+    offset (see :func:`_softmax_tile`). ``MASKED`` applies the element mask (keys past ``k_len``,
+    and causal ``key <= query``); unmasked ranges must not need it.
     """
     offs_n = tl.arange(0, BLOCK_N)
     for i in range(lo, hi):
@@ -272,18 +306,18 @@ def _attend_blocks(acc, l_i, m_i, q, q_scale, offs_m, offs_d,
                       EVEN_D)
         qk = _scores(q, kt, IEEE_DOT, MODE)
         c = _block_scale(q_scale, ks_base, stride_ks, j, BLOCK_N, BLOCK_K, MODE)
-        p, row_sum, m_i, alpha, skip = _softmax_tile(
-            qk, c, m_i, lam, offs_m, keys, start_n, k_len, sum_col, BLOCK_N, MODE, MASKED,
-            CAUSAL, ROUND_FP8, FAST_CVT, PV_DTYPE)
-        l_i = l_i * alpha + row_sum
+        p, p_op, m_i, alpha, skip, s_i = _softmax_tile(
+            qk, c, m_i, s_i, lam, offs_m, keys, start_n, k_len, BLOCK_N, MODE, MASKED, CAUSAL,
+            ROUND_FP8, FAST_CVT, FOLD, PV_DTYPE)
         acc = acc * alpha[:, None]
         v = _load_v(v_base, keys, offs_d, stride_vn, stride_vd, k_len, head_dim, MASKED, EVEN_D)
         if PV_SKIP:
             if tl.max(tl.where(skip, 0, 1), 0) > 0:
-                acc = _accumulate_pv(acc, p, v, MODE, IEEE_DOT)
+                acc = _accumulate_pv(acc, p_op, v, MODE, IEEE_DOT)
         else:
-            acc = _accumulate_pv(acc, p, v, MODE, IEEE_DOT)
-    return acc, l_i, m_i
+            acc = _accumulate_pv(acc, p_op, v, MODE, IEEE_DOT)
+        l_i = l_i * alpha + _row_sums(p, p_op, sum_col, MODE)
+    return acc, l_i, m_i, s_i
 
 
 @triton.jit
@@ -300,13 +334,14 @@ def _accumulate_pv(acc, p, v, MODE: tl.constexpr, IEEE_DOT: tl.constexpr):
 
 @triton.jit
 def _sparse_attn_fwd(
-        Q, K, V, Out, QS, KS, VS, Lam, Counts, NFull, Indices,
+        Q, K, V, Out, QS, KS, KSMax, VS, Lam, Counts, NFull, Indices,
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_ob, stride_oh, stride_om, stride_od,
         stride_qsb, stride_qsh, stride_qsm,
         stride_ksb, stride_ksh, stride_ksn,
+        stride_kmb, stride_kmh,
         stride_vsb, stride_vsh, stride_vsd,
         stride_cb, stride_ch, stride_cm,
         stride_ib, stride_ih, stride_im,
@@ -314,12 +349,13 @@ def _sparse_attn_fwd(
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr, CAUSAL: tl.constexpr,
         SPARSE: tl.constexpr, PV_SKIP: tl.constexpr, EVEN_D: tl.constexpr, IEEE_DOT: tl.constexpr,
-        ROUND_FP8: tl.constexpr, FAST_CVT: tl.constexpr):
+        ROUND_FP8: tl.constexpr, FAST_CVT: tl.constexpr, FOLD: tl.constexpr):
     """One program: BLOCK_M query rows of one (batch, query head).
 
     Q (B, Hq, Lq, D) int8 (or float for MODE 2); K (B, Hk, Lk, D) int8 / float; V (B, Hk, Lk, D)
     float8_e4m3fn (K-major strides preferred), float16 or float; Out (B, Hq, Lq, D) any float dtype.
-    QS (B, Hq, nQ) float32 holds q_scale * softmax_scale * log2(e); KS (B, Hk, nK); VS (B, Hk, D).
+    QS (B, Hq, nQ) float32 holds q_scale * softmax_scale * log2(e); KS (B, Hk, nK); KSMax
+    (B, Hk) the largest of each head's KS (read with FOLD); VS (B, Hk, D).
     Lam (Hq,) float32. Counts, NFull (B, Hq, nQ) int32 and Indices (B, Hq, nQ, nK) int32 when
     SPARSE. Grid: (cdiv(Lq, BLOCK_M), B * Hq), heaviest causal tiles first.
     """
@@ -378,19 +414,25 @@ def _sparse_attn_fwd(
                        tl.zeros([BLOCK_N, 16], dtype=tl.float32)).to(pv_dtype)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    s_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if FOLD:
+        # The folded exponent needs every score scale of this program <= FOLD_MAX_SCALE; where
+        # one is larger (inputs of large magnitude) the exact path takes every block.
+        ks_max = tl.load(KSMax + b * stride_kmb + hk * stride_kmh)
+        mid = tl.where(q_scale * ks_max <= FOLD_MAX_SCALE, mid, 0)
     # Key blocks wholly before the tile and inside the keys: no element mask.
-    acc, l_i, m_i = _attend_blocks(
-        acc, l_i, m_i, q, q_scale, offs_m, offs_d, k_base, v_base, ks_base, idx_base, sum_col,
-        stride_kn, stride_kd, stride_vn, stride_vd, stride_ksn, 0, mid, k_len, head_dim, lam,
-        BLOCK_N, BLOCK_K, MODE, False, CAUSAL, SPARSE, PV_SKIP, EVEN_D, IEEE_DOT, ROUND_FP8,
-        FAST_CVT, pv_dtype)
+    acc, l_i, m_i, s_i = _attend_blocks(
+        acc, l_i, m_i, s_i, q, q_scale, offs_m, offs_d, k_base, v_base, ks_base, idx_base,
+        sum_col, stride_kn, stride_kd, stride_vn, stride_vd, stride_ksn, 0, mid, k_len, head_dim,
+        lam, BLOCK_N, BLOCK_K, MODE, False, CAUSAL, SPARSE, PV_SKIP, EVEN_D, IEEE_DOT, ROUND_FP8,
+        FAST_CVT, FOLD, pv_dtype)
     # The causal diagonal and the last partial key block: element mask on.
-    acc, l_i, m_i = _attend_blocks(
-        acc, l_i, m_i, q, q_scale, offs_m, offs_d, k_base, v_base, ks_base, idx_base, sum_col,
-        stride_kn, stride_kd, stride_vn, stride_vd, stride_ksn, mid, hi, k_len, head_dim, lam,
-        BLOCK_N, BLOCK_K, MODE, True, CAUSAL, SPARSE, PV_SKIP, EVEN_D, IEEE_DOT, ROUND_FP8,
-        FAST_CVT, pv_dtype)
+    acc, l_i, m_i, s_i = _attend_blocks(
+        acc, l_i, m_i, s_i, q, q_scale, offs_m, offs_d, k_base, v_base, ks_base, idx_base,
+        sum_col, stride_kn, stride_kd, stride_vn, stride_vd, stride_ksn, mid, hi, k_len, head_dim,
+        lam, BLOCK_N, BLOCK_K, MODE, True, CAUSAL, SPARSE, PV_SKIP, EVEN_D, IEEE_DOT, ROUND_FP8,
+        FAST_CVT, False, pv_dtype)
 
     has_keys = l_i > 0
     inv_l = 1.0 / tl.where(has_keys, l_i, 1.0)
@@ -523,9 +565,11 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tens
 
     if mode_id == 2:
         qs = ks = vs = torch.empty(1, 1, 1, dtype=torch.float32, device=device)
+        ks_max = qs[0]
     else:
         qs = q_scale * (scale * LOG2E)  # the same operation as the reference
         ks = k_scale
+        ks_max = ks.amax(dim=-1)  # decides, per program, whether the exponent may be folded
         vs = v_scale if v_scale is not None else torch.ones(1, 1, 1, dtype=torch.float32,
                                                             device=device)
     lam = pv_threshold.to(device=device, dtype=torch.float32).contiguous()
@@ -542,9 +586,9 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tens
         grid = (triton.cdiv(q_len, cfg.block_m), batch * heads_q)
         caps = {} if cfg.max_registers is None else {"maxnreg": cfg.max_registers}
         return _sparse_attn_fwd[grid](
-            q, k, v, out, qs, ks, vs, lam, counts, n_full, indices,
+            q, k, v, out, qs, ks, ks_max, vs, lam, counts, n_full, indices,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            *qs.stride(), *ks.stride(), *vs.stride(),
+            *qs.stride(), *ks.stride(), *ks_max.stride(), *vs.stride(),
             *counts.stride(), *indices.stride()[:3],
             heads_q, heads_q // heads_k, q_len, k_len, dim, scale * LOG2E,
             HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n or block_k,
@@ -552,6 +596,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tens
             MODE=mode_id, CAUSAL=causal, SPARSE=table is not None, PV_SKIP=pv_skip,
             EVEN_D=dim == head_dim, IEEE_DOT=q.dtype == torch.float32,
             ROUND_FP8=device.type != "cuda", FAST_CVT=mode_id != 2 and head_dim <= 128,
+            FOLD=mode_id != 2 and head_dim <= 128 and device.type == "cuda",
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **caps)
 
     if config is None:
