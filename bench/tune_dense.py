@@ -70,9 +70,8 @@ def run_shape(args, length: int, d: int, causal: bool, log) -> list[str]:
              for s in sets]
     cap = torch.cuda.get_device_capability()
     smem = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
-    extra = [KernelConfig(64, 4, 3, 128), KernelConfig(64, 4, 2, 128),
-             KernelConfig(64, 4, 3, 168, 64), KernelConfig(64, 4, 4, 168, 64),
-             KernelConfig(64, 4, 3, None, 64), KernelConfig(64, 4, 5, 168, 64)]
+    extra = [KernelConfig(64, 4, 3, 128), KernelConfig(64, 4, 3, 168, 64),
+             KernelConfig(64, 4, 3, None, 64)]
     for cfg in candidate_configs(cap, d, BQ, block_k=BK, smem_bytes=smem) + extra:
         handle = {}
 
