@@ -354,7 +354,8 @@ def _sparse_attn_fwd(
 
     Q (B, Hq, Lq, D) int8 (or float for MODE 2); K (B, Hk, Lk, D) int8 / float; V (B, Hk, Lk, D)
     float8_e4m3fn (K-major strides preferred), float16 or float; Out (B, Hq, Lq, D) any float dtype.
-    QS (B, Hq, nQ) float32 holds q_scale * softmax_scale * log2(e); KS (B, Hk, nK); KSMax
+    QS (B, Hq, nQ) float32 the Q scales (times sm_scale_log2 = softmax scale * log2(e) here);
+    KS (B, Hk, nK); KSMax
     (B, Hk) the largest of each head's KS (read with FOLD); VS (B, Hk, D).
     Lam (Hq,) float32. Counts, NFull (B, Hq, nQ) int32 and Indices (B, Hq, nQ, nK) int32 when
     SPARSE. Grid: (cdiv(Lq, BLOCK_M), B * Hq), heaviest causal tiles first.
@@ -383,7 +384,9 @@ def _sparse_attn_fwd(
     if MODE == 2:
         q_scale = sm_scale_log2
     else:
-        q_scale = tl.load(QS + b * stride_qsb + h * stride_qsh + q_blk * stride_qsm)
+        # The reference's order: (q scale * (softmax scale * log2 e)) * k scale, in float32.
+        q_scale = tl.load(QS + b * stride_qsb + h * stride_qsh + q_blk * stride_qsm) \
+            * sm_scale_log2
     lam = tl.load(Lam + h)
     if MODE == 1:
         pv_dtype: tl.constexpr = tl.float16
@@ -503,6 +506,8 @@ def candidate_configs(capability: tuple[int, int], head_dim: int, block_q: int, 
         # program's softmax can run while another's matrix products do.
         cands = [(64, 4, 3, None), (64, 4, 3, 168), (64, 4, 2, None), (64, 4, 2, 168),
                  (128, 8, 3, None), (64, 4, 4, None), (128, 8, 2, None)]
+        if head_dim <= 64:  # small tiles: four programs per SM (128 registers) hide most latency
+            cands = [(64, 4, 3, 128), (64, 4, 2, 128)] + cands
     elif capability >= (8, 0):  # Ampere, Ada, Blackwell
         cands = [(64, 4, 2, None), (64, 4, 3, None), (128, 8, 2, None), (128, 4, 2, None)]
     else:  # Turing
@@ -547,8 +552,9 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tens
         q: int8 (B, Hq, Lq, D) for the quantized modes, else float16/bfloat16/float32.
         k: int8 (B, Hk, Lk, D) (smoothed K) or float; v: float8_e4m3fn (mode ``int8_fp8``; a
             (B, Hk, Lk, D) view of a K-major buffer is fastest), float16 (``int8_fp16``) or float.
-        q_scale: float32 (B, Hq, nQ) raw per-block scales (the softmax scale and log2(e) are
-            folded in here); k_scale: float32 (B, Hk, nK); v_scale: float32 (B, Hk, D) for FP8.
+        q_scale: float32 (B, Hq, nQ) raw per-block scales (the kernel multiplies them by
+            ``scale * log2(e)``); k_scale: float32 (B, Hk, nK); v_scale: float32 (B, Hk, D) for
+            FP8.
         table: the lookup table of the mask, or None for dense mode.
         pv_threshold: float32 (Hq,) on the device.
         pv_skip: skip the P.V product of tiles whose rows all skip (worth it when thresholds are
@@ -567,14 +573,13 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tens
         qs = ks = vs = torch.empty(1, 1, 1, dtype=torch.float32, device=device)
         ks_max = qs[0]
     else:
-        qs = q_scale * (scale * LOG2E)  # the same operation as the reference
+        qs = q_scale
         ks = k_scale
         ks_max = ks.amax(dim=-1)  # decides, per program, whether the exponent may be folded
-        vs = v_scale if v_scale is not None else torch.ones(1, 1, 1, dtype=torch.float32,
-                                                            device=device)
+        vs = v_scale if v_scale is not None else qs  # read in the FP8 mode only
     lam = pv_threshold.to(device=device, dtype=torch.float32).contiguous()
     if table is None:
-        dummy = torch.zeros(1, 1, 1, dtype=torch.int32, device=device)
+        dummy = torch.empty(1, 1, 1, dtype=torch.int32, device=device)  # never read
         counts = n_full = indices = dummy
     else:
         counts, n_full, indices = table.counts, table.n_full, table.indices
