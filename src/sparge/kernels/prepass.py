@@ -1,17 +1,37 @@
-"""The fused pre-pass: block statistics and quantization of Q, K and V in one pass over each.
+"""The fused pre-pass: quantization of Q, K and V and the predictor's block statistics, in two
+kernel launches.
 
 What it computes is specified by :mod:`sparge.predict` (``block_stats``, ``smooth_k``) and
 :mod:`sparge.quant` (``quantize_int8_per_block``, ``quantize_v_fp8``):
 
 - Q, per block of ``block_q`` rows: INT8 values, the float32 scale (amax / 127, 1 for an all-zero
   block) and, on request, the pooled mean and the self-similarity.
-- K: its per-channel mean over all tokens (one reduction), then per block of ``block_k`` rows of the
-  smoothed K (k - mean): INT8 values, scale, pooled mean and self-similarity.
-- V: FP8 e4m3 with one scale per (batch, head, channel), stored K-major (the FP8 dot of Hopper wants
-  the second operand transposed), or FP16 for PV in FP16.
+- K: its per-channel mean over all tokens, then per block of ``block_k`` rows of the smoothed K
+  (k - mean): INT8 values, scale, pooled mean and self-similarity.
+- V: FP8 e4m3 with one scale per (batch, head, channel) (amax / 448, 1 for an all-zero channel),
+  stored K-major (the FP8 dot of Hopper wants the second operand transposed), or FP16 for PV in
+  FP16.
 
-Every step is a fixed-size kernel launch or a fixed-size torch reduction: no host synchronisation,
-no allocation that depends on data, so the pre-pass can be captured in a CUDA graph.
+The two launches:
+
+1. ``_channel_stats_kernel`` reads K and V once. Each program reduces one chunk of tokens of one
+   (batch, head) to a partial row of K channel sums and one of V channel abs-maxima, stored in
+   small float32 (B, Hk, n_chunks, D) buffers: a split reduction without atomics, so the same
+   inputs give the same bits on every run.
+2. ``_quantize_kernel`` runs three jobs in one grid, told apart by program id: K blocks, V tiles
+   and Q blocks. A K program first finishes the channel mean from the partials, a V program the
+   channel scales, then each quantizes its rows (and computes the statistics of its blocks).
+
+The channel mean is summed in another order than torch's ``mean``: within a chunk, each row slot
+of a tile adds its tokens in order and the slots are then added up (Triton's reduction tree); the
+chunk sums are added by pairwise halving (chunk i plus chunk i + NC / 2, zero rows padding to a
+power of two NC); the total is divided by L (IEEE). It therefore matches ``smooth_k``'s mean to
+float32 rounding, not bit for bit; :func:`channel_mean` returns exactly the mean the kernels
+subtract.
+
+Every step is a fixed-size kernel launch: no host synchronisation, no allocation that depends on
+data, so the pre-pass can be captured in a CUDA graph. ``int8_fp16`` mode casts V with torch
+(a copy unless V is float16 already).
 
 Rounding matches PyTorch exactly: divisions are IEEE (``div_rn``), rounding to integers is
 half-to-even through the 1.5 * 2^23 trick (exact for |x| < 2^22), and values are rounded to the
@@ -21,16 +41,38 @@ e4m3 grid in float32 before the FP8 conversion, so the conversion itself is exac
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from ..mask import num_blocks
 from ..predict import BlockStats
-from ..quant import FP8_DTYPE, FP8_MAX, PV_FP8, PV_FP16, QuantizedQKV
+from ..quant import FP8_DTYPE, FP8_MAX, INT8_MAX, PV_FP8, PV_FP16, QuantizedQKV
 
 # 1.5 * 2^23: (x + M) - M rounds x half-to-even for |x| < 2^22
 _RINT_MAGIC = tl.constexpr(12582912.0)
+_INT8_MAX = tl.constexpr(INT8_MAX)
+_FP8_MAX = tl.constexpr(FP8_MAX)
+_FLT_MIN = tl.constexpr(1.1754943508222875e-38)  # smallest normal float32
+
+# Split reduction of the channel statistics: about _STATS_PROGRAMS programs in all, chunks of a
+# multiple of _CHUNK_ROWS tokens, at most _max_chunks(DP) per (batch, head) (a K or V program of
+# the quantization kernel combines the partial rows in registers: _PARTIAL_ELEMS floats at most).
+_STATS_PROGRAMS = 1024
+_PARTIAL_ELEMS = 8192
+_CHUNK_ROWS = 256
+# Statistics tiles: _STATS_TILE_ELEMS elements of K and of V per step (32 a thread of 4 warps).
+_STATS_TILE_ELEMS = 4096
+# Quantization tiles: _TILE_ELEMS elements (16 KB of 16-bit input), 64 per thread of
+# _QUANT_WARPS warps. Registers are capped (by statistics or not) so that 4 (3) programs fit an SM.
+# A K or V program handles at least _ROWS_PER_PARTIAL rows per chunk partial it combines, so that
+# reading the float32 partials (from L2) costs at most 1/8 of reading its 16-bit rows.
+_TILE_ELEMS = 8192
+_QUANT_WARPS = 4
+_QUANT_MAXNREG = {False: 128, True: 168}
+_ROWS_PER_PARTIAL = 16
 
 
 @triton.jit
@@ -48,90 +90,224 @@ def _round_to_e4m3(y):
     2^23. The sign is copied bit for bit, so -0 stays -0 like PyTorch's conversion.
     """
     bits = y.to(tl.int32, bitcast=True)
-    a = tl.minimum(tl.abs(y), 448.0)
+    a = tl.minimum(tl.abs(y), _FP8_MAX)
     exp = (a.to(tl.int32, bitcast=True) >> 23) & 0xFF
     exp = tl.maximum(exp, 127 - 6)
     magic = ((exp + 20) << 23) | 0x400000  # 1.5 * 2^(e + 23 - 3)
     magic_f = magic.to(tl.float32, bitcast=True)
-    r = tl.minimum((a + magic_f) - magic_f, 448.0)
+    r = tl.minimum((a + magic_f) - magic_f, _FP8_MAX)
     r_bits = r.to(tl.int32, bitcast=True) | (bits & -2147483648)
     return r_bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _block_prepass_kernel(
-        x_ptr, sxb, sxh, sxl, sxd,  # input (B, H, L, D), any strides
-        mu_ptr,  # float32 (B, H, D) contiguous per-channel mean to subtract (if SMOOTH)
-        xq_ptr,  # int8 (B, H, L, D) contiguous output (if QUANT)
-        scale_ptr,  # float32 (B, H, n) (if QUANT)
-        mean_ptr,  # float32 (B, H, n, D) (if STATS)
-        sim_ptr,  # float32 (B, H, n) (if STATS)
-        H, L, D, n_blocks,
-        BLOCK: tl.constexpr, DP: tl.constexpr, SMOOTH: tl.constexpr, QUANT: tl.constexpr,
-        STATS: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    rows = pid_n * BLOCK + tl.arange(0, BLOCK)
+def _channel_stats_kernel(
+        k_ptr, skb, skh, skl, skd,  # (B, H, L, D), any strides
+        v_ptr, svb, svh, svl, svd,  # (B, H, L, D), any strides (if V_MAX)
+        ksum_ptr, vmax_ptr,  # float32 (B, H, n_chunks, D) contiguous partials
+        H, L, D, chunk, n_chunks,
+        ROWS: tl.constexpr, DP: tl.constexpr, V_MAX: tl.constexpr):
+    """Partials of tokens [c * chunk, (c + 1) * chunk) of one (batch, head), c = program_id(0):
+    K channel sums (each row slot of a (ROWS, DP) tile adds its tokens in order, then the slots
+    are added up) and, if V_MAX, V channel abs-maxima."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
     cols = tl.arange(0, DP)
-    rmask = rows < L
     cmask = cols < D
-    m2 = rmask[:, None] & cmask[None, :]
-
-    base = b.to(tl.int64) * sxb + h.to(tl.int64) * sxh
-    offs = rows.to(tl.int64)[:, None] * sxl + cols[None, :].to(tl.int64) * sxd
-    x = tl.load(x_ptr + base + offs, mask=m2, other=0.0).to(tl.float32)
-    if SMOOTH:
-        mu = tl.load(mu_ptr + pid_bh.to(tl.int64) * D + cols, mask=cmask, other=0.0)
-        x = tl.where(m2, x - mu[None, :], 0.0)
-
-    if STATS:
-        count = tl.minimum(L - pid_n * BLOCK, BLOCK).to(tl.float32)
-        mean = tl.math.div_rn(tl.sum(x, axis=0), count)
-        norm = tl.sqrt(tl.sum(x * x, axis=1))
-        unit = tl.where(norm[:, None] > 0, x / tl.maximum(norm, 1.1754943508222875e-38)[:, None],
-                        0.0)
-        u = tl.sum(unit, axis=0) / count
-        sim = tl.minimum(tl.maximum(tl.sum(u * u, axis=0), 0.0), 1.0)
-        stat_row = pid_bh.to(tl.int64) * n_blocks + pid_n
-        tl.store(mean_ptr + stat_row * D + cols, mean, mask=cmask)
-        tl.store(sim_ptr + stat_row, sim)
-
-    if QUANT:
-        amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
-        scale = tl.where(amax > 0, tl.math.div_rn(amax, 127.0), 1.0)
-        y = _rint(tl.math.div_rn(x, scale))
-        y = tl.minimum(tl.maximum(y, -127.0), 127.0)
-        out_offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
-        tl.store(xq_ptr + pid_bh.to(tl.int64) * L * D + out_offs, y.to(tl.int8), mask=m2)
-        tl.store(scale_ptr + pid_bh.to(tl.int64) * n_blocks + pid_n, scale)
+    cols64 = cols.to(tl.int64)[None, :]
+    k_base = k_ptr + b.to(tl.int64) * skb + h.to(tl.int64) * skh + cols64 * skd
+    v_base = v_ptr + b.to(tl.int64) * svb + h.to(tl.int64) * svh + cols64 * svd
+    ksum = tl.zeros((ROWS, DP), tl.float32)
+    vmax = tl.zeros((ROWS, DP), tl.float32)
+    start = c * chunk
+    end = tl.minimum(start + chunk, L)
+    for r0 in range(start, end, ROWS):
+        rows = (r0 + tl.arange(0, ROWS)).to(tl.int64)[:, None]
+        m = (rows < end) & cmask[None, :]
+        ksum += tl.load(k_base + rows * skl, mask=m, other=0.0).to(tl.float32)
+        if V_MAX:
+            x = tl.load(v_base + rows * svl, mask=m, other=0.0).to(tl.float32)
+            vmax = tl.maximum(vmax, tl.abs(x))
+    out = (bh.to(tl.int64) * n_chunks + c) * D + cols
+    tl.store(ksum_ptr + out, tl.sum(ksum, axis=0), mask=cmask)
+    if V_MAX:
+        tl.store(vmax_ptr + out, tl.max(vmax, axis=0), mask=cmask)
 
 
 @triton.jit
-def _v_fp8_kernel(
+def _combine_partials(part_ptr, n_chunks, D, LOG_NC: tl.constexpr, DP: tl.constexpr,
+                      MAX: tl.constexpr):
+    """The n_chunks (<= NC = 2^LOG_NC) float32 partial rows of D channels at part_ptr
+    combined: their maximum when MAX, else their sum by pairwise halving of the rows padded with
+    zeros to NC (row i plus row i + NC / 2, and so on), an order :func:`channel_mean` repeats.
+    float32 (DP,), zero past D."""
+    NC: tl.constexpr = 1 << LOG_NC
+    rows = tl.arange(0, NC)[:, None]
+    cols = tl.arange(0, DP)[None, :]
+    x = tl.load(part_ptr + rows * D + cols, mask=(rows < n_chunks) & (cols < D), other=0.0)
+    if MAX:
+        return tl.max(x, axis=0)
+    for step in tl.static_range(1, LOG_NC + 1):
+        x = tl.sum(tl.reshape(x, (2, NC >> step, DP)), axis=0)  # one addition per element
+    return tl.reshape(x, (DP,))
+
+
+@triton.jit
+def _load_part(x_base, sxl, mu, row0, L, D, R: tl.constexpr, DP: tl.constexpr,
+               SMOOTH: tl.constexpr):
+    """Rows [row0, row0 + R) of x: float32 (R, DP), less mu (DP,) when SMOOTH, zero outside x;
+    with their row indices (R, 1) and the mask."""
+    rows = (row0 + tl.arange(0, R)).to(tl.int64)[:, None]
+    m = (rows < L) & (tl.arange(0, DP) < D)[None, :]
+    x = tl.load(x_base + rows * sxl, mask=m, other=0.0).to(tl.float32)
+    if SMOOTH:
+        x = tl.where(m, x - mu[None, :], 0.0)
+    return x, rows, m
+
+
+@triton.jit
+def _finish_part(x, rows, m, scale, xq_base, D, QUANT: tl.constexpr, STATS: tl.constexpr):
+    """Store the INT8 values of rows x (R, DP) of a block with the block's scale (if QUANT);
+    return the sum of their directions x / |x|, float32 (DP,) (if STATS)."""
+    unit_sum = tl.zeros((x.shape[1],), tl.float32)
+    if STATS:
+        # One IEEE reciprocal per row instead of a division per element: x * (1 / |x|) lies
+        # within two ulps of the IEEE quotient, float32 rounding as the statistics' tolerance
+        # assumes.
+        norm = tl.sqrt_rn(tl.sum(x * x, axis=1))
+        inv = tl.where(norm > 0, tl.math.div_rn(1.0, tl.maximum(norm, _FLT_MIN)), 0.0)
+        unit_sum = tl.sum(x * inv[:, None], axis=0)
+    if QUANT:
+        y = _rint(tl.math.div_rn(x, scale))
+        y = tl.minimum(tl.maximum(y, -_INT8_MAX), _INT8_MAX)
+        tl.store(xq_base + rows * D + tl.arange(0, x.shape[1])[None, :], y.to(tl.int8), mask=m)
+    return unit_sum
+
+
+@triton.jit
+def _block_job(
+        x_ptr, sxb, sxh, sxl, sxd,  # input (B, H, L, D), any strides
+        xq_ptr, scale_ptr,  # int8 (B, H, L, D) contiguous, float32 (B, H, n) (if QUANT)
+        mean_ptr, sim_ptr,  # float32 (B, H, n, D), (B, H, n) (if STATS)
+        part_ptr, n_chunks,  # float32 (B, H, n_chunks, D) channel sums (if SMOOTH)
+        job, H, L, D, per_head, blocks,
+        BLOCK: tl.constexpr, R: tl.constexpr, DP: tl.constexpr, LOG_NC: tl.constexpr,
+        SMOOTH: tl.constexpr, QUANT: tl.constexpr, STATS: tl.constexpr):
+    """Program ``job`` of a Q or K job: ``blocks`` consecutive blocks of BLOCK rows of one
+    (batch, head) (``per_head`` programs each), less the channel mean when SMOOTH.
+
+    A tile holds R rows. A block of more rows (S = BLOCK / R parts) is read twice, part by part:
+    once for its amax and column sums, once (from cache) to quantize it and sum its row
+    directions, so that registers hold one part at a time.
+    """
+    S: tl.constexpr = BLOCK // R
+    bh = job // per_head
+    b = bh // H
+    h = bh % H
+    bh = bh.to(tl.int64)
+    n_blocks = (L + BLOCK - 1) // BLOCK
+    cols = tl.arange(0, DP)
+    x_base = x_ptr + b.to(tl.int64) * sxb + h.to(tl.int64) * sxh + cols.to(tl.int64)[None, :] * sxd
+    xq_base = xq_ptr + bh * L * D
+    mu = 0.0
+    if SMOOTH:
+        total = _combine_partials(part_ptr + bh * n_chunks * D, n_chunks, D, LOG_NC, DP, False)
+        mu = tl.math.div_rn(total, L.to(tl.float32))
+    first = (job % per_head) * blocks
+    for blk in range(first, tl.minimum(first + blocks, n_blocks)):
+        row0 = blk * BLOCK
+        if S == 1:
+            x, rows, m = _load_part(x_base, sxl, mu, row0, L, D, R, DP, SMOOTH)
+            amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+            col_sum = tl.sum(x, axis=0)
+            scale = tl.where(amax > 0, tl.math.div_rn(amax, _INT8_MAX), 1.0)
+            unit_sum = _finish_part(x, rows, m, scale, xq_base, D, QUANT, STATS)
+        else:
+            amax = 0.0
+            col_sum = tl.zeros((DP,), tl.float32)
+            for part in range(S):  # not unrolled: one part in registers at a time
+                x, rows, m = _load_part(x_base, sxl, mu, row0 + part * R, L, D, R, DP, SMOOTH)
+                amax = tl.maximum(amax, tl.max(tl.max(tl.abs(x), axis=1), axis=0))
+                col_sum += tl.sum(x, axis=0)
+            scale = tl.where(amax > 0, tl.math.div_rn(amax, _INT8_MAX), 1.0)
+            unit_sum = tl.zeros((DP,), tl.float32)
+            for part in range(S):
+                x, rows, m = _load_part(x_base, sxl, mu, row0 + part * R, L, D, R, DP, SMOOTH)
+                unit_sum += _finish_part(x, rows, m, scale, xq_base, D, QUANT, STATS)
+        stat_row = bh * n_blocks + blk
+        if STATS:
+            count = tl.minimum(L - row0, BLOCK).to(tl.float32)
+            u = tl.math.div_rn(unit_sum, count)
+            sim = tl.minimum(tl.maximum(tl.sum(u * u, axis=0), 0.0), 1.0)
+            tl.store(mean_ptr + stat_row * D + cols, tl.math.div_rn(col_sum, count),
+                     mask=cols < D)
+            tl.store(sim_ptr + stat_row, sim)
+        if QUANT:
+            tl.store(scale_ptr + stat_row, scale)
+
+
+@triton.jit
+def _v_job(
         v_ptr, svb, svh, svl, svd,  # input (B, H, L, D), any strides
-        vs_ptr,  # float32 (B, H, D) contiguous per-channel scales
-        out_ptr,  # float8_e4m3fn (B, H, D, LP) contiguous, K-major
-        H, L, LP, D,
-        BL: tl.constexpr, DP: tl.constexpr):
-    pid_l = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    rows = pid_l * BL + tl.arange(0, BL)
+        out_ptr, scale_ptr,  # float8_e4m3fn (B, H, D, LP) K-major, float32 (B, H, D)
+        part_ptr, n_chunks,  # float32 (B, H, n_chunks, D) channel abs-maxima
+        job, H, L, LP, D, per_head, tiles,
+        VT: tl.constexpr, DP: tl.constexpr, LOG_NC: tl.constexpr):
+    """Program ``job`` of the V job: the channel scales, then ``tiles`` consecutive tiles of VT
+    rows of one (batch, head) in FP8, K-major; rows in [L, LP) are zeros."""
+    bh = job // per_head
+    b = bh // H
+    h = bh % H
+    bh = bh.to(tl.int64)
     cols = tl.arange(0, DP)
     cmask = cols < D
-    base = b.to(tl.int64) * svb + h.to(tl.int64) * svh
-    offs = rows.to(tl.int64)[:, None] * svl + cols[None, :].to(tl.int64) * svd
-    x = tl.load(v_ptr + base + offs, mask=(rows < L)[:, None] & cmask[None, :],
-                other=0.0).to(tl.float32)
-    scale = tl.load(vs_ptr + pid_bh.to(tl.int64) * D + cols, mask=cmask, other=1.0)
-    y = _round_to_e4m3(tl.math.div_rn(x, scale[None, :]))
-    out_offs = cols[None, :].to(tl.int64) * LP + rows[:, None]
-    # Rows in [L, LP) are padding: they get zeros, so a kernel may read them unmasked.
-    tl.store(out_ptr + pid_bh.to(tl.int64) * D * LP + out_offs, y.to(tl.float8e4nv),
-             mask=(rows < LP)[:, None] & cmask[None, :])
+    amax = _combine_partials(part_ptr + bh * n_chunks * D, n_chunks, D, LOG_NC, DP, True)
+    scale = tl.where(amax > 0, tl.math.div_rn(amax, _FP8_MAX), 1.0)
+    first = (job % per_head) * tiles
+    # the first program of the (batch, head) stores the scales (the condition folded into the
+    # bound: the interpreter cannot AND a scalar into a mask)
+    tl.store(scale_ptr + bh * D + cols, scale, mask=cols < tl.where(first == 0, D, 0))
+    v_base = v_ptr + b.to(tl.int64) * svb + h.to(tl.int64) * svh + cols.to(tl.int64)[None, :] * svd
+    out_base = out_ptr + bh * D * LP + (cols.to(tl.int64) * LP)[None, :]
+    for t in range(first, tl.minimum(first + tiles, (LP + VT - 1) // VT)):
+        rows = (t * VT + tl.arange(0, VT))[:, None]
+        x = tl.load(v_base + rows.to(tl.int64) * svl, mask=(rows < L) & cmask[None, :],
+                    other=0.0).to(tl.float32)
+        y = _round_to_e4m3(tl.math.div_rn(x, scale[None, :]))
+        tl.store(out_base + rows, y.to(tl.float8e4nv), mask=(rows < LP) & cmask[None, :])
+
+
+@triton.jit
+def _quantize_kernel(
+        q_ptr, sqb, sqh, sql, sqd, q8_ptr, q_scale_ptr, q_mean_ptr, q_sim_ptr,
+        k_ptr, skb, skh, skl, skd, k8_ptr, k_scale_ptr, k_mean_ptr, k_sim_ptr, ksum_ptr,
+        v_ptr, svb, svh, svl, svd, v8_ptr, v_scale_ptr, vmax_ptr,
+        n_chunks, HQ, HK, LQ, LK, LP, D,
+        k_jobs, v_jobs,  # programs [0, k_jobs) do K, [k_jobs, k_jobs + v_jobs) V, the rest Q
+        q_per_head, k_per_head, v_per_head, q_blocks, k_blocks, v_tiles,
+        BQ: tl.constexpr, BK: tl.constexpr, RQ: tl.constexpr, RK: tl.constexpr,
+        VT: tl.constexpr, DP: tl.constexpr,
+        LOG_NC: tl.constexpr, QUANT: tl.constexpr, STATS: tl.constexpr,
+        HAS_Q: tl.constexpr, HAS_K: tl.constexpr, HAS_V: tl.constexpr):
+    """One grid, three jobs (see :func:`_block_job`, :func:`_v_job`): K blocks first, then V
+    tiles, then Q blocks (the shortest programs, to fill the tail). A job left out (HAS_*
+    false, no programs) is not compiled; its pointers are placeholders."""
+    pid = tl.program_id(0)
+    if pid < k_jobs:
+        if HAS_K:
+            _block_job(k_ptr, skb, skh, skl, skd, k8_ptr, k_scale_ptr, k_mean_ptr, k_sim_ptr,
+                       ksum_ptr, n_chunks, pid, HK, LK, D, k_per_head, k_blocks,
+                       BK, RK, DP, LOG_NC, True, QUANT, STATS)
+    elif pid < k_jobs + v_jobs:
+        if HAS_V:
+            _v_job(v_ptr, svb, svh, svl, svd, v8_ptr, v_scale_ptr, vmax_ptr, n_chunks,
+                   pid - k_jobs, HK, LK, LP, D, v_per_head, v_tiles, VT, DP, LOG_NC)
+    elif HAS_Q:
+        _block_job(q_ptr, sqb, sqh, sql, sqd, q8_ptr, q_scale_ptr, q_mean_ptr, q_sim_ptr,
+                   q_ptr, n_chunks, pid - k_jobs - v_jobs, HQ, LQ, D, q_per_head, q_blocks,
+                   BQ, RQ, DP, LOG_NC, False, QUANT, STATS)
 
 
 def _alloc(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -143,68 +319,150 @@ def _dim_pad(dim: int) -> int:
     return max(16, triton.next_power_of_2(dim))
 
 
-def _warps(rows: int, dim_pad: int) -> int:
-    return max(4, min(16, rows * dim_pad // 2048))
+def _max_chunks(dim_pad: int) -> int:
+    """The most chunks per sequence (a power of two) of the channel statistics."""
+    return min(64, _PARTIAL_ELEMS // dim_pad)
 
 
-def _block_pass(x: torch.Tensor, block: int, *, mean: torch.Tensor | None, quant: bool,
-                stats: bool) -> tuple[torch.Tensor | None, torch.Tensor | None,
-                                      BlockStats | None]:
-    """One pass over x (B, H, L, D): int8 values and scales (if ``quant``), block statistics (if
-    ``stats``), on x - mean[:, :, None, :] when ``mean`` (float32 (B, H, D)) is given."""
+def _chunking(length: int, heads: int, dim_pad: int) -> tuple[int, int]:
+    """``(chunk, n_chunks)``: tokens per chunk and chunks per sequence of the channel statistics'
+    split reduction over ``heads`` (B * H) sequences of ``length`` tokens."""
+    n = min(_max_chunks(dim_pad), triton.cdiv(_STATS_PROGRAMS, heads),
+            triton.cdiv(length, _CHUNK_ROWS))
+    chunk = _CHUNK_ROWS * triton.cdiv(triton.cdiv(length, n), _CHUNK_ROWS)
+    return chunk, triton.cdiv(length, chunk)
+
+
+def _channel_stats(k: torch.Tensor, v: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunk partials of k, v (B, H, L, D), any strides: K channel sums and (if v is given) V
+    channel abs-maxima, float32 (B, H, n_chunks, D) each. One launch."""
+    batch, heads, length, dim = k.shape
+    dp = _dim_pad(dim)
+    chunk, n = _chunking(length, batch * heads, dp)
+    ksum = _alloc(batch, heads, n, dim, dtype=torch.float32, device=k.device)
+    vmax = None if v is None else _alloc(batch, heads, n, dim, dtype=torch.float32,
+                                         device=k.device)
+    vv = k if v is None else v
+    _channel_stats_kernel[(n, batch * heads)](
+        k, *k.stride(), vv, *vv.stride(), ksum, ksum if vmax is None else vmax,
+        heads, length, dim, chunk, n,
+        ROWS=min(_CHUNK_ROWS, _STATS_TILE_ELEMS // dp), DP=dp, V_MAX=v is not None, num_warps=4)
+    return ksum, vmax
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    """A Q or K job's outputs: int8 values and float32 scales (if quantized), statistics."""
+
+    values: torch.Tensor | None
+    scales: torch.Tensor | None
+    stats: BlockStats | None
+
+
+def _block_outputs(x: torch.Tensor, block: int, quant: bool, stats: bool) -> _Blocks:
     batch, heads, length, dim = x.shape
     n = num_blocks(length, block)
-    dev = x.device
-    values = _alloc(batch, heads, length, dim, dtype=torch.int8, device=dev) if quant else None
-    scales = _alloc(batch, heads, n, dtype=torch.float32, device=dev) if quant else None
-    pooled = _alloc(batch, heads, n, dim, dtype=torch.float32, device=dev) if stats else None
-    sim = _alloc(batch, heads, n, dtype=torch.float32, device=dev) if stats else None
-    dummy = x  # placeholder pointer for outputs a variant does not write
+    kw = dict(dtype=torch.float32, device=x.device)
+    return _Blocks(
+        _alloc(batch, heads, length, dim, dtype=torch.int8, device=x.device) if quant else None,
+        _alloc(batch, heads, n, **kw) if quant else None,
+        BlockStats(_alloc(batch, heads, n, dim, **kw), _alloc(batch, heads, n, **kw))
+        if stats else None)
+
+
+def _quantize(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | None,
+              ksum: torch.Tensor | None, vmax: torch.Tensor | None, *, block_q: int,
+              block_k: int, quant: bool, stats: bool
+              ) -> tuple[_Blocks | None, _Blocks | None, tuple[torch.Tensor, torch.Tensor] | None]:
+    """One launch of ``_quantize_kernel`` for the jobs whose input is given.
+
+    q (B, Hq, Lq, D); k (B, Hk, Lk, D) with its partial channel sums ``ksum``; v (B, Hk, Lk, D)
+    with its partial abs-maxima ``vmax`` (see :func:`_channel_stats`). Returns the Q and K
+    outputs and, for V, ``(values, scales)`` as :func:`prepare_qkv` documents them.
+    """
+    given = next(t for t in (q, k, v) if t is not None)
+    batch, dim, dev = given.shape[0], given.shape[3], given.device
     dp = _dim_pad(dim)
-    _block_prepass_kernel[(n, batch * heads)](
-        x, *x.stride(),
-        mean if mean is not None else dummy,
-        values if quant else dummy, scales if quant else dummy,
-        pooled if stats else dummy, sim if stats else dummy,
-        heads, length, dim, n,
-        BLOCK=block, DP=dp, SMOOTH=mean is not None, QUANT=quant, STATS=stats,
-        num_warps=_warps(block, dp))
-    return values, scales, (BlockStats(pooled, sim) if stats else None)
+    tile_rows = _TILE_ELEMS // dp
+    n_chunks = 1 if ksum is None else ksum.shape[2]
+    # rows per program: a tile at least, and for K and V enough to amortise combining the partials
+    amortised = max(tile_rows, _ROWS_PER_PARTIAL * n_chunks)
+    q_blocks = triton.cdiv(tile_rows, block_q)
+    k_blocks = triton.cdiv(amortised, block_k)
+    v_tiles = triton.cdiv(amortised, tile_rows)
+
+    q_out = q_per_head = None
+    if q is not None:
+        q_out = _block_outputs(q, block_q, quant, stats)
+        q_per_head = triton.cdiv(num_blocks(q.shape[2], block_q), q_blocks)
+    k_out = k_per_head = None
+    if k is not None:
+        k_out = _block_outputs(k, block_k, quant, stats)
+        k_per_head = triton.cdiv(num_blocks(k.shape[2], block_k), k_blocks)
+    kv = k if k is not None else v
+    heads_k, k_len = (1, 1) if kv is None else kv.shape[1:3]
+    padded = num_blocks(k_len, block_k) * block_k
+    v_out = v_per_head = None
+    if v is not None:
+        buf = _alloc(batch, heads_k, dim, padded, dtype=FP8_DTYPE, device=dev)
+        v_out = (buf.transpose(2, 3)[:, :, :k_len],
+                 _alloc(batch, heads_k, dim, dtype=torch.float32, device=dev))
+        v_per_head = triton.cdiv(triton.cdiv(padded, tile_rows), v_tiles)
+
+    placeholder = (given, 0, 0, 0, 0)  # a pointer and strides for a job left out
+
+    def block_args(x: torch.Tensor | None, out: _Blocks | None) -> tuple:
+        if x is None:
+            return (*placeholder, given, given, given, given)
+        quant_ptrs = (out.values, out.scales) if quant else (given, given)
+        stats_ptrs = (out.stats.mean, out.stats.similarity) if stats else (given, given)
+        return (x, *x.stride(), *quant_ptrs, *stats_ptrs)
+
+    v_args = ((*placeholder, given, given, given) if v is None
+              else (v, *v.stride(), v_out[0], v_out[1], vmax))
+    k_jobs = 0 if k is None else batch * heads_k * k_per_head
+    v_jobs = 0 if v is None else batch * heads_k * v_per_head
+    q_jobs = 0 if q is None else batch * q.shape[1] * q_per_head
+    heads_q, q_len = (1, 1) if q is None else q.shape[1:3]
+    _quantize_kernel[(k_jobs + v_jobs + q_jobs,)](
+        *block_args(q, q_out), *block_args(k, k_out), given if ksum is None else ksum, *v_args,
+        n_chunks, heads_q, heads_k, q_len, k_len, padded, dim, k_jobs, v_jobs,
+        q_per_head or 1, k_per_head or 1, v_per_head or 1, q_blocks, k_blocks, v_tiles,
+        BQ=block_q, BK=block_k, RQ=min(block_q, tile_rows), RK=min(block_k, tile_rows),
+        VT=tile_rows, DP=dp,
+        LOG_NC=_max_chunks(dp).bit_length() - 1, QUANT=quant, STATS=stats,
+        HAS_Q=q is not None, HAS_K=k is not None, HAS_V=v is not None,
+        num_warps=_QUANT_WARPS, maxnreg=_QUANT_MAXNREG[stats])
+    return q_out, k_out, v_out
 
 
 def channel_mean(k: torch.Tensor) -> torch.Tensor:
-    """float32 (B, H, D): the mean of k (B, H, L, D) over its tokens (what smooth_k subtracts)."""
-    return k.mean(dim=2, dtype=torch.float32).contiguous()
-
-
-def quantize_v_fp8_kmajor(v: torch.Tensor, block_k: int = 128) -> tuple[torch.Tensor,
-                                                                        torch.Tensor]:
-    """FP8 e4m3 V with one float32 scale per (batch, head, channel), stored K-major.
-
-    Returns ``(values, scales)``: values is a (B, H, L, D) view of a contiguous (B, H, D, LP)
-    buffer, LP = L rounded up to a multiple of ``block_k`` (the padding rows hold zeros);
-    scales float32 (B, H, D).
-    """
-    batch, heads, length, dim = v.shape
-    amax = torch.linalg.vector_norm(v, float("inf"), dim=2, dtype=torch.float32)
-    # Divide by a tensor: PyTorch on CUDA divides by a Python scalar through its reciprocal,
-    # which is not the IEEE quotient the CPU (and the rest of this pre-pass) computes.
-    scales = torch.where(amax > 0, amax / torch.full_like(amax, FP8_MAX), 1.0).contiguous()
-    padded = num_blocks(length, block_k) * block_k
-    buf = _alloc(batch, heads, dim, padded, dtype=FP8_DTYPE, device=v.device)
-    dp = _dim_pad(dim)
-    rows = 64 if dp <= 128 else 32
-    _v_fp8_kernel[(triton.cdiv(padded, rows), batch * heads)](
-        v, *v.stride(), scales, buf, heads, length, padded, dim, BL=rows, DP=dp,
-        num_warps=4)
-    return buf.transpose(2, 3)[:, :, :length], scales
+    """float32 (B, H, D): the mean of k (B, H, L, D) over its tokens, bit for bit the one
+    :func:`prepare_qkv` subtracts (the statistics kernel's chunk sums, added by pairwise halving
+    as the quantization kernel adds them, divided by L); it matches ``k.float().mean(2)`` to
+    float32 rounding."""
+    partials, _ = _channel_stats(k, None)
+    pad = _max_chunks(_dim_pad(k.shape[3])) - partials.shape[2]
+    total = torch.nn.functional.pad(partials, (0, 0, 0, pad))
+    while total.shape[2] > 1:
+        half = total.shape[2] // 2
+        total = total[:, :, :half] + total[:, :, half:]
+    # a tensor divisor: IEEE division on every device (CUDA divides by a Python scalar through
+    # its reciprocal)
+    total = total[:, :, 0]
+    return total / torch.full_like(total, k.shape[2])
 
 
 def block_stats_gpu(x: torch.Tensor, block: int, *, smooth: bool = False) -> BlockStats:
     """Pooled mean and self-similarity per block, as :func:`sparge.predict.block_stats` computes
-    them (of ``smooth_k(x)`` when ``smooth``), without quantizing."""
-    mean = channel_mean(x) if smooth else None
-    return _block_pass(x, block, mean=mean, quant=False, stats=True)[2]
+    them (of ``smooth_k(x)`` when ``smooth``), without quantizing. One launch, two if ``smooth``."""
+    if smooth:
+        ksum, _ = _channel_stats(x, None)
+        return _quantize(None, x, None, ksum, None, block_q=block, block_k=block, quant=False,
+                         stats=True)[1].stats
+    return _quantize(x, None, None, None, None, block_q=block, block_k=block, quant=False,
+                     stats=True)[0].stats
 
 
 def prepare_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_q: int, block_k: int,
@@ -212,10 +470,13 @@ def prepare_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_q: i
                 ) -> tuple[QuantizedQKV, BlockStats | None, BlockStats | None]:
     """Quantize Q, smoothed K and V for the attention kernel, with the predictor's statistics.
 
+    Two kernel launches (see the module docstring), plus the FP16 cast of V in ``int8_fp16``
+    mode.
+
     Args:
         q: (B, Hq, Lq, D); k, v: (B, Hk, Lk, D); layout HND, any strides, float16, bfloat16 or
             float32, any lengths >= 1, D <= 256.
-        block_q, block_k: rows per quantization (and statistics) block.
+        block_q, block_k: rows per quantization (and statistics) block, powers of two.
         mode: ``"int8_fp8"`` (V in FP8 e4m3, K-major) or ``"int8_fp16"`` (V in FP16).
         with_stats: also return the block statistics of Q and of the smoothed K.
 
@@ -223,19 +484,21 @@ def prepare_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_q: i
         ``(quantized, q_stats, k_stats)``. ``quantized.q``/``.k`` are contiguous int8 (B, H, L, D)
         and the scales raw float32 amax / 127 (the softmax scale is not folded in). With
         ``int8_fp8``, ``quantized.v`` is a (B, Hk, Lk, D) view of a contiguous (B, Hk, D, LP)
-        float8_e4m3fn buffer, LP a multiple of ``block_k``. The statistics are None unless
-        ``with_stats``.
+        float8_e4m3fn buffer, LP a multiple of ``block_k`` (the padding rows hold zeros). The
+        statistics are None unless ``with_stats``.
     """
     if mode not in (PV_FP8, PV_FP16):
         raise ValueError(f"prepare_qkv mode must be {PV_FP8!r} or {PV_FP16!r}, got {mode!r}")
-    q8, q_scale, q_stats = _block_pass(q, block_q, mean=None, quant=True, stats=with_stats)
-    k8, k_scale, k_stats = _block_pass(k, block_k, mean=channel_mean(k), quant=True,
-                                       stats=with_stats)
-    if mode == PV_FP8:
-        v_q, v_scale = quantize_v_fp8_kmajor(v, block_k)
-    else:
-        v_q, v_scale = v.to(torch.float16), None
-    return QuantizedQKV(q8, q_scale, k8, k_scale, v_q, v_scale), q_stats, k_stats
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError("prepare_qkv wants q (B, Hq, Lq, D) and k, v (B, Hk, Lk, D), got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    v8 = v if mode == PV_FP8 else None
+    ksum, vmax = _channel_stats(k, v8)
+    q_out, k_out, v_out = _quantize(q, k, v8, ksum, vmax, block_q=block_q, block_k=block_k,
+                                    quant=True, stats=with_stats)
+    v_q, v_scale = v_out if v8 is not None else (v.to(torch.float16), None)
+    quantized = QuantizedQKV(q_out.values, q_out.scales, k_out.values, k_out.scales, v_q, v_scale)
+    return quantized, q_out.stats, k_out.stats
 
 
-__all__ = ["prepare_qkv", "block_stats_gpu", "channel_mean", "quantize_v_fp8_kmajor"]
+__all__ = ["prepare_qkv", "block_stats_gpu", "channel_mean"]
