@@ -99,9 +99,12 @@ def check_prepare_qkv(q, k, v, block_q, block_k, mode):
     assert torch.equal(got.q_scale.cpu(), ref.q_scale)
     # K: exact given the same channel mean. The kernels sum the mean in another order than
     # torch's mean (chunk partials, see sparge.kernels.prepass), so it matches smooth_k's to
-    # float32 rounding of a sum over Lk terms: a few ulps of the channel's values (rtol 1e-5,
-    # atol 1e-6 where the mean is small against them).
-    torch.testing.assert_close(mean, k.float().mean(dim=2), rtol=1e-5, atol=1e-6)
+    # float32 rounding of a sum over Lk terms: a few units of rounding (u = 2**-24) of partial
+    # sums no larger than sum |k|, divided by Lk (atol 16 u mean|k| per channel; seen on an
+    # H100 with |k| ~ 1e4: 2.3e-5 against an atol of 7e-3).
+    mean_abs = float(k.float().abs().mean(dim=2).max())
+    torch.testing.assert_close(mean, k.float().mean(dim=2), rtol=1e-5,
+                               atol=16 * 2.0 ** -24 * mean_abs + 1e-7)
     k8, ks = quantize_int8_per_block(k.float() - mean[:, :, None, :], block_k)
     assert torch.equal(got.k.cpu(), k8)
     assert torch.equal(got.k_scale.cpu(), ks)
@@ -402,7 +405,10 @@ def case_custom_op_and_compile():
     quant.smooth_k = lambda x: x.float() - channel_mean(x)[:, :, None, :]
     ref = attention_reference(q, k, v, mask, scale=d ** -0.5, pv_threshold=lam,
                               mode="int8_fp16")
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    # FP16 P: the last bit of exp2 (numpy's in the interpreter vs torch's) now and then moves
+    # one P across an fp16 rounding midpoint, which moves its row by up to ~2**-11 of the
+    # output's scale (seen: 1.2e-4 to 2.5e-4); any indexing or masking error is O(1).
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
     torch.library.opcheck(torch.ops.sparge.sparse_attention.default, args)
 
     def fn(q, k, v):
@@ -416,7 +422,7 @@ def case_custom_op_and_compile():
                                None, None, blocks, False, False, True, d ** -0.5, 64, 64,
                                "int8_fp16", "NHD", torch.float32)
     assert nhd.shape == (b, length, hq, d)
-    torch.testing.assert_close(nhd.transpose(1, 2), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(nhd.transpose(1, 2), out, rtol=0, atol=0)  # same arithmetic
 
 
 CPU_CASES = sorted(name for name in dict(globals()) if name.startswith("case_"))
