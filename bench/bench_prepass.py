@@ -24,6 +24,9 @@ import triton.testing
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_attention import bench  # noqa: E402
 
 from sparge.kernels import prepass  # noqa: E402
 from sparge.kernels.prepass import prepare_qkv  # noqa: E402
@@ -31,17 +34,6 @@ from sparge.mask import num_blocks  # noqa: E402
 
 BQ, BK = 64, 128
 DEVICE = "cuda"
-
-
-def bench(fn_for_set, n_sets: int, warmup: int, rep: int) -> float:
-    """Median ms of fn_for_set(i), i rotating over the input sets."""
-    state = {"i": 0}
-
-    def step():
-        fn_for_set(state["i"] % n_sets)
-        state["i"] += 1
-
-    return triton.testing.do_bench(step, warmup=warmup, rep=rep, return_mode="median")
 
 
 def copy_bandwidth(warmup: int, rep: int) -> float:
