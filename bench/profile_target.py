@@ -26,7 +26,6 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--heads", type=int, default=24)
     parser.add_argument("--block-m", type=int, default=64)
-    parser.add_argument("--block-n", type=int, default=None)
     parser.add_argument("--warps", type=int, default=4)
     parser.add_argument("--stages", type=int, default=3)
     parser.add_argument("--max-registers", type=int, default=None)
@@ -37,7 +36,7 @@ def main() -> None:
     quant = prepare_qkv(q, k, v, block_q=64, block_k=128, mode="int8_fp8", with_stats=False)[0]
     out = torch.empty_like(q)
     lam = torch.full((args.heads,), 50.0, device="cuda")
-    cfg = KernelConfig(args.block_m, args.warps, args.stages, args.max_registers, args.block_n)
+    cfg = KernelConfig(args.block_m, args.warps, args.stages, args.max_registers)
     for _ in range(args.launches):
         launch(quant.q, quant.k, quant.v, out=out, q_scale=quant.q_scale, k_scale=quant.k_scale,
                v_scale=quant.v_scale, table=None, block_q=64, block_k=128, causal=False,

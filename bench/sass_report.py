@@ -39,7 +39,7 @@ def compile_kernel(args) -> triton.compiler.CompiledKernel:
     fn = attention._sparse_attn_fwd
     names = list(fn.arg_names)
     constants = dict(HEAD_DIM=args.dim, BLOCK_M=args.block_m, BLOCK_N=args.block_n,
-                     BLOCK_Q=args.block_m, BLOCK_K=128, MODE=0, CAUSAL=args.causal,
+                     BLOCK_Q=args.block_m, MODE=0, CAUSAL=args.causal,
                      SPARSE=args.sparse, PV_SKIP=False, EVEN_D=True, IEEE_DOT=False,
                      ROUND_FP8=False, FAST_CVT=True, FOLD=not args.no_fold)
     constants.update({n: 1 for n in UNIT_STRIDES})
@@ -82,7 +82,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--block-m", type=int, default=64)
-    parser.add_argument("--block-n", type=int, default=128)
+    parser.add_argument("--block-n", type=int, default=128, help="keys per step (= block_k)")
     parser.add_argument("--warps", type=int, default=4)
     parser.add_argument("--stages", type=int, default=3)
     parser.add_argument("--max-registers", type=int, default=0)

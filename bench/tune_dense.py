@@ -70,9 +70,9 @@ def run_shape(args, length: int, d: int, causal: bool, log) -> list[str]:
              for s in sets]
     cap = torch.cuda.get_device_capability()
     smem = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
-    extra = [KernelConfig(64, 4, 3, 128), KernelConfig(64, 4, 3, 168, 64),
-             KernelConfig(64, 4, 3, None, 64)]
-    for cfg in candidate_configs(cap, d, BQ, block_k=BK, smem_bytes=smem) + extra:
+    configs = candidate_configs(cap, d, BQ, block_k=BK, smem_bytes=smem)
+    configs += [c for c in (KernelConfig(64, 4, 3, 128),) if c not in configs]
+    for cfg in configs:
         handle = {}
 
         def fn(i, cfg=cfg, handle=handle):
@@ -87,7 +87,7 @@ def run_shape(args, length: int, d: int, causal: bool, log) -> list[str]:
             log(f"  {cfg}: failed {type(exc).__name__}: {str(exc)[:200]}")
             continue
         kern = handle["k"]
-        add(f"kernel M{cfg.block_m} N{cfg.block_n or BK} {cfg.num_warps}w {cfg.num_stages}s "
+        add(f"kernel M{cfg.block_m} N{BK} {cfg.num_warps}w {cfg.num_stages}s "
             f"{cfg.max_registers or '-'}r", ms, kern.n_regs, kern.n_spills)
 
     add("quantized_attn (pre-pass + autotuned kernel)",

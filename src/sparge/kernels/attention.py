@@ -264,17 +264,11 @@ def _row_sums(p, p_op, sum_col, MODE: tl.constexpr):
 
 
 @triton.jit
-def _block_scale(q_scale, ks_base, stride_ks, j, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 MODE: tl.constexpr):
-    """Scale of the raw scores against key tile j (BLOCK_N rows inside one K block of BLOCK_K
-    rows, which holds one K scale), in base-2 units."""
+def _block_scale(q_scale, ks_base, stride_ks, j, MODE: tl.constexpr):
+    """Scale of the raw scores against key block j, in base-2 units."""
     if MODE == 2:
         return q_scale
-    if BLOCK_N == BLOCK_K:
-        block = j
-    else:
-        block = j // (BLOCK_K // BLOCK_N)
-    return q_scale * tl.load(ks_base + block * stride_ks)
+    return q_scale * tl.load(ks_base + j * stride_ks)
 
 
 @triton.jit
@@ -282,9 +276,8 @@ def _attend_blocks(acc, l_i, m_i, s_i, q, q_scale, offs_m, offs_d,
                    k_base, v_base, ks_base, idx_base, sum_col,
                    stride_kn, stride_kd, stride_vn, stride_vd, stride_ks,
                    lo, hi, k_len, head_dim, lam,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr,
-                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
-                   PV_SKIP: tl.constexpr,
+                   BLOCK_N: tl.constexpr, MODE: tl.constexpr, MASKED: tl.constexpr,
+                   CAUSAL: tl.constexpr, SPARSE: tl.constexpr, PV_SKIP: tl.constexpr,
                    EVEN_D: tl.constexpr, IEEE_DOT: tl.constexpr, ROUND_FP8: tl.constexpr,
                    FAST_CVT: tl.constexpr, FOLD: tl.constexpr, PV_DTYPE: tl.constexpr):
     """Online softmax over the key blocks ``lo <= i < hi`` of one query tile, one block at a time.
@@ -305,7 +298,7 @@ def _attend_blocks(acc, l_i, m_i, s_i, q, q_scale, offs_m, offs_d,
         kt = _load_kt(k_base, keys, offs_d, stride_kn, stride_kd, k_len, head_dim, MASKED,
                       EVEN_D)
         qk = _scores(q, kt, IEEE_DOT, MODE)
-        c = _block_scale(q_scale, ks_base, stride_ks, j, BLOCK_N, BLOCK_K, MODE)
+        c = _block_scale(q_scale, ks_base, stride_ks, j, MODE)
         p, p_op, m_i, alpha, skip, s_i = _softmax_tile(
             qk, c, m_i, s_i, lam, offs_m, keys, start_n, k_len, BLOCK_N, MODE, MASKED, CAUSAL,
             ROUND_FP8, FAST_CVT, FOLD, PV_DTYPE)
@@ -347,8 +340,8 @@ def _sparse_attn_fwd(
         stride_ib, stride_ih, stride_im,
         heads_q, group, q_len, k_len, head_dim, sm_scale_log2,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr, CAUSAL: tl.constexpr,
-        SPARSE: tl.constexpr, PV_SKIP: tl.constexpr, EVEN_D: tl.constexpr, IEEE_DOT: tl.constexpr,
+        BLOCK_Q: tl.constexpr, MODE: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
+        PV_SKIP: tl.constexpr, EVEN_D: tl.constexpr, IEEE_DOT: tl.constexpr,
         ROUND_FP8: tl.constexpr, FAST_CVT: tl.constexpr, FOLD: tl.constexpr):
     """One program: BLOCK_M query rows of one (batch, query head).
 
@@ -428,13 +421,13 @@ def _sparse_attn_fwd(
     acc, l_i, m_i, s_i = _attend_blocks(
         acc, l_i, m_i, s_i, q, q_scale, offs_m, offs_d, k_base, v_base, ks_base, idx_base,
         sum_col, stride_kn, stride_kd, stride_vn, stride_vd, stride_ksn, 0, mid, k_len, head_dim,
-        lam, BLOCK_N, BLOCK_K, MODE, False, CAUSAL, SPARSE, PV_SKIP, EVEN_D, IEEE_DOT, ROUND_FP8,
+        lam, BLOCK_N, MODE, False, CAUSAL, SPARSE, PV_SKIP, EVEN_D, IEEE_DOT, ROUND_FP8,
         FAST_CVT, FOLD, pv_dtype)
     # The causal diagonal and the last partial key block: element mask on.
     acc, l_i, m_i, s_i = _attend_blocks(
         acc, l_i, m_i, s_i, q, q_scale, offs_m, offs_d, k_base, v_base, ks_base, idx_base,
         sum_col, stride_kn, stride_kd, stride_vn, stride_vd, stride_ksn, mid, hi, k_len, head_dim,
-        lam, BLOCK_N, BLOCK_K, MODE, True, CAUSAL, SPARSE, PV_SKIP, EVEN_D, IEEE_DOT, ROUND_FP8,
+        lam, BLOCK_N, MODE, True, CAUSAL, SPARSE, PV_SKIP, EVEN_D, IEEE_DOT, ROUND_FP8,
         FAST_CVT, False, pv_dtype)
 
     has_keys = l_i > 0
@@ -489,7 +482,6 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     max_registers: int | None = None  # a per-thread register cap (more programs per SM)
-    block_n: int | None = None  # keys per loop step, dividing block_k (dense mode); None: block_k
 
 
 def candidate_configs(capability: tuple[int, int], head_dim: int, block_q: int, *,
@@ -585,9 +577,6 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tens
         counts, n_full, indices = table.counts, table.n_full, table.indices
 
     def run(cfg: KernelConfig):
-        if cfg.block_n not in (None, block_k) and (table is not None or block_k % cfg.block_n):
-            raise ValueError(f"block_n {cfg.block_n} needs dense mode and must divide block_k "
-                             f"{block_k}")
         grid = (triton.cdiv(q_len, cfg.block_m), batch * heads_q)
         caps = {} if cfg.max_registers is None else {"maxnreg": cfg.max_registers}
         return _sparse_attn_fwd[grid](
@@ -596,8 +585,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tens
             *qs.stride(), *ks.stride(), *ks_max.stride(), *vs.stride(),
             *counts.stride(), *indices.stride()[:3],
             heads_q, heads_q // heads_k, q_len, k_len, dim, scale * LOG2E,
-            HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n or block_k,
-            BLOCK_Q=block_q, BLOCK_K=block_k,
+            HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=block_k, BLOCK_Q=block_q,
             MODE=mode_id, CAUSAL=causal, SPARSE=table is not None, PV_SKIP=pv_skip,
             EVEN_D=dim == head_dim, IEEE_DOT=q.dtype == torch.float32,
             ROUND_FP8=device.type != "cuda", FAST_CVT=mode_id != 2 and head_dim <= 128,
