@@ -8,11 +8,12 @@ One Triton kernel serves every variant through ``tl.constexpr`` switches:
 - ``SPARSE``: visit the key blocks of a lookup table, or every (causally valid) block (dense mode).
 - ``CAUSAL``: exact per-element causal masking, top-left aligned.
 - ``PV_SKIP``: skip the P.V product of a tile when every row of it skips (see below).
+- ``FOLD``: the exponent of the unmasked blocks as one FMA per score (see below; GPU only).
 
 Each program computes ``BLOCK_M`` query rows of one (batch, query head). Key blocks are
 ``BLOCK_N = block_k`` rows, so one key block is one loop step. Per step it computes the scores
-``s = (q_int8 . k_int8) * q_scale * k_scale`` (the Q scale already holds ``softmax_scale *
-log2(e)``), the row maxima and ``p = exp2(s - m)``, exactly the arithmetic of
+``s = (q_int8 . k_int8) * q_scale * k_scale`` (the kernel multiplies the Q scale by
+``softmax_scale * log2(e)``), the row maxima and ``p = exp2(s - m)``, exactly the arithmetic of
 :func:`sparge.reference.attention_reference`.
 
 PV threshold, per query row: a key block contributes nothing to a row whose running maximum
@@ -26,7 +27,10 @@ skip).
 Scores are shifted by their row maximum before scaling, in integers for the INT8 modes (then
 converted exactly without a conversion instruction, see :func:`_offsets_from_max`): the
 exponent argument is exact at the maximum for any magnitude of scores, and the per-element work
-is an integer add, a float add, one FMA and the exp2.
+is an integer add, a float add, one FMA and the exp2. With ``FOLD`` (every score scale of the
+program at most 2**-7, as for unit-scale inputs) the float add goes into the FMA, and the
+rounding error this leaves in each row's constant is tracked exactly and cancels (see
+:func:`_softmax_tile`); larger scales take the exact path for every block.
 
 Lookup table: the kernel reads the mask's :meth:`~sparge.mask.SparseMask.kv_indices` form (per
 query block a count and the ascending kept key-block indices) plus, per query block, how many of
