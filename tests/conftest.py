@@ -25,7 +25,7 @@ def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     q = q.double()
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     s = q @ k.transpose(-1, -2) * scale
-    allowed = torch.ones(s.shape[-2:], dtype=torch.bool)
+    allowed = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device)
     if causal:
         allowed = torch.tril(allowed)
     if token_mask is not None:

@@ -11,7 +11,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import sparge
 import spas_sage_attn
-from sparge.cli import video_like_qkv
+from conftest import rel_l1
+from sparge.cli import sdpa_math, video_like_qkv
 from spas_sage_attn import (
     block_sparse_sage2_attn_cuda,
     spas_sage2_attn_meansim_cuda,
@@ -30,23 +31,6 @@ from spas_sage_attn.utils import (
 )
 
 QUANT_TOL = 0.05  # relative L1 of INT8 QK / FP16 PV against exact attention
-
-
-def rel_l1(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return float((out - ref).abs().sum() / ref.abs().sum())
-
-
-def sdpa(q, k, v, token_mask=None, is_causal=False):
-    """float32 SDPA, math backend, HND; rows with no allowed key are zero."""
-    group = q.shape[1] // k.shape[1]
-    k, v = (t.float().repeat_interleave(group, dim=1) for t in (k, v))
-    with sdpa_kernel(SDPBackend.MATH):
-        out = F.scaled_dot_product_attention(q.float(), k, v, attn_mask=token_mask,
-                                             is_causal=is_causal)
-    if token_mask is not None:
-        out = out.nan_to_num(0.0).masked_fill(~token_mask.any(-1, keepdim=True), 0.0)
-    return out
 
 
 def token_mask(blocks: torch.Tensor, block_q: int, block_k: int, q_len: int, k_len: int):
@@ -125,7 +109,7 @@ def test_meansim_random_matches_sdpa_like_upstream_test(rng):
     q, k, v = (randn(2, 4, 128, 128, gen=rng) for _ in range(3))
     out = spas_sage_attn_meansim(q, k, v)
     assert out.shape == q.shape and out.dtype == q.dtype
-    assert rel_l1(out, sdpa(q, k, v)) < QUANT_TOL
+    assert rel_l1(out, sdpa_math(q, k, v)) < QUANT_TOL
 
 
 @pytest.mark.parametrize("layout", ["HND", "NHD"])
@@ -139,7 +123,7 @@ def test_meansim_cuda_vs_sdpa(rng, layout, causal):
     assert isinstance(sparsity, float)
     if layout == "NHD":
         out = out.transpose(1, 2)
-    assert rel_l1(out, sdpa(q, k, v, is_causal=causal)) < QUANT_TOL
+    assert rel_l1(out, sdpa_math(q, k, v, is_causal=causal)) < QUANT_TOL
 
 
 def test_meansim_on_structured_input_equals_its_mask():
@@ -149,8 +133,9 @@ def test_meansim_on_structured_input_equals_its_mask():
     assert blocks.shape == (1, 2, 12, 24)  # 128 x 64 blocks, as upstream's default
     assert sparsity == pytest.approx(1 - blocks.float().mean().item())
     assert sparsity > 0.2
-    assert rel_l1(out, sdpa(q, k, v, token_mask(blocks, 128, 64, 1536, 1536))) < QUANT_TOL
-    assert rel_l1(out, sdpa(q, k, v)) < QUANT_TOL
+    masked = sdpa_math(q, k, v, token_mask=token_mask(blocks, 128, 64, 1536, 1536))
+    assert rel_l1(out, masked) < QUANT_TOL
+    assert rel_l1(out, sdpa_math(q, k, v)) < QUANT_TOL
 
 
 def test_topk_keeps_the_fraction():
@@ -160,7 +145,8 @@ def test_topk_keeps_the_fraction():
     assert sparsity == pytest.approx(0.5)
     blocks = get_block_map_meansim(q, k, simthreshd1=-0.1, cdfthreshd=None, topk=0.5)
     assert (blocks.sum(-1) == 8).all()
-    assert rel_l1(out, sdpa(q, k, v, token_mask(blocks, 128, 64, 1024, 1024))) < QUANT_TOL
+    masked = sdpa_math(q, k, v, token_mask=token_mask(blocks, 128, 64, 1024, 1024))
+    assert rel_l1(out, masked) < QUANT_TOL
 
 
 def test_topk_causal_sparsity_is_exact():
@@ -197,7 +183,7 @@ def test_output_dtype_follows_input_unless_asked(rng):
 
 def test_triton_variant_and_dispatcher_pass_arguments(rng):
     q, k, v = (randn(1, 2, 256, 64, gen=rng) for _ in range(3))
-    ref = sdpa(q, k, v, is_causal=True)
+    ref = sdpa_math(q, k, v, is_causal=True)
     out = spas_sage_attn_meansim_triton(q, k, v, is_causal=True)
     assert rel_l1(out, ref) < QUANT_TOL
     out, sparsity = spas_sage_attn_meansim(q, k, v, None, 0.0, True, return_sparsity=True)
@@ -224,7 +210,7 @@ def test_mask_id_both_granularities_equal_token_masked(rng, block_q, block_k, q_
     mask_id[0, 0, 0] = 0  # a query block with nothing kept returns zeros
     assert infer_mask_granularity(tuple(mask_id.shape), q_len, k_len) == (block_q, block_k)
     out, sparsity = block_sparse_sage2_attn_cuda(q, k, v, mask_id=mask_id, return_sparsity=True)
-    ref = sdpa(q, k, v, token_mask(mask_id, block_q, block_k, q_len, k_len))
+    ref = sdpa_math(q, k, v, token_mask=token_mask(mask_id, block_q, block_k, q_len, k_len))
     assert rel_l1(out, ref) < QUANT_TOL
     assert (out[0, 0, :block_q] == 0).all()
     assert sparsity == pytest.approx(1 - mask_id.float().mean().item())
@@ -241,7 +227,7 @@ def test_mask_id_granularity_decides_the_result(rng):
     as_64_128 = coarse.repeat_interleave(2, dim=2).to(torch.int8)
     out_a = block_sparse_sage2_attn_cuda(q, k, v, mask_id=as_128_64)
     out_b = block_sparse_sage2_attn_cuda(q, k, v, mask_id=as_64_128)
-    ref = sdpa(q, k, v, token_mask(coarse, 128, 128, 512, 512))
+    ref = sdpa_math(q, k, v, token_mask=token_mask(coarse, 128, 128, 512, 512))
     assert rel_l1(out_a, ref) < QUANT_TOL and rel_l1(out_b, ref) < QUANT_TOL
     assert rel_l1(out_a, out_b) < QUANT_TOL
 
@@ -264,8 +250,8 @@ def test_mask_id_nhd_and_mixed_video_text_case(rng):
     mask_id[..., 9] = 0
     out = block_sparse_sage2_attn_cuda(q, k, v, mask_id=mask_id, tensor_layout="NHD")
     assert out.shape == q.shape
-    ref = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-               token_mask(mask_id, 128, 64, 512, 600))
+    ref = sdpa_math(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                    token_mask=token_mask(mask_id, 128, 64, 512, 600))
     assert rel_l1(out.transpose(1, 2), ref) < QUANT_TOL
 
 
@@ -273,7 +259,7 @@ def test_mask_id_single_block_is_unambiguous(rng):
     q, k, v = (randn(1, 1, 50, 64, gen=rng) for _ in range(3))
     assert infer_mask_granularity((1, 1, 1, 1), 50, 50) == (128, 64)
     out = block_sparse_sage2_attn_cuda(q, k, v, mask_id=torch.ones(1, 1, 1, 1, dtype=torch.bool))
-    assert rel_l1(out, sdpa(q, k, v)) < QUANT_TOL
+    assert rel_l1(out, sdpa_math(q, k, v)) < QUANT_TOL
 
 
 def test_attention_sink_is_honoured(rng):
@@ -283,8 +269,9 @@ def test_attention_sink_is_honoured(rng):
     out = block_sparse_sage2_attn_cuda(q, k, v, mask_id=mask_id, attention_sink=True)
     with_sink = mask_id.clone()
     with_sink[..., 0] = 1
-    assert rel_l1(out, sdpa(q, k, v, token_mask(with_sink, 128, 64, 256, 256))) < QUANT_TOL
-    assert rel_l1(out, sdpa(q, k, v, token_mask(mask_id, 128, 64, 256, 256))) > 0.3
+    masked = sdpa_math(q, k, v, token_mask=token_mask(with_sink, 128, 64, 256, 256))
+    assert rel_l1(out, masked) < QUANT_TOL
+    assert rel_l1(out, sdpa_math(q, k, v, token_mask=token_mask(mask_id, 128, 64, 256, 256))) > 0.3
 
 
 def test_block_sparse_dense_mask_reports_zero_sparsity(rng):
@@ -292,7 +279,7 @@ def test_block_sparse_dense_mask_reports_zero_sparsity(rng):
     out, sparsity = block_sparse_sage2_attn_cuda(
         q, k, v, mask_id=torch.ones(1, 2, 2, 4, dtype=torch.int8), return_sparsity=True)
     assert sparsity == 0.0  # upstream reports about -1 here (it divides by a causal count)
-    assert rel_l1(out, sdpa(q, k, v)) < QUANT_TOL
+    assert rel_l1(out, sdpa_math(q, k, v)) < QUANT_TOL
 
 
 # --------------------------------------------------------------------------------------- utils

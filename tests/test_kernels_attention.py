@@ -28,6 +28,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import exact_attention, rel_l1
+
 # --------------------------------------------------------------------------------------- cases
 # name -> parameters. kind: "dense" (no mask), "mask" (random block mask of the given density),
 # "selection" (the fused pipeline), "api" (sparge.sparse_attn backend="triton" vs "reference").
@@ -148,21 +150,6 @@ def test_interpreter_tile_skip_is_exact(interpreter_results: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------- helpers
-def _exact_attention(q, k, v, token_mask, scale):
-    """Float64 attention with a (B, Hq, Lq, Lk) token mask; rows with no key are zero."""
-    group = q.shape[1] // k.shape[1]
-    k = k.double().repeat_interleave(group, dim=1)
-    v = v.double().repeat_interleave(group, dim=1)
-    s = (q.double() @ k.transpose(-1, -2)) * scale
-    s = s.masked_fill(~token_mask, float("-inf"))
-    return torch.softmax(s, dim=-1).nan_to_num(0.0) @ v
-
-
-def _rel_l1(out, ref) -> float:
-    out, ref = out.double(), ref.double()
-    return float((out - ref).abs().sum() / ref.abs().sum().clamp_min(1e-300))
-
-
 def _random_mask(case, gen, device):
     from sparge.mask import SparseMask, num_blocks
 
@@ -249,7 +236,7 @@ def run_case(case: dict, seed: int, device: str = "cpu") -> dict:
         no_skip = attention_reference(q, k, v, run_mask, scale=scale,
                                       pv_threshold=torch.full_like(lam, math.inf),
                                       mode=case["mode"], out_dtype=torch.float32)
-        res["pv_effect"] = _rel_l1(ref, no_skip)
+        res["pv_effect"] = rel_l1(ref, no_skip)
         mask = run_mask
 
     res["unwritten"] = int(out.isnan().sum())
@@ -257,10 +244,10 @@ def run_case(case: dict, seed: int, device: str = "cpu") -> dict:
     outf = out.float()
     res["max_abs"] = float((outf - ref.float()).abs().max())
     res["ref_max"] = float(ref.float().abs().max())
-    res["rel_l1"] = _rel_l1(outf, ref)
+    res["rel_l1"] = rel_l1(outf, ref)
     token_mask = mask.to_token_mask()
-    exact = _exact_attention(q, k, v, token_mask, scale)
-    res["rel_l1_exact"] = _rel_l1(outf, exact)
+    exact = exact_attention(q, k, v, token_mask=token_mask, scale=scale)
+    res["rel_l1_exact"] = rel_l1(outf, exact)
     empty = ~token_mask.any(-1)
     res["empty_rows"] = int(empty.sum())
     res["empty_rows_max_abs"] = float(outf[empty].abs().max()) if res["empty_rows"] else 0.0
@@ -403,7 +390,7 @@ def test_gpu_large_inputs_stay_finite(mode: str, dtype: str) -> None:
     ref = attention_reference(q, k, v, mask, scale=128 ** -0.5, pv_threshold=lam, mode=mode,
                               out_dtype=torch.float32)
     # Scores of order 1e9: softmax is one-hot on both sides; only P / output roundings differ.
-    assert _rel_l1(out, ref) <= 0.02
+    assert rel_l1(out, ref) <= 0.02
 
 
 @pytest.mark.gpu
@@ -460,7 +447,7 @@ def test_gpu_dense_mode_equals_full_mask() -> None:
                           out=out)
         outs.append(out.float())
     # Same blocks in the same order; only the tile-level skip branch differs (none skip here).
-    assert _rel_l1(outs[0], outs[1]) <= 1e-3
+    assert rel_l1(outs[0], outs[1]) <= 1e-3
 
 
 if __name__ == "__main__" and "--interpret" in sys.argv:
