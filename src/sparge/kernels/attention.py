@@ -120,10 +120,10 @@ def _offsets_from_max(qk, valid, MODE: tl.constexpr, MASKED: tl.constexpr,
         else:
             m_int = tl.max(qk, 1)
             row_max = m_int.to(tl.float32)
-        if FOLD:
+        if FAST_CVT:
             d = (qk + (0x4B400000 - m_int)[:, None]).to(tl.float32, bitcast=True)
-        elif FAST_CVT:
-            d = (qk + (0x4B400000 - m_int)[:, None]).to(tl.float32, bitcast=True) - MAGIC
+            if not FOLD:
+                d = d - MAGIC
         else:
             d = qk.to(tl.float32) - m_int.to(tl.float32)[:, None]
     return row_max, d
@@ -564,6 +564,11 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tens
     mode_id = MODE_IDS[mode]
     device = q.device
     head_dim = _head_dim_padded(dim)
+    fast_cvt = mode_id != 2 and head_dim <= 128  # integer scores offset without a conversion
+    # The folded exponent rounds each score once, at a different point from the reference, and
+    # moves more P values across an FP8 / FP16 rounding midpoint than the CPU interpreter cases'
+    # flip-level tolerance allows (seen: 1e-4 to 3e-4 rel L1): it runs, and is tested, on the GPU.
+    fold = fast_cvt and device.type == "cuda"
 
     if mode_id == 2:
         qs = ks = vs = torch.empty(1, 1, 1, dtype=torch.float32, device=device)
@@ -571,7 +576,8 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tens
     else:
         qs = q_scale
         ks = k_scale
-        ks_max = ks.amax(dim=-1)  # decides, per program, whether the exponent may be folded
+        # Decides, per program, whether the exponent may be folded (read only when folding).
+        ks_max = ks.amax(dim=-1) if fold else qs[..., 0]
         vs = v_scale if v_scale is not None else qs  # read in the FP8 mode only
     lam = pv_threshold.to(device=device, dtype=torch.float32).contiguous()
     if table is None:
@@ -592,8 +598,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tens
             HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=block_k, BLOCK_Q=block_q,
             MODE=mode_id, CAUSAL=causal, SPARSE=table is not None, PV_SKIP=pv_skip,
             EVEN_D=dim == head_dim, IEEE_DOT=q.dtype == torch.float32,
-            ROUND_FP8=device.type != "cuda", FAST_CVT=mode_id != 2 and head_dim <= 128,
-            FOLD=mode_id != 2 and head_dim <= 128 and device.type == "cuda",
+            ROUND_FP8=device.type != "cuda", FAST_CVT=fast_cvt, FOLD=fold,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **caps)
 
     if config is None:
