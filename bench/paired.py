@@ -26,6 +26,7 @@ from bench_attention import bench, card_name, random_inputs  # noqa: E402
 
 import sparge  # noqa: E402
 from sparge.kernels import launch, prepare_qkv  # noqa: E402
+from sparge.kernels.attention import tuned_configs  # noqa: E402
 
 
 def run_shape(length: int, dim: int, args) -> list[str]:
@@ -62,7 +63,10 @@ def run_shape(length: int, dim: int, args) -> list[str]:
         for name, fn in fns.items():
             times[name].append(bench(fn, args.sets, 10, args.rep))
     flops = 4.0 * args.heads * length * length * dim
-    lines = [f"## L{length} D{dim} non-causal", "",
+    bucket = 1 << (length - 1).bit_length()  # the autotuner's shape class of this length
+    configs = sorted({str(c) for k, c in tuned_configs().items()
+                      if k[3] == dim and k[9] == bucket})
+    lines = [f"## L{length} D{dim} non-causal", "", f"Configurations: {', '.join(configs)}", "",
              "| what | median ms | TOPS | x cuDNN (median) | lowest | highest |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     base = times["sdpa cudnn bf16"]

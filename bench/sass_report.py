@@ -41,12 +41,17 @@ def compile_kernel(args) -> triton.compiler.CompiledKernel:
     constants = dict(HEAD_DIM=args.dim, BLOCK_M=args.block_m, BLOCK_N=args.block_n,
                      BLOCK_Q=args.block_m, MODE=0, CAUSAL=args.causal,
                      SPARSE=args.sparse, PV_SKIP=False, EVEN_D=True, IEEE_DOT=False,
-                     ROUND_FP8=False, FAST_CVT=True, FOLD=not args.no_fold)
+                     ROUND_FP8=False, FAST_CVT=True, FOLD=not args.no_fold, TMA=not args.no_tma)
+    if args.no_tma:
+        constants.update(KDesc=None, VDesc=None)
     constants.update({n: 1 for n in UNIT_STRIDES})
     signature = {}
     for n in names:
         if n in POINTERS:
             signature[n] = POINTERS[n]
+        elif n in ("KDesc", "VDesc") and not args.no_tma:
+            block = [args.block_n, args.dim] if n == "KDesc" else [args.dim, args.block_n]
+            signature[n] = f"tensordesc<{POINTERS[n[0]][1:]}{block}>"
         elif n in constants:
             signature[n] = "constexpr"
         else:
@@ -89,6 +94,7 @@ def main() -> None:
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--sparse", action="store_true")
     parser.add_argument("--no-fold", action="store_true", help="the exact exponent path")
+    parser.add_argument("--no-tma", action="store_true", help="pointer loads instead of TMA")
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90")
     args = parser.parse_args()
 

@@ -85,6 +85,7 @@ def check_prepare_qkv(q, k, v, block_q, block_k, mode):
     kernels (PyTorch on CUDA divides by a Python scalar through its reciprocal, which can move a
     scale by one ulp).
     """
+    from sparge.kernels.layout import fp8_v_natural, pv_slots
     from sparge.kernels.prepass import channel_mean, prepare_qkv
     from sparge.predict import block_stats, smooth_k
     from sparge.quant import quantize_int8_per_block, quantize_qkv
@@ -123,13 +124,15 @@ def check_prepare_qkv(q, k, v, block_q, block_k, mode):
 
     if mode == "int8_fp8":
         batch, heads, length, dim = v.shape
-        assert got.v.shape == v.shape and got.v.dtype == torch.float8_e4m3fn
-        assert got.v.stride(2) == 1 and got.v.stride(3) % block_k == 0  # K-major, padded
-        assert torch.equal(got.v.cpu().view(torch.uint8), ref.v.view(torch.uint8))
+        # The kernel's buffer: K-major, padded to whole key blocks, keys in their slots.
+        padded = -(-length // block_k) * block_k
+        assert got.v.shape == (batch, heads, dim, padded) and got.v.is_contiguous()
+        assert got.v.dtype == torch.float8_e4m3fn
+        natural = fp8_v_natural(got.v, length).cpu()
+        assert torch.equal(natural.view(torch.uint8), ref.v.view(torch.uint8))
         assert torch.equal(got.v_scale.cpu(), ref.v_scale)
-        padded = got.v.stride(3)
-        buf = got.v.as_strided((batch, heads, dim, padded), got.v.stride()[:2] + (padded, 1))
-        assert (buf[..., length:].view(torch.uint8) == 0).all()  # padding rows are zeros
+        padding = pv_slots(padded)[length:]  # the slots of keys past Lk hold zeros
+        assert (got.v.cpu()[..., padding].view(torch.uint8) == 0).all()
     else:
         assert got.v.dtype == torch.float16 and got.v_scale is None
         assert torch.equal(got.v.cpu(), ref.v)
@@ -299,6 +302,7 @@ def case_rounding_ties_to_even():
     and subnormal, both signs) round half-to-even like torch.round and torch's FP8 cast."""
     _fresh_seed()
     _poison_allocations()
+    from sparge.kernels.layout import fp8_v_natural
     from sparge.kernels.prepass import prepare_qkv
     from sparge.quant import quantize_qkv
 
@@ -320,9 +324,46 @@ def case_rounding_ties_to_even():
                             mode="int8_fp8", with_stats=False)
     ref = quantize_qkv(q, k.half(), v.half().float(), block_q=64, block_k=64, mode="int8_fp8")
     assert torch.equal(got.q, ref.q)
-    assert torch.equal(got.v.view(torch.uint8), ref.v.view(torch.uint8))
+    assert torch.equal(fp8_v_natural(got.v, length).view(torch.uint8), ref.v.view(torch.uint8))
     # and the ties were real: half of them went down
     assert torch.equal(got.q.float(), torch.round(q.float()))
+
+
+def case_fp8_v_key_slots():
+    """The FP8 V buffer's key slots (sparge.kernels.layout): a permutation within each aligned
+    group of 16 keys that puts the four keys a P.V operand thread holds (2q, 2q + 1, 2q + 8,
+    2q + 9) in consecutive slots; the kernel's in-register reordering of P, its bitwise slot
+    formula and the torch twin agree."""
+    import triton
+    import triton.language as tl
+
+    from sparge.kernels.layout import pv_slot, pv_slots, to_pv_order
+
+    # A jit function finds the functions it calls among its module's globals.
+    globals().update(pv_slot=pv_slot, to_pv_order=to_pv_order)
+    slots = pv_slots(64)
+    groups = slots.view(4, 16) - torch.arange(0, 64, 16)[:, None]
+    assert all(torch.equal(g.sort().values, torch.arange(16)) for g in groups)
+    for q in range(4):
+        held = torch.tensor([2 * q, 2 * q + 1, 2 * q + 8, 2 * q + 9])
+        assert torch.equal(slots[held], torch.arange(4 * q, 4 * q + 4))
+
+    @triton.jit
+    def reorder(x_ptr, y_ptr, slot_ptr, M: tl.constexpr, N: tl.constexpr):
+        rows = tl.arange(0, M)[:, None]
+        cols = tl.arange(0, N)
+        x = tl.load(x_ptr + rows * N + cols[None, :])
+        tl.store(y_ptr + rows * N + cols[None, :], to_pv_order(x))
+        tl.store(slot_ptr + cols, pv_slot(cols))
+
+    x = torch.randn(16, 128)
+    y = torch.full_like(x, float("nan"))
+    got_slots = torch.full((128,), -1, dtype=torch.int32)
+    reorder[(1,)](x, y, got_slots, M=16, N=128)
+    assert torch.equal(got_slots.long(), pv_slots(128))
+    expected = torch.empty_like(x)
+    expected[:, pv_slots(128)] = x  # column n lands in slot pv_slot(n)
+    assert torch.equal(y, expected)
 
 
 def case_stats_only_pass():

@@ -57,9 +57,11 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..mask import SparseMask, num_blocks
 from ..quant import EXACT, P_FP8_SCALE, PV_FP8, PV_FP16
+from .layout import to_pv_order
 from .select import block_map_to_lut
 
 LOG2E = math.log2(math.e)
@@ -161,9 +163,15 @@ def _round_to_e4m3(p):
 
 
 @triton.jit
-def _load_kt(k_base, keys, offs_d, stride_kn, stride_kd, k_len, head_dim,
-             MASKED: tl.constexpr, EVEN_D: tl.constexpr):
-    """K^T tile (HEAD_DIM, BLOCK_N) of the given key rows (zeros past ``k_len`` when MASKED)."""
+def _load_kt(k_base, k_desc, k_row, start_n, keys, offs_d, stride_kn, stride_kd, k_len, head_dim,
+             MASKED: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr):
+    """K^T tile (HEAD_DIM, BLOCK_N) of the given key rows (zeros past ``k_len`` when MASKED).
+
+    With TMA (unmasked blocks only) the tile comes through the descriptor of K's 2-D view
+    (B * Hk * Lk, D), whose row ``k_row`` is the head's first key.
+    """
+    if TMA:
+        return k_desc.load([k_row + start_n, 0]).T
     ptrs = k_base + keys[None, :] * stride_kn + offs_d[:, None] * stride_kd
     if MASKED:
         return tl.load(ptrs, mask=(keys[None, :] < k_len) & (offs_d < head_dim)[:, None],
@@ -174,16 +182,31 @@ def _load_kt(k_base, keys, offs_d, stride_kn, stride_kd, k_len, head_dim,
 
 
 @triton.jit
-def _load_v(v_base, keys, offs_d, stride_vn, stride_vd, k_len, head_dim,
-            MASKED: tl.constexpr, EVEN_D: tl.constexpr):
-    """V tile (BLOCK_N, HEAD_DIM) of the given key rows (zeros past ``k_len`` when MASKED)."""
-    ptrs = v_base + keys[:, None] * stride_vn + offs_d[None, :] * stride_vd
-    if MASKED:
-        return tl.load(ptrs, mask=(keys[:, None] < k_len) & (offs_d < head_dim)[None, :],
-                       other=0.0)
-    if EVEN_D:
-        return tl.load(ptrs)
-    return tl.load(ptrs, mask=(offs_d < head_dim)[None, :], other=0.0)
+def _load_v(v_base, v_desc, v_row, start_n, keys, offs_d, stride_vn, stride_vd, k_len, head_dim,
+            MASKED: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr, MODE: tl.constexpr):
+    """V tile (BLOCK_N, HEAD_DIM) of the given key rows (zeros past ``k_len`` when MASKED).
+
+    MODE 0 reads the pre-pass's FP8 buffer, whose rows are the keys' slots (see
+    :mod:`sparge.kernels.layout`) and whose padding rows are zeros, so it needs no key mask.
+    With TMA (unmasked blocks only) the tile comes through the descriptor of V's 2-D view:
+    (B * Hk * D, LP) of the FP8 buffer (row ``v_row`` the head's first channel), else
+    (B * Hk * Lk, D) (row ``v_row`` the head's first key).
+    """
+    if TMA:
+        if MODE == 0:
+            v = v_desc.load([v_row, start_n]).T
+        else:
+            v = v_desc.load([v_row + start_n, 0])
+    else:
+        ptrs = v_base + keys[:, None] * stride_vn + offs_d[None, :] * stride_vd
+        if MASKED and MODE != 0:
+            v = tl.load(ptrs, mask=(keys[:, None] < k_len) & (offs_d < head_dim)[None, :],
+                        other=0.0)
+        elif EVEN_D:
+            v = tl.load(ptrs)
+        else:
+            v = tl.load(ptrs, mask=(offs_d < head_dim)[None, :], other=0.0)
+    return v
 
 
 @triton.jit
@@ -248,6 +271,7 @@ def _softmax_tile(qk, c, m_i, s_i, lam, offs_m, keys, start_n, k_len,
             p_op = _round_to_e4m3(p).to(tl.float8e4nv)
         else:
             p_op = p.to(tl.float8e4nv)
+        p_op = to_pv_order(p_op)  # V's keys are stored in these slots
     else:
         p_op = p.to(PV_DTYPE)
     return p, p_op, m_new, alpha, skip, s_new
@@ -277,19 +301,22 @@ def _block_scale(q_scale, ks_base, stride_ks, j, MODE: tl.constexpr):
 
 @triton.jit
 def _attend_blocks(acc, l_i, m_i, s_i, q, q_scale, offs_m, offs_d,
-                   k_base, v_base, ks_base, idx_base, sum_col,
+                   k_base, v_base, k_desc, v_desc, k_row, v_row, ks_base, idx_base, sum_col,
                    stride_kn, stride_kd, stride_vn, stride_vd, stride_ks,
                    lo, hi, k_len, head_dim, lam,
                    BLOCK_N: tl.constexpr, MODE: tl.constexpr, MASKED: tl.constexpr,
                    CAUSAL: tl.constexpr, SPARSE: tl.constexpr, PV_SKIP: tl.constexpr,
                    EVEN_D: tl.constexpr, IEEE_DOT: tl.constexpr, ROUND_FP8: tl.constexpr,
-                   FAST_CVT: tl.constexpr, FOLD: tl.constexpr, PV_DTYPE: tl.constexpr):
+                   FAST_CVT: tl.constexpr, FOLD: tl.constexpr, PV_DTYPE: tl.constexpr,
+                   TMA: tl.constexpr):
     """Online softmax over the key blocks ``lo <= i < hi`` of one query tile, one block at a time.
 
     acc: float32 (BLOCK_M, HEAD_DIM); l_i, m_i, s_i: float32 (BLOCK_M,), the running row sum, the
     running row maximum (base-2 units, -inf before the first key) and the accumulators' exponent
     offset (see :func:`_softmax_tile`). ``MASKED`` applies the element mask (keys past ``k_len``,
-    and causal ``key <= query``); unmasked ranges must not need it.
+    and causal ``key <= query``); unmasked ranges must not need it. ``TMA`` (unmasked ranges
+    only) loads K and V through the tensor descriptors ``k_desc`` and ``v_desc`` (see
+    :func:`_load_kt`, :func:`_load_v`).
     """
     offs_n = tl.arange(0, BLOCK_N)
     for i in range(lo, hi):
@@ -299,15 +326,16 @@ def _attend_blocks(acc, l_i, m_i, s_i, q, q_scale, offs_m, offs_d,
             j = i
         start_n = j * BLOCK_N
         keys = start_n + offs_n
-        kt = _load_kt(k_base, keys, offs_d, stride_kn, stride_kd, k_len, head_dim, MASKED,
-                      EVEN_D)
+        kt = _load_kt(k_base, k_desc, k_row, start_n, keys, offs_d, stride_kn, stride_kd, k_len,
+                      head_dim, MASKED, EVEN_D, TMA)
         qk = _scores(q, kt, IEEE_DOT, MODE)
         c = _block_scale(q_scale, ks_base, stride_ks, j, MODE)
         p, p_op, m_i, alpha, skip, s_i = _softmax_tile(
             qk, c, m_i, s_i, lam, offs_m, keys, start_n, k_len, BLOCK_N, MODE, MASKED, CAUSAL,
             ROUND_FP8, FAST_CVT, FOLD, PV_DTYPE)
         acc = acc * alpha[:, None]
-        v = _load_v(v_base, keys, offs_d, stride_vn, stride_vd, k_len, head_dim, MASKED, EVEN_D)
+        v = _load_v(v_base, v_desc, v_row, start_n, keys, offs_d, stride_vn, stride_vd, k_len,
+                    head_dim, MASKED, EVEN_D, TMA, MODE)
         if PV_SKIP:
             if tl.max(tl.where(skip, 0, 1), 0) > 0:
                 acc = _accumulate_pv(acc, p_op, v, MODE, IEEE_DOT)
@@ -331,7 +359,7 @@ def _accumulate_pv(acc, p, v, MODE: tl.constexpr, IEEE_DOT: tl.constexpr):
 
 @triton.jit
 def _sparse_attn_fwd(
-        Q, K, V, Out, QS, KS, KSMax, VS, Lam, Counts, NFull, Indices,
+        Q, K, V, Out, QS, KS, KSMax, VS, Lam, Counts, NFull, Indices, KDesc, VDesc,
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
@@ -346,16 +374,20 @@ def _sparse_attn_fwd(
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_Q: tl.constexpr, MODE: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
         PV_SKIP: tl.constexpr, EVEN_D: tl.constexpr, IEEE_DOT: tl.constexpr,
-        ROUND_FP8: tl.constexpr, FAST_CVT: tl.constexpr, FOLD: tl.constexpr):
+        ROUND_FP8: tl.constexpr, FAST_CVT: tl.constexpr, FOLD: tl.constexpr,
+        TMA: tl.constexpr):
     """One program: BLOCK_M query rows of one (batch, query head).
 
-    Q (B, Hq, Lq, D) int8 (or float for MODE 2); K (B, Hk, Lk, D) int8 / float; V (B, Hk, Lk, D)
-    float8_e4m3fn (K-major strides preferred), float16 or float; Out (B, Hq, Lq, D) any float dtype.
-    QS (B, Hq, nQ) float32 the Q scales (times sm_scale_log2 = softmax scale * log2(e) here);
-    KS (B, Hk, nK); KSMax
-    (B, Hk) the largest of each head's KS (read with FOLD); VS (B, Hk, D).
+    Q (B, Hq, Lq, D) int8 (or float for MODE 2); K (B, Hk, Lk, D) int8 / float; V float16 or
+    float (B, Hk, Lk, D), or for MODE 0 the pre-pass's float8_e4m3fn buffer (B, Hk, D, LP) with
+    keys in slots (:mod:`sparge.kernels.layout`), its strides given in the order (b, h, slot,
+    channel); Out (B, Hq, Lq, D) any float dtype. QS (B, Hq, nQ) float32 the Q scales (times
+    sm_scale_log2 = softmax scale * log2(e) here); KS (B, Hk, nK); KSMax (B, Hk) the largest of
+    each head's KS (read with FOLD); VS (B, Hk, D).
     Lam (Hq,) float32. Counts, NFull (B, Hq, nQ) int32 and Indices (B, Hq, nQ, nK) int32 when
-    SPARSE. Grid: (cdiv(Lq, BLOCK_M), B * Hq), heaviest causal tiles first.
+    SPARSE. KDesc, VDesc: tensor descriptors of K's and V's 2-D views when TMA (see
+    :func:`_load_kt`, :func:`_load_v`), else None.
+    Grid: (cdiv(Lq, BLOCK_M), B * Hq), heaviest causal tiles first.
     """
     n_tiles = tl.num_programs(0)
     pid_m = n_tiles - 1 - tl.program_id(0)
@@ -393,6 +425,12 @@ def _sparse_attn_fwd(
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     ks_base = KS + b * stride_ksb + hk * stride_ksh
+    head_k = (b * (heads_q // group) + hk).to(tl.int32)  # the (batch, key head) index
+    k_row = head_k * k_len
+    if MODE == 0:
+        v_row = head_k * HEAD_DIM
+    else:
+        v_row = k_row
 
     n_k = tl.cdiv(k_len, BLOCK_N)
     if SPARSE:
@@ -423,16 +461,16 @@ def _sparse_attn_fwd(
         mid = tl.where(q_scale * ks_max <= FOLD_MAX_SCALE, mid, 0)
     # Key blocks wholly before the tile and inside the keys: no element mask.
     acc, l_i, m_i, s_i = _attend_blocks(
-        acc, l_i, m_i, s_i, q, q_scale, offs_m, offs_d, k_base, v_base, ks_base, idx_base,
-        sum_col, stride_kn, stride_kd, stride_vn, stride_vd, stride_ksn, 0, mid, k_len, head_dim,
-        lam, BLOCK_N, MODE, False, CAUSAL, SPARSE, PV_SKIP, EVEN_D, IEEE_DOT, ROUND_FP8,
-        FAST_CVT, FOLD, pv_dtype)
+        acc, l_i, m_i, s_i, q, q_scale, offs_m, offs_d, k_base, v_base, KDesc, VDesc, k_row,
+        v_row, ks_base, idx_base, sum_col, stride_kn, stride_kd, stride_vn, stride_vd, stride_ksn,
+        0, mid, k_len, head_dim, lam, BLOCK_N, MODE, False, CAUSAL, SPARSE, PV_SKIP, EVEN_D,
+        IEEE_DOT, ROUND_FP8, FAST_CVT, FOLD, pv_dtype, TMA)
     # The causal diagonal and the last partial key block: element mask on.
     acc, l_i, m_i, s_i = _attend_blocks(
-        acc, l_i, m_i, s_i, q, q_scale, offs_m, offs_d, k_base, v_base, ks_base, idx_base,
-        sum_col, stride_kn, stride_kd, stride_vn, stride_vd, stride_ksn, mid, hi, k_len, head_dim,
-        lam, BLOCK_N, MODE, True, CAUSAL, SPARSE, PV_SKIP, EVEN_D, IEEE_DOT, ROUND_FP8,
-        FAST_CVT, False, pv_dtype)
+        acc, l_i, m_i, s_i, q, q_scale, offs_m, offs_d, k_base, v_base, KDesc, VDesc, k_row,
+        v_row, ks_base, idx_base, sum_col, stride_kn, stride_kd, stride_vn, stride_vd, stride_ksn,
+        mid, hi, k_len, head_dim, lam, BLOCK_N, MODE, True, CAUSAL, SPARSE, PV_SKIP, EVEN_D,
+        IEEE_DOT, ROUND_FP8, FAST_CVT, False, pv_dtype, False)
 
     has_keys = l_i > 0
     inv_l = 1.0 / tl.where(has_keys, l_i, 1.0)
@@ -546,8 +584,10 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tens
 
     Args:
         q: int8 (B, Hq, Lq, D) for the quantized modes, else float16/bfloat16/float32.
-        k: int8 (B, Hk, Lk, D) (smoothed K) or float; v: float8_e4m3fn (mode ``int8_fp8``; a
-            (B, Hk, Lk, D) view of a K-major buffer is fastest), float16 (``int8_fp16``) or float.
+        k: int8 (B, Hk, Lk, D) (smoothed K) or float; v: for mode ``int8_fp8`` the FP8
+            buffer of :func:`~sparge.kernels.prepass.prepare_qkv` (B, Hk, D, LP), contiguous,
+            keys in slots (:mod:`sparge.kernels.layout`), LP a multiple of ``block_k``, zeros
+            past Lk; else float16 (``int8_fp16``) or float (B, Hk, Lk, D).
         q_scale: float32 (B, Hq, nQ) raw per-block scales (the kernel multiplies them by
             ``scale * log2(e)``); k_scale: float32 (B, Hk, nK); v_scale: float32 (B, Hk, D) for
             FP8.
@@ -586,12 +626,24 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tens
     else:
         counts, n_full, indices = table.counts, table.n_full, table.indices
 
+    if mode_id == 0:
+        lp = triton.cdiv(k_len, block_k) * block_k
+        if v.shape != (batch, heads_k, dim, lp) or not v.is_contiguous():
+            raise ValueError(f"mode {mode!r} takes V as the pre-pass's contiguous FP8 buffer of "
+                             f"shape {(batch, heads_k, dim, lp)}, got {tuple(v.shape)} with "
+                             f"strides {v.stride()}")
+        v_strides = (v.stride(0), v.stride(1), v.stride(3), v.stride(2))
+    else:
+        v_strides = v.stride()
+    descriptors = _tma_descriptors(k, v, block_k, head_dim, mode_id == 0)
+    k_desc, v_desc = descriptors if descriptors is not None else (None, None)
+
     def run(cfg: KernelConfig):
         grid = (triton.cdiv(q_len, cfg.block_m), batch * heads_q)
         caps = {} if cfg.max_registers is None else {"maxnreg": cfg.max_registers}
         return _sparse_attn_fwd[grid](
-            q, k, v, out, qs, ks, ks_max, vs, lam, counts, n_full, indices,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            q, k, v, out, qs, ks, ks_max, vs, lam, counts, n_full, indices, k_desc, v_desc,
+            *q.stride(), *k.stride(), *v_strides, *out.stride(),
             *qs.stride(), *ks.stride(), *ks_max.stride(), *vs.stride(),
             *counts.stride(), *indices.stride()[:3],
             heads_q, heads_q // heads_k, q_len, k_len, dim, scale * LOG2E,
@@ -599,13 +651,40 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tens
             MODE=mode_id, CAUSAL=causal, SPARSE=table is not None, PV_SKIP=pv_skip,
             EVEN_D=dim == head_dim, IEEE_DOT=q.dtype == torch.float32,
             ROUND_FP8=device.type != "cuda", FAST_CVT=fast_cvt, FOLD=fold,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **caps)
+            TMA=descriptors is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **caps)
 
     if config is None:
         sizes = (q.element_size(), k.element_size(), v.element_size())
         config = _choose_config(run, device, mode, q.dtype, head_dim, block_q, block_k, causal,
                                 table is not None, pv_skip, q_len, k_len, sizes)
     return run(config)
+
+
+def _tma_descriptors(k: torch.Tensor, v: torch.Tensor, block_k: int, head_dim: int,
+                     fp8_buffer: bool) -> tuple[TensorDescriptor, TensorDescriptor] | None:
+    """Tensor descriptors of K and V for the unmasked key blocks (see :func:`_load_kt`,
+    :func:`_load_v`), or None where they do not apply.
+
+    K (B, Hk, Lk, D) must be contiguous, seen as (B * Hk * Lk, D); V likewise, or, if
+    ``fp8_buffer``, the FP8 buffer (B, Hk, D, LP) seen as (B * Hk * D, LP). D must be the kernel's
+    HEAD_DIM (no padding). None also before Hopper (no tensor memory accelerator); the CPU
+    interpreter emulates descriptors.
+    """
+    if k.device.type == "cuda" and torch.cuda.get_device_capability(k.device) < (9, 0):
+        return None
+    batch, heads_k, k_len, dim = k.shape
+    rows = batch * heads_k * k_len
+    if (dim != head_dim or not k.is_contiguous() or not v.is_contiguous() or rows >= 2 ** 31
+            or any(x.data_ptr() % 16 for x in (k, v))):
+        return None
+    k_desc = TensorDescriptor(k, [rows, dim], [dim, 1], [block_k, head_dim])
+    if fp8_buffer:
+        padded = v.shape[3]
+        v_desc = TensorDescriptor(v, [batch * heads_k * dim, padded], [padded, 1],
+                                  [head_dim, block_k])
+    else:
+        v_desc = TensorDescriptor(v, [rows, dim], [dim, 1], [block_k, head_dim])
+    return k_desc, v_desc
 
 
 def _choose_config(run, device: torch.device, mode: str, dtype: torch.dtype, head_dim: int,

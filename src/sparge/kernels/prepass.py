@@ -9,8 +9,8 @@ What it computes is specified by :mod:`sparge.predict` (``block_stats``, ``smoot
 - K: its per-channel mean over all tokens, then per block of ``block_k`` rows of the smoothed K
   (k - mean): INT8 values, scale, pooled mean and self-similarity.
 - V: FP8 e4m3 with one scale per (batch, head, channel) (amax / 448, 1 for an all-zero channel),
-  stored K-major (the FP8 dot of Hopper wants the second operand transposed), or FP16 for PV in
-  FP16.
+  stored K-major (the FP8 dot of Hopper wants the second operand transposed) with its keys in the
+  attention kernel's slots (:mod:`sparge.kernels.layout`), or FP16 for PV in FP16.
 
 The two launches:
 
@@ -50,6 +50,7 @@ import triton.language as tl
 from ..mask import num_blocks
 from ..predict import BlockStats
 from ..quant import FP8_DTYPE, FP8_MAX, INT8_MAX, PV_FP8, PV_FP16, QuantizedQKV
+from .layout import pv_slot
 
 # 1.5 * 2^23: (x + M) - M rounds x half-to-even for |x| < 2^22
 _RINT_MAGIC = tl.constexpr(12582912.0)
@@ -256,7 +257,8 @@ def _v_job(
         job, H, L, LP, D, per_head, tiles,
         VT: tl.constexpr, DP: tl.constexpr, LOG_NC: tl.constexpr):
     """Program ``job`` of the V job: the channel scales, then ``tiles`` consecutive tiles of VT
-    rows of one (batch, head) in FP8, K-major; rows in [L, LP) are zeros."""
+    rows of one (batch, head) in FP8, K-major, each row in its slot (see
+    :mod:`sparge.kernels.layout`); rows in [L, LP) are zeros."""
     bh = job // per_head
     b = bh // H
     h = bh % H
@@ -276,7 +278,8 @@ def _v_job(
         x = tl.load(v_base + rows.to(tl.int64) * svl, mask=(rows < L) & cmask[None, :],
                     other=0.0).to(tl.float32)
         y = _round_to_e4m3(tl.math.div_rn(x, scale[None, :]))
-        tl.store(out_base + rows, y.to(tl.float8e4nv), mask=(rows < LP) & cmask[None, :])
+        tl.store(out_base + pv_slot(rows), y.to(tl.float8e4nv),
+                 mask=(rows < LP) & cmask[None, :])
 
 
 @triton.jit
@@ -405,8 +408,7 @@ def _quantize(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | 
     padded = num_blocks(k_len, block_k) * block_k
     v_out = v_per_head = None
     if v is not None:
-        buf = _alloc(batch, heads_k, dim, padded, dtype=FP8_DTYPE, device=dev)
-        v_out = (buf.transpose(2, 3)[:, :, :k_len],
+        v_out = (_alloc(batch, heads_k, dim, padded, dtype=FP8_DTYPE, device=dev),
                  _alloc(batch, heads_k, dim, dtype=torch.float32, device=dev))
         v_per_head = triton.cdiv(triton.cdiv(padded, tile_rows), v_tiles)
 
@@ -483,9 +485,10 @@ def prepare_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_q: i
     Returns:
         ``(quantized, q_stats, k_stats)``. ``quantized.q``/``.k`` are contiguous int8 (B, H, L, D)
         and the scales raw float32 amax / 127 (the softmax scale is not folded in). With
-        ``int8_fp8``, ``quantized.v`` is a (B, Hk, Lk, D) view of a contiguous (B, Hk, D, LP)
-        float8_e4m3fn buffer, LP a multiple of ``block_k`` (the padding rows hold zeros). The
-        statistics are None unless ``with_stats``.
+        ``int8_fp8``, ``quantized.v`` is the attention kernel's contiguous (B, Hk, D, LP)
+        float8_e4m3fn buffer: K-major, LP a multiple of ``block_k``, key n in slot
+        ``pv_slot(n)`` and keys past Lk zeros (:func:`sparge.kernels.layout.fp8_v_natural` gives
+        the (B, Hk, Lk, D) values in key order). The statistics are None unless ``with_stats``.
     """
     if mode not in (PV_FP8, PV_FP16):
         raise ValueError(f"prepare_qkv mode must be {PV_FP8!r} or {PV_FP16!r}, got {mode!r}")
