@@ -149,13 +149,14 @@ def check_prepare_qkv(q, k, v, block_q, block_k, mode):
 
 
 def check_selection_matches(q, k, selection, block_q, block_k, causal, max_diff=0.0):
-    """Selection on the inputs' device from the same statistics equals the CPU's, and
-    predict_mask_gpu == predict_mask_reference, exactly unless ``max_diff``: the fraction of blocks
-    allowed to flip. On a GPU the pooled scores, the softmax and the cumulative sum add in another
-    order than on the CPU, so a block whose cumulative probability lies within float32 rounding of
-    the CDF threshold may flip (ties in probability cannot: the sort is stable); from the GPU's own
-    statistics, also a block whose similarity lies within rounding of its threshold."""
-    from sparge.kernels.select import predict_mask_gpu
+    """select_blocks_gpu on the inputs' device from the same statistics equals select_blocks on
+    the CPU, and predict_mask_gpu == predict_mask_reference, exactly unless ``max_diff``: the
+    fraction of blocks allowed to flip. On a GPU the pooled scores, the softmax and the cumulative
+    sum add in another order than on the CPU, so a block whose cumulative probability lies within
+    float32 rounding of the CDF threshold may flip (ties in probability cannot: both sorts rank
+    them by index); from the GPU's own statistics, also a block whose similarity lies within
+    rounding of its threshold."""
+    from sparge.kernels.select import predict_mask_gpu, select_blocks_gpu
     from sparge.predict import (
         BlockStats,
         block_stats,
@@ -167,7 +168,7 @@ def check_selection_matches(q, k, selection, block_q, block_k, causal, max_diff=
     qs, ks = block_stats(q, block_q), block_stats(smooth_k(k), block_k)
     kw = dict(q_len=q.shape[2], k_len=k.shape[2], block_q=block_q, block_k=block_k,
               causal=causal)
-    got = select_blocks(qs, ks, selection, **kw)
+    got = select_blocks_gpu(qs, ks, selection, **kw)
     on_cpu = [BlockStats(s.mean.cpu(), s.similarity.cpu()) for s in (qs, ks)]
     cpu_selection = type(selection)(*(x.cpu() if isinstance(x, torch.Tensor) else x
                                       for x in (selection.sim_threshold, selection.cdf_threshold,
@@ -395,6 +396,35 @@ def case_selection_matches_reference():
                 check_selection_matches(q, k, sel, bq, bk, causal)
 
 
+def check_selection_long_rows(n_k, device):
+    """One row of n_k key blocks as the reference selects it. The 300 leading blocks share the
+    top score, so both rules cut inside the tie, where the rank by index decides."""
+    from sparge.kernels.select import select_blocks_gpu
+    from sparge.predict import BlockStats, Selection, select_blocks
+
+    q_mean = torch.randn(1, 1, 1, 16, device=device)
+    q_stats = BlockStats(q_mean, torch.rand(1, 1, 1, device=device))
+    k_mean = torch.randn(1, 1, n_k, 16, device=device) * 0.1
+    k_mean[..., :300, :] = q_mean[0, 0, 0]
+    k_stats = BlockStats(k_mean, torch.rand(1, 1, n_k, device=device))
+    kw = dict(q_len=64, k_len=n_k * 64, block_q=64, block_k=64)
+    for sel in (Selection(0.2, 0.6), Selection(0.2, None, 0.01, True)):
+        got = select_blocks_gpu(q_stats, k_stats, sel, **kw)
+        ref = select_blocks(q_stats, k_stats, sel, **kw)
+        assert torch.equal(got.blocks, ref.blocks)
+
+
+def case_selection_long_rows():
+    """A row of 1000 key blocks in the kernel; rows past the kernel's limit (lowered here) take
+    the reference's path."""
+    _fresh_seed()
+    from sparge.kernels import select
+
+    check_selection_long_rows(1000, "cpu")
+    select._MAX_SORTED_BLOCKS = 512
+    check_selection_long_rows(1000, "cpu")
+
+
 def case_selection_is_not_trivial():
     """The structured data exercises the rule: some blocks are dropped, some kept."""
     _fresh_seed()
@@ -551,6 +581,15 @@ def test_selection_gpu(causal):
 
 @pytest.mark.gpu
 @gpu
+def test_selection_gpu_long_rows():
+    """4096 key blocks, the longest row the kernel sorts, and 4097, the reference's path."""
+    _fresh_seed()
+    for n_k in (4096, 4097):
+        check_selection_long_rows(n_k, "cuda")
+
+
+@pytest.mark.gpu
+@gpu
 def test_lookup_table_gpu(monkeypatch):
     _fresh_seed()
     _poison_allocations(monkeypatch)
@@ -565,8 +604,7 @@ def test_lookup_table_gpu(monkeypatch):
 @gpu
 def test_prepass_and_selection_do_not_synchronise():
     from sparge.kernels.prepass import prepare_qkv
-    from sparge.kernels.select import block_map_to_lut, predict_mask_gpu
-    from sparge.predict import select_blocks
+    from sparge.kernels.select import block_map_to_lut, predict_mask_gpu, select_blocks_gpu
 
     q, k, v = (_smooth_tokens(1, 4, 2000, 128, device="cuda", dtype=torch.bfloat16)
                for _ in range(3))
@@ -578,8 +616,8 @@ def test_prepass_and_selection_do_not_synchronise():
             for s in sel:
                 quant, qs, ks = prepare_qkv(q, k, v, block_q=64, block_k=128, mode="int8_fp8",
                                             with_stats=True)
-                mask = select_blocks(qs, ks, s, q_len=2000, k_len=2000, block_q=64,
-                                     block_k=128, causal=True)
+                mask = select_blocks_gpu(qs, ks, s, q_len=2000, k_len=2000, block_q=64,
+                                         block_k=128, causal=True)
                 block_map_to_lut(mask.blocks)
                 predict_mask_gpu(q, k, s, block_q=64, block_k=128)
         finally:
@@ -591,8 +629,8 @@ def test_prepass_and_selection_do_not_synchronise():
 def test_prepass_selection_lut_capture():
     """Pre-pass + selection + lookup table in a CUDA graph: replay on new inputs equals eager."""
     from sparge.kernels.prepass import prepare_qkv
-    from sparge.kernels.select import block_map_to_lut
-    from sparge.predict import Selection, select_blocks
+    from sparge.kernels.select import block_map_to_lut, select_blocks_gpu
+    from sparge.predict import Selection
 
     shape = (1, 4, 3000, 128)
     static = [_smooth_tokens(*shape, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
@@ -601,7 +639,7 @@ def test_prepass_selection_lut_capture():
     def pipeline():
         quant, qs, ks = prepare_qkv(*static, block_q=64, block_k=128, mode="int8_fp8",
                                     with_stats=True)
-        mask = select_blocks(qs, ks, sel, q_len=3000, k_len=3000, block_q=64, block_k=128)
+        mask = select_blocks_gpu(qs, ks, sel, q_len=3000, k_len=3000, block_q=64, block_k=128)
         return (quant.q, quant.q_scale, quant.k, quant.k_scale, quant.v, quant.v_scale,
                 mask.blocks, *block_map_to_lut(mask.blocks))
 

@@ -18,11 +18,11 @@ import os
 import torch
 
 from ..mask import SparseMask
-from ..predict import Selection, select_blocks
+from ..predict import Selection
 from ..quant import EXACT
 from .attention import BlockTable, KernelConfig, block_table, launch
 from .prepass import prepare_qkv
-from .select import predict_mask_gpu
+from .select import predict_mask_gpu, select_blocks_gpu
 
 
 def predict_mask(q: torch.Tensor, k: torch.Tensor, selection: Selection, *, block_q: int,
@@ -69,8 +69,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: Sparse
         quant, q_stats, k_stats = prepare_qkv(q, k, v, block_q=block_q, block_k=block_k,
                                               mode=mode, with_stats=selection is not None)
         if selection is not None:
-            mask = select_blocks(q_stats, k_stats, selection, q_len=q_len, k_len=k_len,
-                                 block_q=block_q, block_k=block_k, causal=causal)
+            mask = select_blocks_gpu(q_stats, k_stats, selection, q_len=q_len, k_len=k_len,
+                                     block_q=block_q, block_k=block_k, causal=causal)
 
     table = block_table(mask) if mask is not None else None
     if quant is None:

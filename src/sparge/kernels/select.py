@@ -1,32 +1,126 @@
 """The predictor and the lookup table on the GPU, without host synchronisation.
 
 :func:`predict_mask_gpu` runs the Triton statistics pre-pass, then the selection of
-:func:`sparge.predict.select_blocks`, whose fixed-shape tensor operations need no host
-synchronisation. :func:`block_map_to_lut` builds the upstream ``spas_sage_attn`` lookup table
-(:meth:`sparge.mask.SparseMask.to_lut`), or the absolute-index table the attention kernel reads,
-with one Triton program per (batch, head, query block).
+:func:`sparge.predict.select_blocks` in one Triton program per query block
+(:func:`select_blocks_gpu`), without host synchronisation. :func:`block_map_to_lut` builds the
+upstream ``spas_sage_attn`` lookup table (:meth:`sparge.mask.SparseMask.to_lut`), or the
+absolute-index table the attention kernel reads, with one Triton program per (batch, head, query
+block).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
 import triton.language as tl
 
 from ..mask import SparseMask
-from ..predict import Selection, select_blocks
+from ..predict import BlockStats, Selection, per_head, select_blocks
 from .prepass import block_stats_gpu
 
 
 def predict_mask_gpu(q: torch.Tensor, k: torch.Tensor, selection: Selection, *, block_q: int,
                      block_k: int, causal: bool = False) -> SparseMask:
     """The whole predictor: statistics-only pre-pass of Q and of the smoothed K, then
-    :func:`sparge.predict.select_blocks`. q (B, Hq, Lq, D), k (B, Hk, Lk, D), layout HND, any
-    strides."""
+    :func:`select_blocks_gpu`. q (B, Hq, Lq, D), k (B, Hk, Lk, D), layout HND, any strides."""
     q_stats = block_stats_gpu(q, block_q)
     k_stats = block_stats_gpu(k, block_k, smooth=True)
-    return select_blocks(q_stats, k_stats, selection, q_len=q.shape[2], k_len=k.shape[2],
-                         block_q=block_q, block_k=block_k, causal=causal)
+    return select_blocks_gpu(q_stats, k_stats, selection, q_len=q.shape[2], k_len=k.shape[2],
+                             block_q=block_q, block_k=block_k, causal=causal)
+
+
+# Longest key-block row the selection kernel sorts in registers; longer rows use the PyTorch path.
+_MAX_SORTED_BLOCKS = 4096
+
+
+@triton.jit
+def _select_kernel(scores_ptr,  # float32 (B, Hq, nQ, nK) contiguous: pooled scores
+                   q_sim_ptr, k_sim_ptr,  # float32 (B, Hq, nQ), (B, Hk, nK) contiguous
+                   sim_thr_ptr, rule_ptr,  # float32 (Hq,): similarity threshold, CDF / top-k
+                   out_ptr,  # uint8 (B, Hq, nQ, nK) contiguous
+                   HQ, GROUP, NQ, NK, q_len, block_q, block_k,
+                   NKP: tl.constexpr, TOPK: tl.constexpr, CAUSAL: tl.constexpr,
+                   SINK: tl.constexpr):
+    """The kept key blocks of query block ``program_id(0)`` of one (batch, query head), as
+    :func:`sparge.predict.select_blocks` chooses them.
+
+    The sort is of 64-bit keys, the probability's bits above the complemented block index, so
+    that equal probabilities rank by ascending index, as the reference's stable sort ranks them,
+    and the kept blocks are exactly those whose key is at least the ``keep``-th largest.
+    """
+    i = tl.program_id(0)
+    bh = tl.program_id(1)
+    h = bh % HQ
+    bk = (bh // HQ) * (HQ // GROUP) + h // GROUP  # the (batch, key head) index
+    j = tl.arange(0, NKP)
+    inb = j < NK
+    thr = tl.load(sim_thr_ptr + h)
+    k_similar = tl.load(k_sim_ptr + bk.to(tl.int64) * NK + j, mask=inb, other=0.0) > thr
+    allowed = inb & k_similar
+    if CAUSAL:
+        last_q = tl.minimum((i + 1) * block_q, q_len) - 1
+        allowed = allowed & (j * block_k <= last_q)
+    row = (bh.to(tl.int64) * NQ + i) * NK
+    s = tl.where(allowed, tl.load(scores_ptr + row + j, mask=inb, other=0.0), float("-inf"))
+    m = tl.max(s, 0)
+    e = tl.where(allowed, tl.exp(s - tl.where(m > float("-inf"), m, 0.0)), 0.0)
+    z = tl.sum(e, 0)
+    p = tl.where(z > 0, tl.math.div_rn(e, tl.where(z > 0, z, 1.0)), 0.0)
+
+    key = (p.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (NKP - 1 - j).to(tl.int64)
+    ranked = tl.sort(key, 0, descending=True)  # padding (p = 0, the smallest keys) ranks last
+    if TOPK:
+        keep = tl.floor(tl.load(rule_ptr + h) * NK).to(tl.int32)
+    else:
+        ranked_p = (ranked >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        within = (tl.cumsum(ranked_p, 0) <= tl.load(rule_ptr + h)) & inb
+        keep = tl.sum(within.to(tl.int32), 0)
+    keep = tl.maximum(keep, 1)
+    cut = tl.sum(tl.where(j == keep - 1, ranked, 0), 0)  # the keep-th largest key
+    q_similar = (tl.load(q_sim_ptr + bh.to(tl.int64) * NQ + i) > thr).to(tl.int32)
+    # dissimilar blocks are forced on
+    chosen = (key >= cut) | ~k_similar | ((tl.zeros_like(j) + q_similar) == 0)
+    if SINK:
+        chosen = chosen | (j == 0)
+    if CAUSAL:
+        chosen = chosen & (j * block_k <= last_q)
+    tl.store(out_ptr + row + j, chosen.to(tl.uint8), mask=inb)
+
+
+def select_blocks_gpu(q_stats: BlockStats, k_stats: BlockStats, selection: Selection, *,
+                      q_len: int, k_len: int, block_q: int, block_k: int,
+                      causal: bool = False) -> SparseMask:
+    """:func:`sparge.predict.select_blocks` with one Triton program per query block after the
+    pooled scores' matrix product: softmax, sort, cumulative sum and forced blocks in registers.
+
+    The pooled scores are the reference's own (the same PyTorch product); the softmax and the
+    cumulative sum add in another order, so a block whose cumulative probability lies within
+    float32 rounding of the CDF threshold may differ from the reference. Rows longer than
+    4096 key blocks take the reference's path. No host synchronisation.
+    """
+    batch, heads_q, n_q, dim = q_stats.mean.shape
+    heads_k, n_k = k_stats.mean.shape[1], k_stats.mean.shape[2]
+    if n_k > _MAX_SORTED_BLOCKS or batch * heads_q * n_q == 0:
+        return select_blocks(q_stats, k_stats, selection, q_len=q_len, k_len=k_len,
+                             block_q=block_q, block_k=block_k, causal=causal)
+    device = q_stats.mean.device
+    group = heads_q // heads_k
+    k_mean = k_stats.mean[:, :, None].expand(batch, heads_k, group, n_k, dim)
+    k_mean = k_mean.reshape(batch, heads_q, n_k, dim)
+    scores = (q_stats.mean @ k_mean.transpose(-1, -2) / math.sqrt(dim)).contiguous()
+    topk = selection.topk is not None
+    rule = per_head(selection.topk if topk else selection.cdf_threshold, heads_q, device)
+    sim_thr = per_head(selection.sim_threshold, heads_q, device)
+    blocks = _alloc(batch, heads_q, n_q, n_k, dtype=torch.bool, device=device)
+    nkp = max(16, triton.next_power_of_2(n_k))
+    _select_kernel[(n_q, batch * heads_q)](
+        scores, q_stats.similarity.contiguous(), k_stats.similarity.contiguous(), sim_thr, rule,
+        blocks.view(torch.uint8), heads_q, group, n_q, n_k, q_len, block_q, block_k, NKP=nkp,
+        TOPK=topk, CAUSAL=causal, SINK=selection.attention_sink,
+        num_warps=4 if nkp <= 1024 else 8)
+    return SparseMask(blocks, block_q, block_k, q_len, k_len, causal)
 
 
 def _alloc(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -96,4 +190,4 @@ def block_map_to_lut(blocks: torch.Tensor, *,
     return lut, counts
 
 
-__all__ = ["predict_mask_gpu", "block_map_to_lut"]
+__all__ = ["predict_mask_gpu", "block_map_to_lut", "select_blocks_gpu"]
