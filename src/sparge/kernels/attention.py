@@ -41,7 +41,13 @@ it. Dense mode derives the same two ranges from the tile position.
 FP8 details: P is scaled into the FP8 range by folding ``log2(448)`` into the exponent's per-row
 bias, so the numerator ``p * 448`` costs no multiply; the row sum carries the same factor and
 it cancels in the final division. Each key block's FP8 product lands in a fresh fp32 tile that is
-then added, which keeps Hopper's FP8 accumulation error from compounding across blocks.
+then added, which keeps Hopper's FP8 accumulation error from compounding across blocks. V's keys
+are stored in the slots of :mod:`sparge.kernels.layout` and P's columns are reordered the same way
+(no data moves between threads), so P passes from the Q.K^T accumulator to the FP8 operand
+without shuffles.
+
+Loads: on Hopper (and in the interpreter) the K and V tiles of unmasked blocks come through host
+tensor descriptors (TMA); masked blocks and older GPUs use pointer loads.
 
 Row sums (quantized modes): the sum of the rounded P the P.V product uses, computed as one more
 small product on the tensor cores (P times a column of ones), which costs less than the BLOCK_N
