@@ -50,7 +50,7 @@ import triton.language as tl
 from ..mask import num_blocks
 from ..predict import BlockStats
 from ..quant import FP8_DTYPE, FP8_MAX, INT8_MAX, PV_FP8, PV_FP16, QuantizedQKV
-from .layout import pv_slot
+from .layout import to_pv_order
 
 # 1.5 * 2^23: (x + M) - M rounds x half-to-even for |x| < 2^22
 _RINT_MAGIC = tl.constexpr(12582912.0)
@@ -272,14 +272,17 @@ def _v_job(
     # bound: the interpreter cannot AND a scalar into a mask)
     tl.store(scale_ptr + bh * D + cols, scale, mask=cols < tl.where(first == 0, D, 0))
     v_base = v_ptr + b.to(tl.int64) * svb + h.to(tl.int64) * svh + cols.to(tl.int64)[None, :] * svd
-    out_base = out_ptr + bh * D * LP + (cols.to(tl.int64) * LP)[None, :]
+    out_base = out_ptr + bh * D * LP + (cols.to(tl.int64) * LP)[:, None]
     for t in range(first, tl.minimum(first + tiles, (LP + VT - 1) // VT)):
         rows = (t * VT + tl.arange(0, VT))[:, None]
         x = tl.load(v_base + rows.to(tl.int64) * svl, mask=(rows < L) & cmask[None, :],
                     other=0.0).to(tl.float32)
         y = _round_to_e4m3(tl.math.div_rn(x, scale[None, :]))
-        tl.store(out_base + pv_slot(rows), y.to(tl.float8e4nv),
-                 mask=(rows < LP) & cmask[None, :])
+        # K-major, the keys reordered into their slots in registers (tiles start at multiples of
+        # 16), so that the stores stay contiguous
+        slots = (t * VT + tl.arange(0, VT))[None, :]
+        tl.store(out_base + slots, to_pv_order(tl.trans(y)).to(tl.float8e4nv),
+                 mask=(slots < LP) & cmask[:, None])
 
 
 @triton.jit
