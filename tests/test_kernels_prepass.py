@@ -338,7 +338,7 @@ def case_fp8_v_key_slots():
     import triton
     import triton.language as tl
 
-    from sparge.kernels.layout import pv_slot, pv_slots, to_pv_order
+    from sparge.kernels.layout import fp8_v_natural, pv_slot, pv_slots, to_pv_order
 
     # A jit function finds the functions it calls among its module's globals.
     globals().update(pv_slot=pv_slot, to_pv_order=to_pv_order)
@@ -365,6 +365,21 @@ def case_fp8_v_key_slots():
     expected = torch.empty_like(x)
     expected[:, pv_slots(128)] = x  # column n lands in slot pv_slot(n)
     assert torch.equal(y, expected)
+
+    # The attention launcher takes FP8 V only as that buffer: a (B, Hk, Lk, D) tensor in key
+    # order is refused, not read in the wrong order.
+    from sparge.kernels import launch, prepare_qkv
+
+    q, k, v = (torch.randn(1, 1, 100, 32) for _ in range(3))
+    quant, _, _ = prepare_qkv(q, k, v, block_q=64, block_k=64, mode="int8_fp8", with_stats=False)
+    operands = dict(q=quant.q, k=quant.k, q_scale=quant.q_scale, k_scale=quant.k_scale,
+                    v_scale=quant.v_scale, out=torch.empty(1, 1, 100, 32), table=None,
+                    block_q=64, block_k=64, causal=False, scale=1.0,
+                    pv_threshold=torch.full((1,), math.inf), mode="int8_fp8")
+    with pytest.raises(ValueError, match="pre-pass's contiguous FP8 buffer"):
+        launch(v=fp8_v_natural(quant.v, 100), **operands)
+    launch(v=quant.v, **operands)
+    assert torch.isfinite(operands["out"]).all()
 
 
 def case_stats_only_pass():
