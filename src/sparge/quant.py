@@ -81,7 +81,9 @@ class QuantizedQKV:
         q: int8 (B, Hq, Lq, D); q_scale: float32 (B, Hq, nQ), one per query block.
         k: int8 (B, Hk, Lk, D) of the smoothed K; k_scale: float32 (B, Hk, nK).
         v: float8_e4m3fn (B, Hk, Lk, D) with v_scale float32 (B, Hk, D), or float16 with
-            v_scale None (mode ``int8_fp16``).
+            v_scale None (mode ``int8_fp16``). The GPU pre-pass
+            (:func:`sparge.kernels.prepass.prepare_qkv`) holds the FP8 values in its attention
+            kernel's layout instead: a (B, Hk, D, LP) buffer with the keys reordered.
     """
 
     q: torch.Tensor
