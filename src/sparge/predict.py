@@ -79,6 +79,17 @@ class Selection:
             raise ValueError("give exactly one of cdf_threshold and topk")
 
 
+def pooled_scores(q_stats: BlockStats, k_stats: BlockStats) -> torch.Tensor:
+    """float32 (B, Hq, nQ, nK): each query block's mean against each key block's mean, over
+    sqrt(D); query head h reads key head h // (Hq / Hk)."""
+    heads_q, dim = q_stats.mean.shape[1], q_stats.mean.shape[3]
+    heads_k = k_stats.mean.shape[1]
+    k_mean = k_stats.mean
+    if heads_q != heads_k:
+        k_mean = k_mean.repeat_interleave(heads_q // heads_k, dim=1)
+    return q_stats.mean @ k_mean.transpose(-1, -2) / math.sqrt(dim)
+
+
 def select_blocks(q_stats: BlockStats, k_stats: BlockStats, selection: Selection, *, q_len: int,
                   k_len: int, block_q: int, block_k: int, causal: bool = False) -> SparseMask:
     """Choose the kept key blocks of each query block from pooled statistics (see
@@ -89,21 +100,20 @@ def select_blocks(q_stats: BlockStats, k_stats: BlockStats, selection: Selection
     """
     sim_threshold, cdf_threshold = selection.sim_threshold, selection.cdf_threshold
     topk, attention_sink = selection.topk, selection.attention_sink
-    batch, heads_q, n_q, dim = q_stats.mean.shape
+    batch, heads_q, n_q = q_stats.mean.shape[:3]
     heads_k, n_k = k_stats.mean.shape[1], k_stats.mean.shape[2]
     group = heads_q // heads_k
     device = q_stats.mean.device
 
     sim_thr = per_head(sim_threshold, heads_q, device)[None, :, None]
     # Query head h reads kv head h // group.
-    k_mean, k_sim = k_stats.mean, k_stats.similarity
+    k_sim = k_stats.similarity
     if group > 1:
-        k_mean = k_mean.repeat_interleave(group, dim=1)
         k_sim = k_sim.repeat_interleave(group, dim=1)
     k_similar = k_sim > sim_thr  # (B, Hq, nK)
     q_similar = q_stats.similarity > sim_thr  # (B, Hq, nQ)
 
-    scores = q_stats.mean @ k_mean.transpose(-1, -2) / math.sqrt(dim)  # (B, Hq, nQ, nK)
+    scores = pooled_scores(q_stats, k_stats)
     allowed = k_similar[:, :, None, :]
     if causal:
         valid = causal_block_mask(q_len, k_len, block_q, block_k, device)

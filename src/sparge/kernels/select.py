@@ -10,14 +10,12 @@ block).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from ..mask import SparseMask
-from ..predict import BlockStats, Selection, per_head, select_blocks
+from ..predict import BlockStats, Selection, per_head, pooled_scores, select_blocks
 from .prepass import block_stats_gpu
 
 
@@ -95,21 +93,18 @@ def select_blocks_gpu(q_stats: BlockStats, k_stats: BlockStats, selection: Selec
     """:func:`sparge.predict.select_blocks` with one Triton program per query block after the
     pooled scores' matrix product: softmax, sort, cumulative sum and forced blocks in registers.
 
-    The pooled scores are the reference's own (the same PyTorch product); the softmax and the
-    cumulative sum add in another order, so a block whose cumulative probability lies within
-    float32 rounding of the CDF threshold may differ from the reference. Rows longer than
-    4096 key blocks take the reference's path. No host synchronisation.
+    The pooled scores are the reference's own (:func:`sparge.predict.pooled_scores`); the
+    softmax and the cumulative sum add in another order, so a block whose cumulative
+    probability lies within float32 rounding of the CDF threshold may differ from the reference.
+    Rows longer than 4096 key blocks take the reference's path. No host synchronisation.
     """
-    batch, heads_q, n_q, dim = q_stats.mean.shape
+    batch, heads_q, n_q = q_stats.mean.shape[:3]
     heads_k, n_k = k_stats.mean.shape[1], k_stats.mean.shape[2]
     if n_k > _MAX_SORTED_BLOCKS or batch * heads_q * n_q == 0:
         return select_blocks(q_stats, k_stats, selection, q_len=q_len, k_len=k_len,
                              block_q=block_q, block_k=block_k, causal=causal)
     device = q_stats.mean.device
-    group = heads_q // heads_k
-    k_mean = k_stats.mean[:, :, None].expand(batch, heads_k, group, n_k, dim)
-    k_mean = k_mean.reshape(batch, heads_q, n_k, dim)
-    scores = (q_stats.mean @ k_mean.transpose(-1, -2) / math.sqrt(dim)).contiguous()
+    scores = pooled_scores(q_stats, k_stats).contiguous()
     topk = selection.topk is not None
     rule = per_head(selection.topk if topk else selection.cdf_threshold, heads_q, device)
     sim_thr = per_head(selection.sim_threshold, heads_q, device)
@@ -117,8 +112,8 @@ def select_blocks_gpu(q_stats: BlockStats, k_stats: BlockStats, selection: Selec
     nkp = max(16, triton.next_power_of_2(n_k))
     _select_kernel[(n_q, batch * heads_q)](
         scores, q_stats.similarity.contiguous(), k_stats.similarity.contiguous(), sim_thr, rule,
-        blocks.view(torch.uint8), heads_q, group, n_q, n_k, q_len, block_q, block_k, NKP=nkp,
-        TOPK=topk, CAUSAL=causal, SINK=selection.attention_sink,
+        blocks.view(torch.uint8), heads_q, heads_q // heads_k, n_q, n_k, q_len, block_q, block_k,
+        NKP=nkp, TOPK=topk, CAUSAL=causal, SINK=selection.attention_sink,
         num_warps=4 if nkp <= 1024 else 8)
     return SparseMask(blocks, block_q, block_k, q_len, k_len, causal)
 
