@@ -274,15 +274,14 @@ def _v_job(
     v_base = v_ptr + b.to(tl.int64) * svb + h.to(tl.int64) * svh + cols.to(tl.int64)[None, :] * svd
     out_base = out_ptr + bh * D * LP + (cols.to(tl.int64) * LP)[:, None]
     for t in range(first, tl.minimum(first + tiles, (LP + VT - 1) // VT)):
-        rows = (t * VT + tl.arange(0, VT))[:, None]
-        x = tl.load(v_base + rows.to(tl.int64) * svl, mask=(rows < L) & cmask[None, :],
-                    other=0.0).to(tl.float32)
+        rows = t * VT + tl.arange(0, VT)
+        x = tl.load(v_base + rows.to(tl.int64)[:, None] * svl,
+                    mask=(rows < L)[:, None] & cmask[None, :], other=0.0).to(tl.float32)
         y = _round_to_e4m3(tl.math.div_rn(x, scale[None, :]))
         # K-major, the keys reordered into their slots in registers (tiles start at multiples of
-        # 16), so that the stores stay contiguous
-        slots = (t * VT + tl.arange(0, VT))[None, :]
-        tl.store(out_base + slots, to_pv_order(tl.trans(y)).to(tl.float8e4nv),
-                 mask=(slots < LP) & cmask[:, None])
+        # 16): the tile's slots are its rows' positions, so that the stores stay contiguous
+        tl.store(out_base + rows[None, :], to_pv_order(tl.trans(y)).to(tl.float8e4nv),
+                 mask=(rows < LP)[None, :] & cmask[:, None])
 
 
 @triton.jit
