@@ -142,6 +142,13 @@ def rel_l1_rows(out: torch.Tensor, rows: torch.Tensor, exact: torch.Tensor) -> f
 
 
 # ------------------------------------------------------------------------------------ timing
+def launch_quantized(qq, **kwargs):
+    """The attention kernel on pre-quantized operands (a ``prepare_qkv`` result); ``kwargs`` are
+    :func:`sparge.kernels.launch`'s remaining arguments. Returns Triton's kernel handle."""
+    return launch(qq.q, qq.k, qq.v, q_scale=qq.q_scale, k_scale=qq.k_scale, v_scale=qq.v_scale,
+                  **kwargs)
+
+
 def bench(fn_for_set, n_sets: int, warmup: int, rep: int) -> float:
     """Median ms of fn_for_set(i), i rotating over the input sets."""
     state = {"i": 0}
@@ -247,10 +254,9 @@ def run_shape(args, b: int, h: int, length: int, d: int, causal: bool, meta: dic
 
     def kernel_fn(table):
         def fn(i):
-            qq = quant[i]
-            launch(qq.q, qq.k, qq.v, out=out, q_scale=qq.q_scale, k_scale=qq.k_scale,
-                   v_scale=qq.v_scale, table=table, block_q=BQ, block_k=BK, causal=causal,
-                   scale=scale, pv_threshold=lam, mode=args.mode, pv_skip=args.tile_skip)
+            launch_quantized(quant[i], out=out, table=table, block_q=BQ, block_k=BK,
+                             causal=causal, scale=scale, pv_threshold=lam, mode=args.mode,
+                             pv_skip=args.tile_skip)
             return out
         return fn
 
@@ -309,10 +315,9 @@ def run_shape(args, b: int, h: int, length: int, d: int, causal: bool, meta: dic
                  for s in data]
 
         def alone(i, table=table, qdata=qdata):
-            qq = qdata[i]
-            launch(qq.q, qq.k, qq.v, out=out, q_scale=qq.q_scale, k_scale=qq.k_scale,
-                   v_scale=qq.v_scale, table=table, block_q=BQ, block_k=BK, causal=causal,
-                   scale=scale, pv_threshold=lam, mode=args.mode, pv_skip=args.tile_skip)
+            launch_quantized(qdata[i], out=out, table=table, block_q=BQ, block_k=BK,
+                             causal=causal, scale=scale, pv_threshold=lam, mode=args.mode,
+                             pv_skip=args.tile_skip)
             return out
 
         exact_m = exact_rows(*data[0], rows_idx, stats.mask, causal, scale)

@@ -15,8 +15,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sparge.kernels import block_table, launch, prepare_qkv  # noqa: E402
+from bench_attention import launch_quantized  # noqa: E402
+
+from sparge.kernels import block_table, prepare_qkv  # noqa: E402
 from sparge.kernels.attention import candidate_configs  # noqa: E402
 from sparge.mask import SparseMask  # noqa: E402
 
@@ -39,11 +42,11 @@ def main() -> None:
         for sparse in (False, True):
             for cfg in candidate_configs(cap, d, 64):
                 try:
-                    kern = launch(quant.q, quant.k, quant.v, out=out, q_scale=quant.q_scale,
-                                  k_scale=quant.k_scale, v_scale=quant.v_scale,
-                                  table=block_table(mask) if sparse else None, block_q=64,
-                                  block_k=128, causal=False, scale=d ** -0.5, pv_threshold=lam,
-                                  mode="int8_fp8", pv_skip=sparse, config=cfg)
+                    kern = launch_quantized(quant, out=out,
+                                            table=block_table(mask) if sparse else None,
+                                            block_q=64, block_k=128, causal=False,
+                                            scale=d ** -0.5, pv_threshold=lam, mode="int8_fp8",
+                                            pv_skip=sparse, config=cfg)
                 except Exception as exc:  # noqa: BLE001
                     lines.append(f"D{d} sparse={sparse} {cfg}: failed {type(exc).__name__}: "
                                  f"{str(exc)[:300]}")

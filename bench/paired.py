@@ -22,10 +22,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
-from bench_attention import bench, card_name, random_inputs  # noqa: E402
+from bench_attention import bench, card_name, launch_quantized, random_inputs  # noqa: E402
 
 import sparge  # noqa: E402
-from sparge.kernels import launch, prepare_qkv  # noqa: E402
+from sparge.kernels import prepare_qkv  # noqa: E402
 from sparge.kernels.attention import tuned_configs  # noqa: E402
 
 
@@ -45,10 +45,8 @@ def run_shape(length: int, dim: int, args) -> list[str]:
             sdpa(*sets[i])
 
     def kernel(i):
-        qq = quant[i]
-        launch(qq.q, qq.k, qq.v, out=out, q_scale=qq.q_scale, k_scale=qq.k_scale,
-               v_scale=qq.v_scale, table=None, block_q=64, block_k=128, causal=False,
-               scale=dim ** -0.5, pv_threshold=lam, mode="int8_fp8")
+        launch_quantized(quant[i], out=out, table=None, block_q=64, block_k=128, causal=False,
+                         scale=dim ** -0.5, pv_threshold=lam, mode="int8_fp8")
 
     def public(i):
         sparge.quantized_attn(*sets[i], quant="int8_fp8")

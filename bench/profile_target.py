@@ -15,8 +15,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sparge.kernels import launch, prepare_qkv  # noqa: E402
+from bench_attention import launch_quantized  # noqa: E402
+
+from sparge.kernels import prepare_qkv  # noqa: E402
 from sparge.kernels.attention import KernelConfig  # noqa: E402
 
 
@@ -38,9 +41,8 @@ def main() -> None:
     lam = torch.full((args.heads,), 50.0, device="cuda")
     cfg = KernelConfig(args.block_m, args.warps, args.stages, args.max_registers)
     for _ in range(args.launches):
-        launch(quant.q, quant.k, quant.v, out=out, q_scale=quant.q_scale, k_scale=quant.k_scale,
-               v_scale=quant.v_scale, table=None, block_q=64, block_k=128, causal=False,
-               scale=args.dim ** -0.5, pv_threshold=lam, mode="int8_fp8", config=cfg)
+        launch_quantized(quant, out=out, table=None, block_q=64, block_k=128, causal=False,
+                         scale=args.dim ** -0.5, pv_threshold=lam, mode="int8_fp8", config=cfg)
     torch.cuda.synchronize()
     print(f"done: {cfg}")
 

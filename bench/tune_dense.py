@@ -22,10 +22,16 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
-from bench_attention import bench, card_name, parse_shapes, random_inputs  # noqa: E402
+from bench_attention import (  # noqa: E402
+    bench,
+    card_name,
+    launch_quantized,
+    parse_shapes,
+    random_inputs,
+)
 
 import sparge  # noqa: E402
-from sparge.kernels import launch, prepare_qkv  # noqa: E402
+from sparge.kernels import prepare_qkv  # noqa: E402
 from sparge.kernels.attention import (  # noqa: E402
     KernelConfig,
     candidate_configs,
@@ -76,11 +82,9 @@ def run_shape(args, length: int, d: int, causal: bool, log) -> list[str]:
         handle = {}
 
         def fn(i, cfg=cfg, handle=handle):
-            qq = quant[i]
-            handle["k"] = launch(qq.q, qq.k, qq.v, out=out, q_scale=qq.q_scale,
-                                 k_scale=qq.k_scale, v_scale=qq.v_scale, table=None,
-                                 block_q=BQ, block_k=BK, causal=causal, scale=scale,
-                                 pv_threshold=lam, mode="int8_fp8", config=cfg)
+            handle["k"] = launch_quantized(quant[i], out=out, table=None, block_q=BQ,
+                                           block_k=BK, causal=causal, scale=scale,
+                                           pv_threshold=lam, mode="int8_fp8", config=cfg)
         try:
             ms = bench(fn, args.sets, args.warmup, args.rep)
         except Exception as exc:  # noqa: BLE001 - a configuration that does not compile here
