@@ -1,8 +1,8 @@
 """Where the time of one ``sparge.quantized_attn`` call goes, beside its parts timed alone.
 
 Times (medians of ``do_bench`` over rotated input sets) the pre-pass, the attention kernel on
-pre-quantized inputs, the two together through ``sparge.kernels.attention``, and the public call;
-then lists the GPU kernels of one public call with the PyTorch profiler.
+pre-quantized inputs, the two together through ``sparge.kernels.attention``, and the public call.
+``profile_calls.py`` lists each call's kernels with their device times.
 
     python bench/quantized_overhead.py --length 32768 --dim 128
 """
@@ -19,11 +19,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
-from bench_attention import bench, random_inputs  # noqa: E402
+from bench_attention import bench, launch_quantized, random_inputs  # noqa: E402
 
 import sparge  # noqa: E402
 from sparge import kernels  # noqa: E402
-from sparge.kernels import launch, prepare_qkv  # noqa: E402
+from sparge.kernels import prepare_qkv  # noqa: E402
 
 
 def main() -> None:
@@ -42,10 +42,8 @@ def main() -> None:
              for s in sets]
 
     def kernel(i):
-        qq = quant[i]
-        launch(qq.q, qq.k, qq.v, out=out, q_scale=qq.q_scale, k_scale=qq.k_scale,
-               v_scale=qq.v_scale, table=None, block_q=64, block_k=128, causal=False,
-               scale=scale, pv_threshold=lam, mode="int8_fp8")
+        launch_quantized(quant[i], out=out, table=None, block_q=64, block_k=128, causal=False,
+                         scale=scale, pv_threshold=lam, mode="int8_fp8")
 
     def both(i):
         kernels.attention(*sets[i], mask=None, selection=None, block_q=64, block_k=128,
@@ -63,15 +61,6 @@ def main() -> None:
         fn(0)
         torch.cuda.synchronize()
         print(f"  {name:<40} {bench(fn, args.sets, 25, 100):8.3f} ms", flush=True)
-
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for i in range(3):
-            sparge.quantized_attn(*sets[i % args.sets], quant="int8_fp8")
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14,
-                                    max_name_column_width=60))
 
 
 if __name__ == "__main__":
