@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
     out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
     lines = []
     cap = torch.cuda.get_device_capability()
     for d in (64, 128):
