@@ -18,11 +18,16 @@ def qkv(rng, b=1, hq=4, hk=2, lq=300, lk=300, d=64, dtype=torch.float32):
 
 def local_video_tokens(rng, frames=4, side=16, heads=2, dim=64):
     """Tokens of a (frames, side, side) grid whose features vary smoothly in space and time, so
-    that attention concentrates on nearby tokens (as in video diffusion models)."""
+    that attention concentrates on nearby tokens (as in video diffusion models).
+
+    The spatial frequencies are a fixed draw: how local attention is depends on them (random
+    ones gave block sparsities from 0.25 to 0.88 at the same thresholds), so the scene is fixed
+    and the noise on Q and K and the values V are fresh per call.
+    """
     t, y, x = torch.meshgrid(torch.arange(frames), torch.arange(side), torch.arange(side),
                              indexing="ij")
     pos = torch.stack([t, y, x], dim=-1).reshape(-1, 3).float()
-    freqs = torch.randn(3, dim // 2, generator=rng) * 0.6
+    freqs = torch.randn(3, dim // 2, generator=torch.Generator().manual_seed(0)) * 0.6
     phase = pos @ freqs
     feats = torch.cat([phase.sin(), phase.cos()], dim=-1) * 3.0
     tokens = feats[None, None].expand(1, heads, -1, -1)
