@@ -330,6 +330,81 @@ def case_rounding_ties_to_even():
     assert torch.equal(got.q.float(), torch.round(q.float()))
 
 
+def check_division_by_reciprocal(device, per_scale):
+    """sparge.kernels.rounding.divide (one reciprocal per scale, two correction FMAs per element)
+    against IEEE division, bit for bit, on values built to sit at and next to the callers'
+    rounding points (half-integers, the midpoints of the e4m3 grid) and on random quotients, for
+    scales across the fast range [2^-90, 2^90], at its edges and outside it (IEEE division).
+    Quotients below 2^-11 need only round to the same INT8 and FP8 values. ``per_scale``: values
+    per scale, a multiple of 1024."""
+    import triton
+    import triton.language as tl
+
+    from sparge.kernels.rounding import divide, reciprocal
+    from sparge.quant import FP8_DTYPE
+
+    # A jit function finds the functions it calls among its module's globals.
+    globals().update(divide=divide, reciprocal=reciprocal)
+
+    @triton.jit
+    def scalar_scale(x_ptr, s_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        offs = row * n + tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        s = tl.load(s_ptr + row)
+        r = reciprocal(s)
+        tl.store(out_ptr + offs, divide(tl.load(x_ptr + offs), s, r, r > 0))
+
+    @triton.jit
+    def channel_scales(x_ptr, s_ptr, out_ptr, N: tl.constexpr, C: tl.constexpr):
+        offs = (tl.program_id(0) * N + tl.arange(0, N))[:, None] * C + tl.arange(0, C)[None, :]
+        s = tl.load(s_ptr + tl.arange(0, C))
+        r = reciprocal(s)
+        out = divide(tl.load(x_ptr + offs), s[None, :], r[None, :], tl.min(r, 0) > 0)
+        tl.store(out_ptr + offs, out)
+
+    gen = torch.Generator().manual_seed(_fresh_seed())
+    exps = torch.cat([torch.randint(-95, 96, (44,), generator=gen).float(),
+                      torch.tensor([-90.0, 90.0, -91.0, 91.0])])
+    scales = (torch.rand(48, generator=gen) + 1) * 2.0 ** exps  # in [2^e, 2^(e+1))
+    scales[:4] = torch.tensor([1.0, 2.0 ** -90, 2.0 ** 90, 3.0])
+    n = per_scale
+    # quotients: random in [-128, 128], half-integers and e4m3 midpoints, tiny ones
+    grid = torch.arange(0, 127, dtype=torch.uint8).view(FP8_DTYPE).float()
+    points = torch.cat([torch.arange(-127, 127) + 0.5, (grid[:-1] + grid[1:]) / 2])
+    pick = points[torch.randint(0, points.numel(), (n // 2,), generator=gen)]
+    quotients = torch.cat([(torch.rand(n // 4, generator=gen) * 2 - 1) * 128, pick,
+                           (torch.rand(n - n // 4 - n // 2, generator=gen) - 0.5) * 2.0 ** -9])
+    x = quotients[None, :] * scales[:, None]  # rounded products: quotients at and near the points
+    steps = torch.randint(-3, 4, x.shape, generator=gen, dtype=torch.int32)
+    x = (x.view(torch.int32) + steps).view(torch.float32)  # and a few ulps either side
+    x[:, 0], x[:, 1] = 0.0, -0.0  # signed zeros keep their sign (FP8 has both)
+    expected = x / scales[:, None]  # IEEE, on the CPU
+    # and the same rows with one scale per channel (all within the fast range)
+    c = 16
+    chan_scales = scales[4:4 + c].clamp(2.0 ** -90, 2.0 ** 90)
+    xc = (quotients[: n - n % c].view(-1, c) * chan_scales)
+    xc = (xc.view(torch.int32) + steps[0, : xc.numel()].view_as(xc)).view(torch.float32)
+    expected_c = xc / chan_scales
+
+    got = torch.full_like(x, float("nan"), device=device)
+    scalar_scale[(x.shape[0], n // 1024)](x.to(device), scales.to(device), got, n, BLOCK=1024)
+    got_c = torch.full_like(xc, float("nan"), device=device)
+    channel_scales[(xc.shape[0] // 64,)](xc.to(device), chan_scales.to(device), got_c, N=64, C=c)
+    for got_q, want in ((got.cpu(), expected), (got_c.cpu(), expected_c)):
+        exact = want.abs() >= 2.0 ** -11
+        assert exact.float().mean() > 0.7
+        assert torch.equal(got_q[exact].view(torch.int32), want[exact].view(torch.int32))
+        assert torch.equal(got_q[want == 0].view(torch.int32), want[want == 0].view(torch.int32))
+        tiny = ~exact
+        assert torch.equal(torch.round(got_q[tiny]), torch.round(want[tiny]))
+        assert torch.equal(got_q[tiny].to(FP8_DTYPE).view(torch.uint8),
+                           want[tiny].to(FP8_DTYPE).view(torch.uint8))
+
+
+def case_division_by_reciprocal_is_ieee():
+    check_division_by_reciprocal("cpu", per_scale=1024)
+
+
 def case_fp8_v_key_slots():
     """The FP8 V buffer's key slots (sparge.kernels.layout): a permutation within each aligned
     group of 16 keys that puts the four keys a P.V operand thread holds (2q, 2q + 1, 2q + 8,
@@ -542,6 +617,12 @@ def test_prepare_qkv_gpu(dtype, shape, monkeypatch):
     v[..., 0] = 0  # a zero channel
     for mode in ("int8_fp8", "int8_fp16"):
         check_prepare_qkv(q, k, v, bq, bk, mode)
+
+
+@pytest.mark.gpu
+@gpu
+def test_division_by_reciprocal_gpu():
+    check_division_by_reciprocal("cuda", per_scale=1 << 16)
 
 
 @pytest.mark.gpu

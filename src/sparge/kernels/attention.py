@@ -68,6 +68,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from ..mask import SparseMask, num_blocks
 from ..quant import EXACT, P_FP8_SCALE, PV_FP8, PV_FP16
 from .layout import to_pv_order
+from .rounding import round_to_e4m3
 from .select import block_map_to_lut
 
 LOG2E = math.log2(math.e)
@@ -151,21 +152,6 @@ def _mul_rn(x, c, INTERPRETED: tl.constexpr):
     return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r",
                                      [x, tl.zeros_like(x) + c], dtype=tl.float32, is_pure=True,
                                      pack=1)
-
-
-@triton.jit
-def _round_to_e4m3(p):
-    """float32 p in [0, 448] rounded half-to-even onto the float8_e4m3fn grid, as float32.
-
-    Only for the CPU interpreter, whose own float32 -> fp8 conversion rounds some values wrongly
-    (those just below a power of two); the GPU's conversion instruction rounds like PyTorch.
-    Rounding to a multiple of u = 2**(e - 3) is (p + 1.5 u 2**23) - 1.5 u 2**23.
-    """
-    a = tl.minimum(p, 448.0)
-    exp = (a.to(tl.int32, bitcast=True) >> 23) & 0xFF
-    exp = tl.maximum(exp, 127 - 6)  # subnormal e4m3 values share the step 2**-9
-    magic = (((exp + 20) << 23) | 0x400000).to(tl.float32, bitcast=True)
-    return tl.minimum((a + magic) - magic, 448.0)
 
 
 @triton.jit
@@ -273,8 +259,8 @@ def _softmax_tile(qk, c, m_i, s_i, lam, offs_m, keys, start_n, k_len,
     if MASKED:
         p = tl.where(valid, p, 0.0)
     if MODE == 0:
-        if ROUND_FP8:
-            p_op = _round_to_e4m3(p).to(tl.float8e4nv)
+        if ROUND_FP8:  # the interpreter: its own fp8 conversion rounds some values wrongly
+            p_op = round_to_e4m3(p).to(tl.float8e4nv)
         else:
             p_op = p.to(tl.float8e4nv)
         p_op = to_pv_order(p_op)  # V's keys are stored in these slots

@@ -33,10 +33,7 @@ Every step is a fixed-size kernel launch: no host synchronisation, no allocation
 data, so the pre-pass can be captured in a CUDA graph. ``int8_fp16`` mode casts V with torch
 (a copy unless V is float16 already).
 
-Rounding matches PyTorch exactly: divisions are IEEE (``div_rn``), rounding to integers is
-half-to-even through the 1.5 * 2^23 trick (exact for |x| < 2^22), and values are rounded to the
-e4m3 grid in float32 before the FP8 conversion, so the conversion itself is exact on every backend
-(the Triton interpreter's own float -> fp8 rounding differs from PyTorch's on some values).
+Rounding matches PyTorch exactly (see :mod:`sparge.kernels.rounding`).
 """
 
 from __future__ import annotations
@@ -49,13 +46,10 @@ import triton.language as tl
 
 from ..mask import num_blocks
 from ..predict import BlockStats
-from ..quant import FP8_DTYPE, FP8_MAX, INT8_MAX, PV_FP8, PV_FP16, QuantizedQKV
+from ..quant import FP8_DTYPE, PV_FP8, PV_FP16, QuantizedQKV
 from .layout import to_pv_order
+from .rounding import divide, fp8_scale, int8_scale, reciprocal, round_to_e4m3, to_int8
 
-# 1.5 * 2^23: (x + M) - M rounds x half-to-even for |x| < 2^22
-_RINT_MAGIC = tl.constexpr(12582912.0)
-_INT8_MAX = tl.constexpr(INT8_MAX)
-_FP8_MAX = tl.constexpr(FP8_MAX)
 _FLT_MIN = tl.constexpr(1.1754943508222875e-38)  # smallest normal float32
 
 # Split reduction of the channel statistics: about _STATS_PROGRAMS programs in all, chunks of a
@@ -66,39 +60,17 @@ _PARTIAL_ELEMS = 8192
 _CHUNK_ROWS = 256
 # Statistics tiles: _STATS_TILE_ELEMS elements of K and of V per step (32 a thread of 4 warps).
 _STATS_TILE_ELEMS = 4096
-# Quantization tiles: _TILE_ELEMS elements (16 KB of 16-bit input), 64 per thread of
-# _QUANT_WARPS warps. Registers are capped (by statistics or not) so that 4 (3) programs fit an SM.
+# Quantization tiles of _QUANT_WARPS warps: _TILE_ELEMS[stats] elements each, with registers
+# capped at _QUANT_MAXNREG[stats]. Without statistics, tiles of 4096 elements (32 per thread) and
+# 96 registers (5 programs per SM); with them, 8192 elements and 168 registers (3 programs). Each
+# was the fastest of tiles 4096 / 8192 / 16384, 4 / 8 warps and three caps on an H100 (B1 H24,
+# L 8192 and 32768, D 64 and 128; bench/NOTES.md).
 # A K or V program handles at least _ROWS_PER_PARTIAL rows per chunk partial it combines, so that
 # reading the float32 partials (from L2) costs at most 1/8 of reading its 16-bit rows.
-_TILE_ELEMS = 8192
+_TILE_ELEMS = {False: 4096, True: 8192}
 _QUANT_WARPS = 4
-_QUANT_MAXNREG = {False: 128, True: 168}
+_QUANT_MAXNREG = {False: 96, True: 168}
 _ROWS_PER_PARTIAL = 16
-
-
-@triton.jit
-def _rint(x):
-    """Round float32 to the nearest integer, ties to even (exact for |x| < 2^22)."""
-    return (x + _RINT_MAGIC) - _RINT_MAGIC
-
-
-@triton.jit
-def _round_to_e4m3(y):
-    """float32 y (|y| <= 448) rounded half-to-even to the nearest float8_e4m3fn value, as float32.
-
-    Normal e4m3 numbers have 3 mantissa bits and exponents from -6; below 2^-6 the grid step stays
-    2^-9 (subnormals). Rounding to a multiple of the power of two u is (|y| + 1.5 u 2^23) - 1.5 u
-    2^23. The sign is copied bit for bit, so -0 stays -0 like PyTorch's conversion.
-    """
-    bits = y.to(tl.int32, bitcast=True)
-    a = tl.minimum(tl.abs(y), _FP8_MAX)
-    exp = (a.to(tl.int32, bitcast=True) >> 23) & 0xFF
-    exp = tl.maximum(exp, 127 - 6)
-    magic = ((exp + 20) << 23) | 0x400000  # 1.5 * 2^(e + 23 - 3)
-    magic_f = magic.to(tl.float32, bitcast=True)
-    r = tl.minimum((a + magic_f) - magic_f, _FP8_MAX)
-    r_bits = r.to(tl.int32, bitcast=True) | (bits & -2147483648)
-    return r_bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -169,9 +141,11 @@ def _load_part(x_base, sxl, mu, row0, L, D, R: tl.constexpr, DP: tl.constexpr,
 
 
 @triton.jit
-def _finish_part(x, rows, m, scale, xq_base, D, QUANT: tl.constexpr, STATS: tl.constexpr):
-    """Store the INT8 values of rows x (R, DP) of a block with the block's scale (if QUANT);
-    return the sum of their directions x / |x|, float32 (DP,) (if STATS)."""
+def _finish_part(x, rows, m, scale, inv_scale, xq_base, D, QUANT: tl.constexpr,
+                 STATS: tl.constexpr):
+    """Store the INT8 values of rows x (R, DP) of a block with the block's scale (if QUANT;
+    inv_scale = reciprocal(scale)); return the sum of their directions x / |x|, float32 (DP,) (if
+    STATS)."""
     unit_sum = tl.zeros((x.shape[1],), tl.float32)
     if STATS:
         # One IEEE reciprocal per row instead of a division per element: x * (1 / |x|) lies
@@ -181,9 +155,8 @@ def _finish_part(x, rows, m, scale, xq_base, D, QUANT: tl.constexpr, STATS: tl.c
         inv = tl.where(norm > 0, tl.math.div_rn(1.0, tl.maximum(norm, _FLT_MIN)), 0.0)
         unit_sum = tl.sum(x * inv[:, None], axis=0)
     if QUANT:
-        y = _rint(tl.math.div_rn(x, scale))
-        y = tl.minimum(tl.maximum(y, -_INT8_MAX), _INT8_MAX)
-        tl.store(xq_base + rows * D + tl.arange(0, x.shape[1])[None, :], y.to(tl.int8), mask=m)
+        tl.store(xq_base + rows * D + tl.arange(0, x.shape[1])[None, :],
+                 to_int8(x, scale, inv_scale), mask=m)
     return unit_sum
 
 
@@ -223,8 +196,9 @@ def _block_job(
             x, rows, m = _load_part(x_base, sxl, mu, row0, L, D, R, DP, SMOOTH)
             amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
             col_sum = tl.sum(x, axis=0)
-            scale = tl.where(amax > 0, tl.math.div_rn(amax, _INT8_MAX), 1.0)
-            unit_sum = _finish_part(x, rows, m, scale, xq_base, D, QUANT, STATS)
+            scale = int8_scale(amax)
+            unit_sum = _finish_part(x, rows, m, scale, reciprocal(scale), xq_base, D, QUANT,
+                                    STATS)
         else:
             amax = 0.0
             col_sum = tl.zeros((DP,), tl.float32)
@@ -232,11 +206,12 @@ def _block_job(
                 x, rows, m = _load_part(x_base, sxl, mu, row0 + part * R, L, D, R, DP, SMOOTH)
                 amax = tl.maximum(amax, tl.max(tl.max(tl.abs(x), axis=1), axis=0))
                 col_sum += tl.sum(x, axis=0)
-            scale = tl.where(amax > 0, tl.math.div_rn(amax, _INT8_MAX), 1.0)
+            scale = int8_scale(amax)
+            inv_scale = reciprocal(scale)
             unit_sum = tl.zeros((DP,), tl.float32)
             for part in range(S):
                 x, rows, m = _load_part(x_base, sxl, mu, row0 + part * R, L, D, R, DP, SMOOTH)
-                unit_sum += _finish_part(x, rows, m, scale, xq_base, D, QUANT, STATS)
+                unit_sum += _finish_part(x, rows, m, scale, inv_scale, xq_base, D, QUANT, STATS)
         stat_row = bh * n_blocks + blk
         if STATS:
             count = tl.minimum(L - row0, BLOCK).to(tl.float32)
@@ -266,7 +241,9 @@ def _v_job(
     cols = tl.arange(0, DP)
     cmask = cols < D
     amax = _combine_partials(part_ptr + bh * n_chunks * D, n_chunks, D, LOG_NC, DP, True)
-    scale = tl.where(amax > 0, tl.math.div_rn(amax, _FP8_MAX), 1.0)
+    scale = fp8_scale(amax)
+    inv_scale = reciprocal(scale)
+    fast = tl.min(inv_scale, 0) > 0  # no scale needs the IEEE division
     first = (job % per_head) * tiles
     # the first program of the (batch, head) stores the scales (the condition folded into the
     # bound: the interpreter cannot AND a scalar into a mask)
@@ -277,7 +254,7 @@ def _v_job(
         rows = t * VT + tl.arange(0, VT)
         x = tl.load(v_base + rows.to(tl.int64)[:, None] * svl,
                     mask=(rows < L)[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-        y = _round_to_e4m3(tl.math.div_rn(x, scale[None, :]))
+        y = round_to_e4m3(divide(x, scale[None, :], inv_scale[None, :], fast))
         # K-major, the keys reordered into their slots in registers (tiles start at multiples of
         # 16): the tile's slots are its rows' positions, so that the stores stay contiguous
         tl.store(out_base + rows[None, :], to_pv_order(tl.trans(y)).to(tl.float8e4nv),
@@ -389,7 +366,7 @@ def _quantize(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | 
     given = next(t for t in (q, k, v) if t is not None)
     batch, dim, dev = given.shape[0], given.shape[3], given.device
     dp = _dim_pad(dim)
-    tile_rows = _TILE_ELEMS // dp
+    tile_rows = _TILE_ELEMS[stats] // dp
     n_chunks = 1 if ksum is None else ksum.shape[2]
     # rows per program: a tile at least, and for K and V enough to amortise combining the partials
     amortised = max(tile_rows, _ROWS_PER_PARTIAL * n_chunks)

@@ -1,0 +1,110 @@
+"""Rounding and quantization steps shared by the pre-pass and the attention kernel.
+
+Each rounds exactly as PyTorch does in :mod:`sparge.quant` (the specification): divisions are IEEE
+(``div_rn``), rounding to integers is half-to-even through the 1.5 * 2^23 trick (exact for
+|x| < 2^22), and values meant for FP8 are rounded to the e4m3 grid in float32 first, so that the
+conversion itself is exact on every backend (the Triton interpreter's own float -> fp8 rounding
+differs from PyTorch's on some values).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..quant import FP8_MAX, INT8_MAX
+
+RINT_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: (x + M) - M rounds x half-to-even
+_INT8_MAX = tl.constexpr(INT8_MAX)
+_FP8_MAX = tl.constexpr(FP8_MAX)
+_SAFE_MIN = tl.constexpr(2.0 ** -90)  # scales :func:`divide` handles without IEEE divisions
+_SAFE_MAX = tl.constexpr(2.0 ** 90)
+
+
+@triton.jit
+def rint(x):
+    """Round float32 to the nearest integer, ties to even (exact for |x| < 2^22)."""
+    return (x + RINT_MAGIC) - RINT_MAGIC
+
+
+@triton.jit
+def safe_scale(amax, QMAX: tl.constexpr):
+    """amax / QMAX (IEEE), 1 where amax is 0: ``sparge.quant._safe_scale``."""
+    return tl.where(amax > 0, tl.math.div_rn(amax, QMAX), 1.0)
+
+
+@triton.jit
+def int8_scale(amax):
+    """The INT8 scale of a block whose largest magnitude is amax (float32 scalar)."""
+    return safe_scale(amax, _INT8_MAX)
+
+
+@triton.jit
+def fp8_scale(amax):
+    """The FP8 e4m3 scale of a channel whose largest magnitude is amax (float32)."""
+    return safe_scale(amax, _FP8_MAX)
+
+
+@triton.jit
+def reciprocal(scale):
+    """RN(1 / scale) (IEEE) for :func:`divide`, elementwise; 0 for scales outside [2^-90, 2^90],
+    which :func:`divide` divides by exactly instead."""
+    safe = (scale >= _SAFE_MIN) & (scale <= _SAFE_MAX)
+    return tl.where(safe, tl.math.div_rn(1.0, scale), 0.0)
+
+
+@triton.jit
+def divide(x, scale, r, fast):
+    """x / scale rounded to nearest (IEEE), float32, for a scale shared by many elements (a
+    scalar, or a vector broadcast along x's rows), with r = :func:`reciprocal` (scale) and
+    ``fast`` (scalar) true when no r is 0.
+
+    Instead of an IEEE division per element (a reciprocal approximation, four FMAs and a range
+    check with a slow path), two correction steps per element: q = RN(x r); q' = RN(q + RN(x -
+    scale q) r); q'' = RN(q' + (x - scale q') r). q' is within an ulp of x / scale, so the
+    remainder x - scale q' is exact in an FMA, and with r within half an ulp of 1 / scale, q''
+    is the correctly rounded quotient (Markstein's theorem) as long as nothing underflows or
+    overflows. With scales in [2^-90, 2^90] and quotients of at most 128 in magnitude, that holds
+    wherever |x / scale| >= 2^-11 (x, the remainder and its last bit stay within float32's range).
+    Smaller quotients come out within a few ulps, and the callers round both to zero: INT8's first
+    rounding point is 0.5, FP8 e4m3's 2^-10.
+    """
+    if fast:
+        # the remainder as -(scale q - x): the same value, but a zero x keeps its sign
+        q = x * r
+        q = tl.fma(-tl.fma(scale, q, -x), r, q)
+        q = tl.fma(-tl.fma(scale, q, -x), r, q)
+    else:
+        q = tl.math.div_rn(x, scale)
+    return q
+
+
+@triton.jit
+def to_int8(x, scale, r):
+    """float32 x quantized with the scalar ``scale`` (r = :func:`reciprocal` (scale)):
+    round(x / scale) clamped to [-127, 127], as int8."""
+    y = rint(divide(x, scale, r, r > 0))
+    return tl.minimum(tl.maximum(y, -_INT8_MAX), _INT8_MAX).to(tl.int8)
+
+
+@triton.jit
+def round_to_e4m3(y):
+    """float32 y (|y| <= 448) rounded half-to-even to the nearest float8_e4m3fn value, as float32.
+
+    Normal e4m3 numbers have 3 mantissa bits and exponents from -6; below 2^-6 the grid step stays
+    2^-9 (subnormals). Rounding to a multiple of the power of two u is (|y| + 1.5 u 2^23) - 1.5 u
+    2^23. The sign is copied bit for bit, so -0 stays -0 like PyTorch's conversion.
+    """
+    bits = y.to(tl.int32, bitcast=True)
+    a = tl.minimum(tl.abs(y), _FP8_MAX)
+    exp = (a.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    exp = tl.maximum(exp, 127 - 6)
+    magic = ((exp + 20) << 23) | 0x400000  # 1.5 * 2^(e + 23 - 3)
+    magic_f = magic.to(tl.float32, bitcast=True)
+    r = tl.minimum((a + magic_f) - magic_f, _FP8_MAX)
+    r_bits = r.to(tl.int32, bitcast=True) | (bits & -2147483648)
+    return r_bits.to(tl.float32, bitcast=True)
+
+
+__all__ = ["RINT_MAGIC", "divide", "fp8_scale", "int8_scale", "reciprocal", "rint", "round_to_e4m3",
+           "safe_scale", "to_int8"]
