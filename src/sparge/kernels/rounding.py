@@ -46,6 +46,13 @@ def fp8_scale(amax):
 
 
 @triton.jit
+def _negate(x):
+    """-x, signed zeros included (Triton's unary minus computes 0 - x, which maps -0 to +0 on the
+    GPU); compilers turn the product into a sign flip, which an FMA takes for free."""
+    return x * -1.0
+
+
+@triton.jit
 def reciprocal(scale):
     """RN(1 / scale) (IEEE) for :func:`divide`, elementwise; 0 for scales outside [2^-90, 2^90],
     which :func:`divide` divides by exactly instead."""
@@ -72,8 +79,8 @@ def divide(x, scale, r, fast):
     if fast:
         # the remainder as -(scale q - x): the same value, but a zero x keeps its sign
         q = x * r
-        q = tl.fma(-tl.fma(scale, q, -x), r, q)
-        q = tl.fma(-tl.fma(scale, q, -x), r, q)
+        q = tl.fma(_negate(tl.fma(scale, q, _negate(x))), r, q)
+        q = tl.fma(_negate(tl.fma(scale, q, _negate(x))), r, q)
     else:
         q = tl.math.div_rn(x, scale)
     return q
