@@ -633,6 +633,8 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tens
     def run(cfg: KernelConfig):
         grid = (triton.cdiv(q_len, cfg.block_m), batch * heads_q)
         caps = {} if cfg.max_registers is None else {"maxnreg": cfg.max_registers}
+        # Multiply-adds contracted into FMAs (the exponent, the accumulator's rescaling), asked
+        # for explicitly: Triton 3.9 warns that its default turns to no contraction in 3.10.
         return _sparse_attn_fwd[grid](
             q, k, v, out, qs, ks, ks_max, vs, lam, counts, n_full, indices, k_desc, v_desc,
             *q.stride(), *k.stride(), *v_strides, *out.stride(),
@@ -643,7 +645,8 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tens
             MODE=mode_id, CAUSAL=causal, SPARSE=table is not None, PV_SKIP=pv_skip,
             EVEN_D=dim == head_dim, IEEE_DOT=q.dtype == torch.float32,
             ROUND_FP8=device.type != "cuda", FAST_CVT=fast_cvt, FOLD=fold,
-            TMA=descriptors is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **caps)
+            TMA=descriptors is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            enable_fp_fusion=True, **caps)
 
     if config is None:
         sizes = (q.element_size(), k.element_size(), v.element_size())

@@ -329,7 +329,8 @@ def _channel_stats(k: torch.Tensor, v: torch.Tensor | None
     _channel_stats_kernel[(n, batch * heads)](
         k, *k.stride(), vv, *vv.stride(), ksum, ksum if vmax is None else vmax,
         heads, length, dim, chunk, n,
-        ROWS=min(_CHUNK_ROWS, _STATS_TILE_ELEMS // dp), DP=dp, V_MAX=v is not None, num_warps=4)
+        ROWS=min(_CHUNK_ROWS, _STATS_TILE_ELEMS // dp), DP=dp, V_MAX=v is not None, num_warps=4,
+        enable_fp_fusion=True)  # as measured; Triton 3.10 stops contracting by default
     return ksum, vmax
 
 
@@ -414,7 +415,8 @@ def _quantize(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | 
         VT=tile_rows, DP=dp,
         LOG_NC=_max_chunks(dp).bit_length() - 1, QUANT=quant, STATS=stats,
         HAS_Q=q is not None, HAS_K=k is not None, HAS_V=v is not None,
-        num_warps=_QUANT_WARPS, maxnreg=_QUANT_MAXNREG[stats])
+        num_warps=_QUANT_WARPS, maxnreg=_QUANT_MAXNREG[stats],
+        enable_fp_fusion=True)  # as measured; Triton 3.10 stops contracting by default
     return q_out, k_out, v_out
 
 

@@ -1,10 +1,11 @@
 """Rounding and quantization steps shared by the pre-pass and the attention kernel.
 
-Each rounds exactly as PyTorch does in :mod:`sparge.quant` (the specification): divisions are IEEE
-(``div_rn``), rounding to integers is half-to-even through the 1.5 * 2^23 trick (exact for
-|x| < 2^22), and values meant for FP8 are rounded to the e4m3 grid in float32 first, so that the
-conversion itself is exact on every backend (the Triton interpreter's own float -> fp8 rounding
-differs from PyTorch's on some values).
+Each rounds exactly as PyTorch does in :mod:`sparge.quant` (the specification): quotients are the
+IEEE ones (``div_rn``, or :func:`divide`'s correction steps, which give the same bits), rounding
+to integers is half-to-even through the 1.5 * 2^23 trick (exact for |x| < 2^22), and values meant
+for FP8 are rounded to the e4m3 grid in float32 first, so that the conversion itself is exact on
+every backend (the Triton interpreter's own float -> fp8 rounding differs from PyTorch's on some
+values).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def rint(x):
 
 
 @triton.jit
-def safe_scale(amax, QMAX: tl.constexpr):
+def _safe_scale(amax, QMAX: tl.constexpr):
     """amax / QMAX (IEEE), 1 where amax is 0: ``sparge.quant._safe_scale``."""
     return tl.where(amax > 0, tl.math.div_rn(amax, QMAX), 1.0)
 
@@ -36,13 +37,13 @@ def safe_scale(amax, QMAX: tl.constexpr):
 @triton.jit
 def int8_scale(amax):
     """The INT8 scale of a block whose largest magnitude is amax (float32 scalar)."""
-    return safe_scale(amax, _INT8_MAX)
+    return _safe_scale(amax, _INT8_MAX)
 
 
 @triton.jit
 def fp8_scale(amax):
     """The FP8 e4m3 scale of a channel whose largest magnitude is amax (float32)."""
-    return safe_scale(amax, _FP8_MAX)
+    return _safe_scale(amax, _FP8_MAX)
 
 
 @triton.jit
@@ -114,4 +115,4 @@ def round_to_e4m3(y):
 
 
 __all__ = ["RINT_MAGIC", "divide", "fp8_scale", "int8_scale", "reciprocal", "rint", "round_to_e4m3",
-           "safe_scale", "to_int8"]
+           "to_int8"]
