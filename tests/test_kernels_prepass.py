@@ -201,6 +201,24 @@ def check_lut(blocks):
     assert torch.equal(indices, ref_indices) and torch.equal(counts, ref_counts)
 
 
+def check_mask_table(mask):
+    """The attention kernel's table: kv_indices, plus n_full as the kernel's contract defines it
+    (kept blocks below k_len // block_k and, when causal, ending before the query block)."""
+    from sparge.kernels.select import mask_table
+
+    indices, counts, n_full = mask_table(mask)
+    ref_counts, ref_indices = mask.kv_indices()
+    assert torch.equal(indices.cpu(), ref_indices.cpu())
+    assert torch.equal(counts.cpu(), ref_counts.cpu())
+    n_q, n_k = mask.shape[2:]
+    limit = torch.full((n_q,), mask.k_len // mask.block_k)
+    if mask.causal:
+        limit = torch.minimum(limit, torch.arange(n_q) * mask.block_q // mask.block_k)
+    unmasked = torch.arange(n_k)[None, :] < limit[:, None]
+    expected = (mask.blocks.cpu() & unmasked).sum(-1, dtype=torch.int32)
+    assert n_full.dtype == torch.int32 and torch.equal(n_full.cpu(), expected)
+
+
 def selections(heads_q, device):
     from sparge.predict import Selection
 
@@ -540,6 +558,13 @@ def case_lookup_table():
     row = torch.rand(1, 1, 4, 20) < 0.4
     check_lut(row.expand(2, 3, 4, 20))
     check_lut((torch.rand(1, 2, 20, 6) < 0.5).transpose(2, 3))
+    from sparge.mask import SparseMask, num_blocks
+
+    # the attention kernel's table, with partial last key blocks, causal or not, block sizes apart
+    for bq, bk, lq, lk, causal in ((64, 128, 300, 333, False), (64, 128, 300, 333, True),
+                                   (128, 64, 500, 256, True), (64, 64, 64, 1, True)):
+        blocks = torch.rand(2, 3, num_blocks(lq, bq), num_blocks(lk, bk)) < 0.6
+        check_mask_table(SparseMask(blocks, bq, bk, lq, lk, causal))
 
 
 def case_custom_op_and_compile():
@@ -617,6 +642,19 @@ def test_prepare_qkv_gpu(dtype, shape, monkeypatch):
     v[..., 0] = 0  # a zero channel
     for mode in ("int8_fp8", "int8_fp16"):
         check_prepare_qkv(q, k, v, bq, bk, mode)
+
+
+@pytest.mark.gpu
+@gpu
+def test_mask_table_gpu(monkeypatch):
+    _fresh_seed()
+    _poison_allocations(monkeypatch)
+    from sparge.mask import SparseMask, num_blocks
+
+    for causal in (False, True):
+        lq, lk = 4096 + 77, 8192 + 5
+        blocks = torch.rand(2, 4, num_blocks(lq, 64), num_blocks(lk, 128), device="cuda") < 0.3
+        check_mask_table(SparseMask(blocks, 64, 128, lq, lk, causal))
 
 
 @pytest.mark.gpu

@@ -69,7 +69,7 @@ from ..mask import SparseMask, num_blocks
 from ..quant import EXACT, P_FP8_SCALE, PV_FP8, PV_FP16
 from .layout import to_pv_order
 from .rounding import round_to_e4m3
-from .select import block_map_to_lut
+from .select import mask_table
 
 LOG2E = math.log2(math.e)
 P_SCALE_LOG2 = math.log2(P_FP8_SCALE)
@@ -495,17 +495,10 @@ class BlockTable:
 
 
 def block_table(mask: SparseMask) -> BlockTable:
-    """Build the kernel's lookup table from a mask, on the mask's device, without host sync."""
-    indices, counts = block_map_to_lut(mask.blocks, delta=False)
-    n_q, n_k = mask.shape[2], mask.shape[3]
-    device = mask.device
-    limit = torch.full((n_q,), mask.k_len // mask.block_k, device=device)
-    if mask.causal:
-        first_row = torch.arange(n_q, device=device) * mask.block_q
-        limit = torch.minimum(limit, first_row // mask.block_k)
-    unmasked = torch.arange(n_k, device=device)[None, :] < limit[:, None]  # (nQ, nK)
-    n_full = (mask.blocks & unmasked).sum(-1, dtype=torch.int32)
-    return BlockTable(counts.contiguous(), n_full.contiguous(), indices.contiguous())
+    """Build the kernel's lookup table from a mask, on the mask's device, without host sync (one
+    kernel launch)."""
+    indices, counts, n_full = mask_table(mask)
+    return BlockTable(counts, n_full, indices)
 
 
 @dataclass(frozen=True)

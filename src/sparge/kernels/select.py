@@ -131,9 +131,14 @@ def _max_combine(a, b):
 @triton.jit
 def _lut_kernel(blocks_ptr, sbb, sbh, sbq, sbk,  # uint8 (B, H, nQ, nK), any strides
                 lut_ptr, counts_ptr,  # int32 (B, H, nQ, nK) and (B, H, nQ), contiguous
-                H, NQ, NK, NKP: tl.constexpr, DELTA: tl.constexpr):
+                n_full_ptr,  # int32 (B, H, nQ), contiguous (if N_FULL)
+                H, NQ, NK, full_blocks, block_q, block_k,
+                NKP: tl.constexpr, DELTA: tl.constexpr, N_FULL: tl.constexpr,
+                CAUSAL: tl.constexpr):
     """One row of the table: kept key-block indices in ascending order, delta-encoded when DELTA
-    (upstream's format) or absolute, zero after the last; and the row's count."""
+    (upstream's format) or absolute, zero after the last; and the row's count. With N_FULL also
+    how many kept blocks lie below ``full_blocks`` (the whole key blocks) and, when CAUSAL,
+    wholly before the query block's first row."""
     row = tl.program_id(0)  # flat (b, h, i)
     i = row % NQ
     bh = row // NQ
@@ -153,6 +158,37 @@ def _lut_kernel(blocks_ptr, sbb, sbh, sbq, sbk,  # uint8 (B, H, nQ, nK), any str
     tl.store(out + slot, value, mask=(kept != 0) & (j < NK))
     tl.store(out + j, tl.zeros_like(delta), mask=(j >= count) & (j < NK))
     tl.store(counts_ptr + row, count)
+    if N_FULL:
+        limit = full_blocks
+        if CAUSAL:
+            limit = tl.minimum(limit, (i * block_q) // block_k)
+        tl.store(n_full_ptr + row, tl.sum(tl.where(j < limit, kept, 0), 0))
+
+
+def _lookup_table(blocks: torch.Tensor, delta: bool, mask: SparseMask | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One launch of ``_lut_kernel``: ``(lut, counts, n_full)``, n_full only for a ``mask``."""
+    if blocks.dim() != 4:
+        raise ValueError(f"blocks must be 4-D (B, H, nQ, nK), got shape {tuple(blocks.shape)}")
+    if blocks.dtype == torch.bool:
+        blocks = blocks.view(torch.uint8)
+    batch, heads, n_q, n_k = blocks.shape
+    lut = _alloc(batch, heads, n_q, n_k, dtype=torch.int32, device=blocks.device)
+    counts = _alloc(batch, heads, n_q, dtype=torch.int32, device=blocks.device)
+    n_full = None if mask is None else _alloc(batch, heads, n_q, dtype=torch.int32,
+                                              device=blocks.device)
+    rows = batch * heads * n_q
+    if rows == 0 or n_k == 0:
+        return lut.zero_(), counts.zero_(), None if n_full is None else n_full.zero_()
+    nkp = max(16, triton.next_power_of_2(n_k))
+    full_blocks, block_q, block_k = ((0, 1, 1) if mask is None else
+                                     (mask.k_len // mask.block_k, mask.block_q, mask.block_k))
+    _lut_kernel[(rows,)](blocks, *blocks.stride(), lut, counts,
+                         counts if n_full is None else n_full, heads, n_q, n_k, full_blocks,
+                         block_q, block_k, NKP=nkp, DELTA=delta, N_FULL=mask is not None,
+                         CAUSAL=mask is not None and mask.causal,
+                         num_warps=4 if nkp <= 1024 else 8)
+    return lut, counts, n_full
 
 
 def block_map_to_lut(blocks: torch.Tensor, *,
@@ -169,20 +205,16 @@ def block_map_to_lut(blocks: torch.Tensor, *,
         order, delta-encoded (the first the index itself) or absolute, zeros after the last;
         int32 (B, H, nQ), the number of kept blocks per row.
     """
-    if blocks.dim() != 4:
-        raise ValueError(f"blocks must be 4-D (B, H, nQ, nK), got shape {tuple(blocks.shape)}")
-    if blocks.dtype == torch.bool:
-        blocks = blocks.view(torch.uint8)
-    batch, heads, n_q, n_k = blocks.shape
-    lut = _alloc(batch, heads, n_q, n_k, dtype=torch.int32, device=blocks.device)
-    counts = _alloc(batch, heads, n_q, dtype=torch.int32, device=blocks.device)
-    rows = batch * heads * n_q
-    if rows == 0 or n_k == 0:
-        return lut.zero_(), counts.zero_()
-    nkp = max(16, triton.next_power_of_2(n_k))
-    _lut_kernel[(rows,)](blocks, *blocks.stride(), lut, counts, heads, n_q, n_k, NKP=nkp,
-                         DELTA=delta, num_warps=4 if nkp <= 1024 else 8)
+    lut, counts, _ = _lookup_table(blocks, delta, None)
     return lut, counts
 
 
-__all__ = ["predict_mask_gpu", "block_map_to_lut", "select_blocks_gpu"]
+def mask_table(mask: SparseMask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The attention kernel's lookup table of ``mask``, in one launch: ``(indices, counts,
+    n_full)``, the first two as :func:`block_map_to_lut` with absolute indices, and n_full int32
+    (B, H, nQ) the number of kept blocks that need no element mask: whole key blocks (below
+    ``k_len // block_k``) that, under causal masking, end before the query block's first row."""
+    return _lookup_table(mask.blocks, False, mask)
+
+
+__all__ = ["block_map_to_lut", "mask_table", "predict_mask_gpu", "select_blocks_gpu"]
