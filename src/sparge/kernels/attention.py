@@ -68,14 +68,14 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from ..mask import SparseMask, num_blocks
 from ..quant import EXACT, P_FP8_SCALE, PV_FP8, PV_FP16
 from .layout import to_pv_order
-from .rounding import round_to_e4m3
+from .rounding import RINT_MAGIC, round_to_e4m3
 from .select import mask_table
 
 LOG2E = math.log2(math.e)
 P_SCALE_LOG2 = math.log2(P_FP8_SCALE)
 
 MODE_IDS = {PV_FP8: 0, PV_FP16: 1, EXACT: 2}
-MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: float bits 0x4B400000 + d hold MAGIC + d
+MAGIC = RINT_MAGIC  # 1.5 * 2**23: float bits 0x4B400000 + d hold MAGIC + d
 # Folding MAGIC into the exponent's FMA rounds its per-row constant by up to 2**-8 (plus 2**-8
 # for the product) when the score scale c satisfies MAGIC * c < 2**17, i.e. c <= 2**-7.
 FOLD_MAX_SCALE = tl.constexpr(0.0078125)
