@@ -22,25 +22,38 @@ MIN_CAPABILITY = (7, 5)
 FP8_CAPABILITY = (8, 9)
 
 
+_CAPABILITIES: dict[int, int] = {}
+
+
 @torch.compiler.assume_constant_result
 def cuda_capability(index: int) -> int:
     """Compute capability of CUDA device ``index`` as 10 * major + minor (8.9 -> 89).
 
-    Evaluated once at trace time under ``torch.compile``: a device's capability never changes.
+    Asked of the driver once per device (a device's capability never changes), and evaluated
+    once at trace time under ``torch.compile``.
     """
-    major, minor = torch.cuda.get_device_capability(index)
-    return 10 * major + minor
+    if index not in _CAPABILITIES:
+        major, minor = torch.cuda.get_device_capability(index)
+        _CAPABILITIES[index] = 10 * major + minor
+    return _CAPABILITIES[index]
 
 
-def _capability_of(device: torch.device) -> tuple[int, int]:
+def capability_of(device: torch.device) -> tuple[int, int]:
+    """``(major, minor)`` compute capability of a CUDA device (the current one for ``cuda``)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     value = cuda_capability(index)
     return value // 10, value % 10
 
 
+_TRITON_FOUND: list[bool] = []
+
+
 @torch.compiler.assume_constant_result
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    """Whether Triton can be imported (looked up once)."""
+    if not _TRITON_FOUND:
+        _TRITON_FOUND.append(importlib.util.find_spec("triton") is not None)
+    return _TRITON_FOUND[0]
 
 
 def interpreter_enabled() -> bool:
@@ -52,7 +65,7 @@ def triton_status(device: torch.device) -> tuple[bool, str]:
     if not triton_installed():
         return False, "Triton is not installed"
     if device.type == "cuda":
-        major, minor = _capability_of(device)
+        major, minor = capability_of(device)
         if (major, minor) < MIN_CAPABILITY:
             return False, f"compute capability {major}.{minor} is below 7.5 (Turing)"
         return True, f"CUDA GPU of compute capability {major}.{minor}"
@@ -76,7 +89,7 @@ def choose_backend(requested: str, device: torch.device) -> str:
 
 
 def has_fp8_tensor_cores(device: torch.device) -> bool:
-    return device.type == "cuda" and _capability_of(device) >= FP8_CAPABILITY
+    return device.type == "cuda" and capability_of(device) >= FP8_CAPABILITY
 
 
 def choose_quant(requested: str, device: torch.device) -> str:

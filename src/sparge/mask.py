@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ._constants import device_constant
+
 SUPPORTED_BLOCK_SIZES = (64, 128)
 
 
@@ -71,8 +73,9 @@ class SparseMask:
                 f"Lk={self.k_len} with block sizes ({self.block_q}, {self.block_k}) "
                 f"need {expected}")
         if self.causal:
-            valid = causal_block_mask(self.q_len, self.k_len, self.block_q, self.block_k,
-                                      self.blocks.device)
+            sizes = (self.q_len, self.k_len, self.block_q, self.block_k)
+            valid = device_constant(("causal blocks", *sizes), self.blocks.device,
+                                    lambda: causal_block_mask(*sizes, self.blocks.device))
             object.__setattr__(self, "blocks", self.blocks & valid)
 
     # ----------------------------------------------------------------------------- construction

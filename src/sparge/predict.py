@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._constants import device_constant
 from .mask import SparseMask, causal_block_mask, num_blocks
 
 
@@ -52,10 +53,15 @@ def smooth_k(k: torch.Tensor) -> torch.Tensor:
 
 def per_head(value: float | torch.Tensor, heads: int, device: torch.device) -> torch.Tensor:
     """A hyperparameter as float32 (heads,) on ``device``, from a float or a scalar or (heads,)
-    tensor. A number becomes a fill, never a host-to-device copy, so a CUDA graph can capture it."""
+    tensor. A number becomes a fill, never a host-to-device copy, so a CUDA graph can capture it;
+    on a GPU the filled tensor is kept for later calls (:mod:`sparge._constants`): read it, never
+    write it."""
     if isinstance(value, torch.Tensor):
         return value.to(device=device, dtype=torch.float32).expand(heads)
-    return torch.full((heads,), float(value), dtype=torch.float32, device=device)
+    value = float(value)
+    return device_constant(("per_head", value, heads), device,
+                           lambda: torch.full((heads,), value, dtype=torch.float32,
+                                              device=device))
 
 
 @dataclass(frozen=True)

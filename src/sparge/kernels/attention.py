@@ -65,8 +65,11 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from ..backend import capability_of
 from ..mask import SparseMask, num_blocks
 from ..quant import EXACT, P_FP8_SCALE, PV_FP8, PV_FP16
+from . import launcher
+from .launcher import cdiv, next_pow2
 from .layout import to_pv_order
 from .rounding import RINT_MAGIC, round_to_e4m3
 from .select import mask_table
@@ -549,7 +552,7 @@ _TUNED: dict[tuple, KernelConfig] = {}
 
 def _bucket(n: int) -> int:
     """Shape class of a length: the next power of two (lengths within 2x share a config)."""
-    return 1 << max(0, (n - 1).bit_length())
+    return next_pow2(n)
 
 
 def _autotune_enabled() -> bool:
@@ -557,7 +560,7 @@ def _autotune_enabled() -> bool:
 
 
 def _head_dim_padded(dim: int) -> int:
-    return max(16, triton.next_power_of_2(dim))
+    return max(16, next_pow2(dim))
 
 
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tensor,
@@ -612,7 +615,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tens
         counts, n_full, indices = table.counts, table.n_full, table.indices
 
     if mode_id == 0:
-        lp = triton.cdiv(k_len, block_k) * block_k
+        lp = cdiv(k_len, block_k) * block_k
         if v.shape != (batch, heads_k, dim, lp) or not v.is_contiguous():
             raise ValueError(f"mode {mode!r} takes V as the pre-pass's contiguous FP8 buffer of "
                              f"shape {(batch, heads_k, dim, lp)}, got {tuple(v.shape)} with "
@@ -624,11 +627,12 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tens
     k_desc, v_desc = descriptors if descriptors is not None else (None, None)
 
     def run(cfg: KernelConfig):
-        grid = (triton.cdiv(q_len, cfg.block_m), batch * heads_q)
+        grid = (cdiv(q_len, cfg.block_m), batch * heads_q)
         caps = {} if cfg.max_registers is None else {"maxnreg": cfg.max_registers}
         # Multiply-adds contracted into FMAs (the exponent, the accumulator's rescaling), asked
         # for explicitly: Triton 3.9 warns that its default turns to no contraction in 3.10.
-        return _sparse_attn_fwd[grid](
+        return launcher.run(
+            _sparse_attn_fwd, grid,
             q, k, v, out, qs, ks, ks_max, vs, lam, counts, n_full, indices, k_desc, v_desc,
             *q.stride(), *k.stride(), *v_strides, *out.stride(),
             *qs.stride(), *ks.stride(), *ks_max.stride(), *vs.stride(),
@@ -658,7 +662,7 @@ def _tma_descriptors(k: torch.Tensor, v: torch.Tensor, block_k: int, head_dim: i
     HEAD_DIM (no padding). None also before Hopper (no tensor memory accelerator); the CPU
     interpreter emulates descriptors.
     """
-    if k.device.type == "cuda" and torch.cuda.get_device_capability(k.device) < (9, 0):
+    if k.device.type == "cuda" and capability_of(k.device) < (9, 0):
         return None
     batch, heads_k, k_len, dim = k.shape
     rows = batch * heads_k * k_len
@@ -681,7 +685,7 @@ def _choose_config(run, device: torch.device, mode: str, dtype: torch.dtype, hea
     """The cached configuration for this shape class; times the candidates on its first call."""
     if device.type != "cuda":
         return KernelConfig(64, 4, 1)  # the interpreter: any valid configuration
-    capability = torch.cuda.get_device_capability(device)
+    capability = capability_of(device)
     key = (capability, mode, dtype, head_dim, block_q, block_k, causal, sparse, pv_skip,
            _bucket(q_len), _bucket(k_len))
     if key in _TUNED:

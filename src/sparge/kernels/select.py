@@ -16,6 +16,8 @@ import triton.language as tl
 
 from ..mask import SparseMask
 from ..predict import BlockStats, Selection, per_head, pooled_scores, select_blocks
+from . import launcher
+from .launcher import next_pow2
 from .prepass import block_stats_gpu
 
 
@@ -109,8 +111,9 @@ def select_blocks_gpu(q_stats: BlockStats, k_stats: BlockStats, selection: Selec
     rule = per_head(selection.topk if topk else selection.cdf_threshold, heads_q, device)
     sim_thr = per_head(selection.sim_threshold, heads_q, device)
     blocks = _alloc(batch, heads_q, n_q, n_k, dtype=torch.bool, device=device)
-    nkp = max(16, triton.next_power_of_2(n_k))
-    _select_kernel[(n_q, batch * heads_q)](
+    nkp = max(16, next_pow2(n_k))
+    launcher.run(
+        _select_kernel, (n_q, batch * heads_q),
         scores, q_stats.similarity.contiguous(), k_stats.similarity.contiguous(), sim_thr, rule,
         blocks.view(torch.uint8), heads_q, heads_q // heads_k, n_q, n_k, q_len, block_q, block_k,
         NKP=nkp, TOPK=topk, CAUSAL=causal, SINK=selection.attention_sink,
@@ -180,10 +183,10 @@ def _lookup_table(blocks: torch.Tensor, delta: bool, mask: SparseMask | None
     rows = batch * heads * n_q
     if rows == 0 or n_k == 0:
         return lut.zero_(), counts.zero_(), None if n_full is None else n_full.zero_()
-    nkp = max(16, triton.next_power_of_2(n_k))
+    nkp = max(16, next_pow2(n_k))
     full_blocks, block_q, block_k = ((0, 1, 1) if mask is None else
                                      (mask.k_len // mask.block_k, mask.block_q, mask.block_k))
-    _lut_kernel[(rows,)](blocks, *blocks.stride(), lut, counts,
+    launcher.run(_lut_kernel, (rows,), blocks, *blocks.stride(), lut, counts,
                          counts if n_full is None else n_full, heads, n_q, n_k, full_blocks,
                          block_q, block_k, NKP=nkp, DELTA=delta, N_FULL=mask is not None,
                          CAUSAL=mask is not None and mask.causal,
