@@ -109,6 +109,9 @@ def check_prepare_qkv(q, k, v, block_q, block_k, mode):
     k8, ks = quantize_int8_per_block(k.float() - mean[:, :, None, :], block_k)
     assert torch.equal(got.k.cpu(), k8)
     assert torch.equal(got.k_scale.cpu(), ks)
+    # each head's largest K scale, which the attention kernel reads (an atomic maximum over
+    # the K programs, into a buffer the statistics launch zeroes: allocations are poisoned)
+    assert torch.equal(got.k_scale_max.cpu(), ks.amax(dim=-1))
     # Against the spec, the mean's difference d moves an amax by d at most (the scale: rtol
     # 1e-5), and an INT8 value by one at most, only where smooth_k(k) / scale lies within
     # about d / scale steps of a rounding tie (twice that, plus float32 rounding, is allowed).

@@ -84,6 +84,8 @@ class QuantizedQKV:
             v_scale None (mode ``int8_fp16``). The GPU pre-pass
             (:func:`sparge.kernels.prepass.prepare_qkv`) holds the FP8 values in its attention
             kernel's layout instead: a (B, Hk, D, LP) buffer with the keys reordered.
+        k_scale_max: float32 (B, Hk), the largest K scale of each head, where the quantizer
+            computes it (the GPU pre-pass does; None otherwise).
     """
 
     q: torch.Tensor
@@ -92,6 +94,7 @@ class QuantizedQKV:
     k_scale: torch.Tensor
     v: torch.Tensor
     v_scale: torch.Tensor | None
+    k_scale_max: torch.Tensor | None = None
 
 
 def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_q: int,

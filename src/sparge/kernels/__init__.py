@@ -77,7 +77,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: Sparse
         operands = dict(q=q, k=k, v=v, q_scale=None, k_scale=None, v_scale=None)
     else:
         operands = dict(q=quant.q, k=quant.k, v=quant.v, q_scale=quant.q_scale,
-                        k_scale=quant.k_scale, v_scale=quant.v_scale)
+                        k_scale=quant.k_scale, v_scale=quant.v_scale,
+                        k_scale_max=quant.k_scale_max)
     launch(**operands, out=out, table=table, block_q=block_q, block_k=block_k, causal=causal,
            scale=scale, pv_threshold=pv_threshold, mode=mode, pv_skip=_tile_skip_enabled())
     return mask

@@ -567,7 +567,8 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tens
            q_scale: torch.Tensor | None, k_scale: torch.Tensor | None,
            v_scale: torch.Tensor | None, table: BlockTable | None, block_q: int, block_k: int,
            causal: bool, scale: float, pv_threshold: torch.Tensor, mode: str,
-           pv_skip: bool = False, config: KernelConfig | None = None):
+           pv_skip: bool = False, config: KernelConfig | None = None,
+           k_scale_max: torch.Tensor | None = None):
     """Run the attention kernel, writing ``out`` (B, Hq, Lq, D) in place.
 
     Args:
@@ -584,6 +585,8 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tens
         pv_skip: skip the P.V product of tiles whose rows all skip (worth it when thresholds are
             small enough to skip; costs a reduction per step otherwise).
         config: force a launch configuration (no autotuning).
+        k_scale_max: float32 (B, Hk), each head's largest K scale, if the pre-pass gives it
+            (else it is computed here).
 
     Returns Triton's handle of the launched kernel (``n_regs``, ``n_spills``, ``asm``).
     """
@@ -605,7 +608,10 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tens
         qs = q_scale
         ks = k_scale
         # Decides, per program, whether the exponent may be folded (read only when folding).
-        ks_max = ks.amax(dim=-1) if fold else qs[..., 0]
+        if not fold:
+            ks_max = qs[..., 0]
+        else:
+            ks_max = ks.amax(dim=-1) if k_scale_max is None else k_scale_max
         vs = v_scale if v_scale is not None else qs  # read in the FP8 mode only
     lam = pv_threshold.to(device=device, dtype=torch.float32).contiguous()
     if table is None:

@@ -21,6 +21,8 @@ The two launches:
 2. ``_quantize_kernel`` runs three jobs in one grid, told apart by program id: K blocks, V tiles
    and Q blocks. A K program first finishes the channel mean from the partials, a V program the
    channel scales, then each quantizes its rows (and computes the statistics of its blocks).
+   The K programs also leave each head's largest K scale, which the attention kernel reads
+   (an atomic maximum into a buffer the first launch zeroed: the same bits in any order).
 
 The channel mean is summed in another order than torch's ``mean``: within a chunk, each row slot
 of a tile adds its tokens in order and the slots are then added up (Triton's reduction tree); the
@@ -47,6 +49,8 @@ import triton.language as tl
 from ..mask import num_blocks
 from ..predict import BlockStats
 from ..quant import FP8_DTYPE, PV_FP8, PV_FP16, QuantizedQKV
+from . import launcher
+from .launcher import cdiv, next_pow2
 from .layout import to_pv_order
 from .rounding import divide, fp8_scale, int8_scale, reciprocal, round_to_e4m3, to_int8
 
@@ -78,13 +82,18 @@ def _channel_stats_kernel(
         k_ptr, skb, skh, skl, skd,  # (B, H, L, D), any strides
         v_ptr, svb, svh, svl, svd,  # (B, H, L, D), any strides (if V_MAX)
         ksum_ptr, vmax_ptr,  # float32 (B, H, n_chunks, D) contiguous partials
+        kmax_ptr,  # float32 (B, H): zeroed here for the quantization kernel (if ZERO_KMAX)
         H, L, D, chunk, n_chunks,
-        ROWS: tl.constexpr, DP: tl.constexpr, V_MAX: tl.constexpr):
+        ROWS: tl.constexpr, DP: tl.constexpr, V_MAX: tl.constexpr, ZERO_KMAX: tl.constexpr):
     """Partials of tokens [c * chunk, (c + 1) * chunk) of one (batch, head), c = program_id(0):
     K channel sums (each row slot of a (ROWS, DP) tile adds its tokens in order, then the slots
-    are added up) and, if V_MAX, V channel abs-maxima."""
+    are added up) and, if V_MAX, V channel abs-maxima. If ZERO_KMAX, program c = 0 also zeroes
+    the head's largest K scale, which the K programs of the quantization kernel then raise."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
+    if ZERO_KMAX:
+        if c == 0:
+            tl.store(kmax_ptr + bh, 0.0)
     b = bh // H
     h = bh % H
     cols = tl.arange(0, DP)
@@ -166,11 +175,15 @@ def _block_job(
         xq_ptr, scale_ptr,  # int8 (B, H, L, D) contiguous, float32 (B, H, n) (if QUANT)
         mean_ptr, sim_ptr,  # float32 (B, H, n, D), (B, H, n) (if STATS)
         part_ptr, n_chunks,  # float32 (B, H, n_chunks, D) channel sums (if SMOOTH)
+        scale_max_ptr,  # float32 (B, H), zeroed before: the largest scale (if SCALE_MAX)
         job, H, L, D, per_head, blocks,
         BLOCK: tl.constexpr, R: tl.constexpr, DP: tl.constexpr, LOG_NC: tl.constexpr,
-        SMOOTH: tl.constexpr, QUANT: tl.constexpr, STATS: tl.constexpr):
+        SMOOTH: tl.constexpr, QUANT: tl.constexpr, STATS: tl.constexpr,
+        SCALE_MAX: tl.constexpr):
     """Program ``job`` of a Q or K job: ``blocks`` consecutive blocks of BLOCK rows of one
-    (batch, head) (``per_head`` programs each), less the channel mean when SMOOTH.
+    (batch, head) (``per_head`` programs each), less the channel mean when SMOOTH. With
+    SCALE_MAX it raises the head's largest scale to its own blocks' largest (an atomic maximum:
+    the same result in any order).
 
     A tile holds R rows. A block of more rows (S = BLOCK / R parts) is read twice, part by part:
     once for its amax and column sums, once (from cache) to quantize it and sum its row
@@ -190,6 +203,7 @@ def _block_job(
         total = _combine_partials(part_ptr + bh * n_chunks * D, n_chunks, D, LOG_NC, DP, False)
         mu = tl.math.div_rn(total, L.to(tl.float32))
     first = (job % per_head) * blocks
+    largest = 0.0
     for blk in range(first, tl.minimum(first + blocks, n_blocks)):
         row0 = blk * BLOCK
         if S == 1:
@@ -222,6 +236,9 @@ def _block_job(
             tl.store(sim_ptr + stat_row, sim)
         if QUANT:
             tl.store(scale_ptr + stat_row, scale)
+            largest = tl.maximum(largest, scale)
+    if SCALE_MAX:
+        tl.atomic_max(scale_max_ptr + bh, largest)
 
 
 @triton.jit
@@ -265,6 +282,7 @@ def _v_job(
 def _quantize_kernel(
         q_ptr, sqb, sqh, sql, sqd, q8_ptr, q_scale_ptr, q_mean_ptr, q_sim_ptr,
         k_ptr, skb, skh, skl, skd, k8_ptr, k_scale_ptr, k_mean_ptr, k_sim_ptr, ksum_ptr,
+        k_scale_max_ptr,
         v_ptr, svb, svh, svl, svd, v8_ptr, v_scale_ptr, vmax_ptr,
         n_chunks, HQ, HK, LQ, LK, LP, D,
         k_jobs, v_jobs,  # programs [0, k_jobs) do K, [k_jobs, k_jobs + v_jobs) V, the rest Q
@@ -280,16 +298,16 @@ def _quantize_kernel(
     if pid < k_jobs:
         if HAS_K:
             _block_job(k_ptr, skb, skh, skl, skd, k8_ptr, k_scale_ptr, k_mean_ptr, k_sim_ptr,
-                       ksum_ptr, n_chunks, pid, HK, LK, D, k_per_head, k_blocks,
-                       BK, RK, DP, LOG_NC, True, QUANT, STATS)
+                       ksum_ptr, n_chunks, k_scale_max_ptr, pid, HK, LK, D, k_per_head,
+                       k_blocks, BK, RK, DP, LOG_NC, True, QUANT, STATS, QUANT)
     elif pid < k_jobs + v_jobs:
         if HAS_V:
             _v_job(v_ptr, svb, svh, svl, svd, v8_ptr, v_scale_ptr, vmax_ptr, n_chunks,
                    pid - k_jobs, HK, LK, LP, D, v_per_head, v_tiles, VT, DP, LOG_NC)
     elif HAS_Q:
         _block_job(q_ptr, sqb, sqh, sql, sqd, q8_ptr, q_scale_ptr, q_mean_ptr, q_sim_ptr,
-                   q_ptr, n_chunks, pid - k_jobs - v_jobs, HQ, LQ, D, q_per_head, q_blocks,
-                   BQ, RQ, DP, LOG_NC, False, QUANT, STATS)
+                   q_ptr, n_chunks, q_ptr, pid - k_jobs - v_jobs, HQ, LQ, D, q_per_head,
+                   q_blocks, BQ, RQ, DP, LOG_NC, False, QUANT, STATS, False)
 
 
 def _alloc(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -298,7 +316,7 @@ def _alloc(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
 
 
 def _dim_pad(dim: int) -> int:
-    return max(16, triton.next_power_of_2(dim))
+    return max(16, next_pow2(dim))
 
 
 def _max_chunks(dim_pad: int) -> int:
@@ -309,16 +327,18 @@ def _max_chunks(dim_pad: int) -> int:
 def _chunking(length: int, heads: int, dim_pad: int) -> tuple[int, int]:
     """``(chunk, n_chunks)``: tokens per chunk and chunks per sequence of the channel statistics'
     split reduction over ``heads`` (B * H) sequences of ``length`` tokens."""
-    n = min(_max_chunks(dim_pad), triton.cdiv(_STATS_PROGRAMS, heads),
-            triton.cdiv(length, _CHUNK_ROWS))
-    chunk = _CHUNK_ROWS * triton.cdiv(triton.cdiv(length, n), _CHUNK_ROWS)
-    return chunk, triton.cdiv(length, chunk)
+    n = min(_max_chunks(dim_pad), cdiv(_STATS_PROGRAMS, heads),
+            cdiv(length, _CHUNK_ROWS))
+    chunk = _CHUNK_ROWS * cdiv(cdiv(length, n), _CHUNK_ROWS)
+    return chunk, cdiv(length, chunk)
 
 
-def _channel_stats(k: torch.Tensor, v: torch.Tensor | None
+def _channel_stats(k: torch.Tensor, v: torch.Tensor | None,
+                   k_scale_max: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunk partials of k, v (B, H, L, D), any strides: K channel sums and (if v is given) V
-    channel abs-maxima, float32 (B, H, n_chunks, D) each. One launch."""
+    channel abs-maxima, float32 (B, H, n_chunks, D) each; zeroes ``k_scale_max`` (B, H) if
+    given. One launch."""
     batch, heads, length, dim = k.shape
     dp = _dim_pad(dim)
     chunk, n = _chunking(length, batch * heads, dp)
@@ -326,10 +346,12 @@ def _channel_stats(k: torch.Tensor, v: torch.Tensor | None
     vmax = None if v is None else _alloc(batch, heads, n, dim, dtype=torch.float32,
                                          device=k.device)
     vv = k if v is None else v
-    _channel_stats_kernel[(n, batch * heads)](
+    launcher.run(
+        _channel_stats_kernel, (n, batch * heads),
         k, *k.stride(), vv, *vv.stride(), ksum, ksum if vmax is None else vmax,
-        heads, length, dim, chunk, n,
-        ROWS=min(_CHUNK_ROWS, _STATS_TILE_ELEMS // dp), DP=dp, V_MAX=v is not None, num_warps=4,
+        ksum if k_scale_max is None else k_scale_max, heads, length, dim, chunk, n,
+        ROWS=min(_CHUNK_ROWS, _STATS_TILE_ELEMS // dp), DP=dp, V_MAX=v is not None,
+        ZERO_KMAX=k_scale_max is not None, num_warps=4,
         enable_fp_fusion=True)  # as measured; Triton 3.10 stops contracting by default
     return ksum, vmax
 
@@ -356,13 +378,15 @@ def _block_outputs(x: torch.Tensor, block: int, quant: bool, stats: bool) -> _Bl
 
 def _quantize(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | None,
               ksum: torch.Tensor | None, vmax: torch.Tensor | None, *, block_q: int,
-              block_k: int, quant: bool, stats: bool
+              block_k: int, quant: bool, stats: bool, k_scale_max: torch.Tensor | None = None
               ) -> tuple[_Blocks | None, _Blocks | None, tuple[torch.Tensor, torch.Tensor] | None]:
     """One launch of ``_quantize_kernel`` for the jobs whose input is given.
 
     q (B, Hq, Lq, D); k (B, Hk, Lk, D) with its partial channel sums ``ksum``; v (B, Hk, Lk, D)
     with its partial abs-maxima ``vmax`` (see :func:`_channel_stats`). Returns the Q and K
-    outputs and, for V, ``(values, scales)`` as :func:`prepare_qkv` documents them.
+    outputs and, for V, ``(values, scales)`` as :func:`prepare_qkv` documents them. When K is
+    quantized, ``k_scale_max`` (B, Hk), zeroed by :func:`_channel_stats`, receives each head's
+    largest K scale.
     """
     given = next(t for t in (q, k, v) if t is not None)
     batch, dim, dev = given.shape[0], given.shape[3], given.device
@@ -371,18 +395,18 @@ def _quantize(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | 
     n_chunks = 1 if ksum is None else ksum.shape[2]
     # rows per program: a tile at least, and for K and V enough to amortise combining the partials
     amortised = max(tile_rows, _ROWS_PER_PARTIAL * n_chunks)
-    q_blocks = triton.cdiv(tile_rows, block_q)
-    k_blocks = triton.cdiv(amortised, block_k)
-    v_tiles = triton.cdiv(amortised, tile_rows)
+    q_blocks = cdiv(tile_rows, block_q)
+    k_blocks = cdiv(amortised, block_k)
+    v_tiles = cdiv(amortised, tile_rows)
 
     q_out = q_per_head = None
     if q is not None:
         q_out = _block_outputs(q, block_q, quant, stats)
-        q_per_head = triton.cdiv(num_blocks(q.shape[2], block_q), q_blocks)
+        q_per_head = cdiv(num_blocks(q.shape[2], block_q), q_blocks)
     k_out = k_per_head = None
     if k is not None:
         k_out = _block_outputs(k, block_k, quant, stats)
-        k_per_head = triton.cdiv(num_blocks(k.shape[2], block_k), k_blocks)
+        k_per_head = cdiv(num_blocks(k.shape[2], block_k), k_blocks)
     kv = k if k is not None else v
     heads_k, k_len = (1, 1) if kv is None else kv.shape[1:3]
     padded = num_blocks(k_len, block_k) * block_k
@@ -390,7 +414,7 @@ def _quantize(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | 
     if v is not None:
         v_out = (_alloc(batch, heads_k, dim, padded, dtype=FP8_DTYPE, device=dev),
                  _alloc(batch, heads_k, dim, dtype=torch.float32, device=dev))
-        v_per_head = triton.cdiv(triton.cdiv(padded, tile_rows), v_tiles)
+        v_per_head = cdiv(cdiv(padded, tile_rows), v_tiles)
 
     placeholder = (given, 0, 0, 0, 0)  # a pointer and strides for a job left out
 
@@ -407,8 +431,10 @@ def _quantize(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | 
     v_jobs = 0 if v is None else batch * heads_k * v_per_head
     q_jobs = 0 if q is None else batch * q.shape[1] * q_per_head
     heads_q, q_len = (1, 1) if q is None else q.shape[1:3]
-    _quantize_kernel[(k_jobs + v_jobs + q_jobs,)](
-        *block_args(q, q_out), *block_args(k, k_out), given if ksum is None else ksum, *v_args,
+    launcher.run(
+        _quantize_kernel, (k_jobs + v_jobs + q_jobs,),
+        *block_args(q, q_out), *block_args(k, k_out), given if ksum is None else ksum,
+        given if k_scale_max is None else k_scale_max, *v_args,
         n_chunks, heads_q, heads_k, q_len, k_len, padded, dim, k_jobs, v_jobs,
         q_per_head or 1, k_per_head or 1, v_per_head or 1, q_blocks, k_blocks, v_tiles,
         BQ=block_q, BK=block_k, RQ=min(block_q, tile_rows), RK=min(block_k, tile_rows),
@@ -469,7 +495,8 @@ def prepare_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_q: i
         ``int8_fp8``, ``quantized.v`` is the attention kernel's contiguous (B, Hk, D, LP)
         float8_e4m3fn buffer: K-major, LP a multiple of ``block_k``, key n in slot
         ``pv_slot(n)`` and keys past Lk zeros (:func:`sparge.kernels.layout.fp8_v_natural` gives
-        the (B, Hk, Lk, D) values in key order). The statistics are None unless ``with_stats``.
+        the (B, Hk, Lk, D) values in key order). ``quantized.k_scale_max`` (B, Hk) is each
+        head's largest K scale. The statistics are None unless ``with_stats``.
     """
     if mode not in (PV_FP8, PV_FP16):
         raise ValueError(f"prepare_qkv mode must be {PV_FP8!r} or {PV_FP16!r}, got {mode!r}")
@@ -477,11 +504,13 @@ def prepare_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_q: i
         raise ValueError("prepare_qkv wants q (B, Hq, Lq, D) and k, v (B, Hk, Lk, D), got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     v8 = v if mode == PV_FP8 else None
-    ksum, vmax = _channel_stats(k, v8)
+    k_scale_max = _alloc(k.shape[0], k.shape[1], dtype=torch.float32, device=k.device)
+    ksum, vmax = _channel_stats(k, v8, k_scale_max)
     q_out, k_out, v_out = _quantize(q, k, v8, ksum, vmax, block_q=block_q, block_k=block_k,
-                                    quant=True, stats=with_stats)
+                                    quant=True, stats=with_stats, k_scale_max=k_scale_max)
     v_q, v_scale = v_out if v8 is not None else (v.to(torch.float16), None)
-    quantized = QuantizedQKV(q_out.values, q_out.scales, k_out.values, k_out.scales, v_q, v_scale)
+    quantized = QuantizedQKV(q_out.values, q_out.scales, k_out.values, k_out.scales, v_q, v_scale,
+                             k_scale_max)
     return quantized, q_out.stats, k_out.stats
 
 
