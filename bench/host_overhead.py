@@ -1,9 +1,12 @@
 """Where the host time of one public-API call goes, for short sequences where it shows.
 
-    PYTHONPATH=src python3 bench/host_overhead.py [--seq-len 4096]
+    PYTHONPATH=src python3 bench/host_overhead.py [--seq-len 4096] [--breakdown]
 
 Times each entry point with CUDA events (median of do_bench) and with a host clock around calls
-issued back to back, then prints cProfile's top functions by own time for `sparse_attn`.
+issued back to back. ``--breakdown`` also times each step of a call on its own (the pre-pass, the
+attention launch, the selection, the lookup table, the torch operations between them) at a length
+short enough (L256) that the GPU never holds the host back, and ``--profile`` prints cProfile's
+top functions by own time for ``sparse_attn``.
 """
 
 from __future__ import annotations
@@ -15,19 +18,87 @@ import time
 
 import torch
 import triton
+import triton.language as tl
 
 import sparge
+from sparge.kernels.attention import block_table, launch
+from sparge.kernels.prepass import prepare_qkv
+from sparge.kernels.select import select_blocks_gpu
+from sparge.mask import SparseMask
+from sparge.predict import Selection, per_head, pooled_scores
 
 
 def host_us(fn, n: int = 200) -> float:
-    """Mean host time per call, in microseconds, for calls issued without waiting for the GPU."""
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    seconds = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return seconds / n * 1e6
+    """Median host time per call in microseconds, over 5 rounds of n calls issued without waiting
+    for the GPU."""
+    rounds = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        rounds.append((time.perf_counter() - start) / n * 1e6)
+        torch.cuda.synchronize()
+    return sorted(rounds)[2]
+
+
+@triton.jit
+def _fill_kernel(x_ptr, n, value, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(x_ptr + offs, value, mask=offs < n)
+
+
+def end_to_end(q, k, v, mask) -> dict:
+    return {
+        "quantized_attn": lambda: sparge.quantized_attn(q, k, v),
+        "block_sparse_attn 90%": lambda: sparge.block_sparse_attn(q, k, v, mask),
+        "sparse_attn": lambda: sparge.sparse_attn(q, k, v),
+        "sparse_attn causal": lambda: sparge.sparse_attn(q, k, v, is_causal=True),
+        "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
+    }
+
+
+def steps(q, k, v) -> dict:
+    """Each step of a call, on its own (quantized FP8 mode, default block sizes)."""
+    heads = q.shape[1]
+    quant, q_stats, k_stats = prepare_qkv(q, k, v, block_q=64, block_k=128, mode="int8_fp8",
+                                          with_stats=True)
+    selection = Selection(0.6, 0.98)
+    mask = select_blocks_gpu(q_stats, k_stats, selection, q_len=q.shape[2], k_len=k.shape[2],
+                             block_q=64, block_k=128)
+    table = block_table(mask)
+    lam = per_head(50.0, heads, q.device)
+    out = torch.empty_like(q)
+
+    def attend(tab):
+        return lambda: launch(quant.q, quant.k, quant.v, out=out, q_scale=quant.q_scale,
+                              k_scale=quant.k_scale, v_scale=quant.v_scale, table=tab, block_q=64,
+                              block_k=128, causal=False, scale=q.shape[3] ** -0.5,
+                              pv_threshold=lam, mode="int8_fp8")
+
+    small = torch.empty(heads, device=q.device)
+    compiled = _fill_kernel[(1,)](small, heads, 1.0, BLOCK=32)
+    return {
+        "Triton launch, 3 arguments": lambda: _fill_kernel[(1,)](small, heads, 1.0, BLOCK=32),
+        "compiled kernel, 3 arguments": lambda: compiled[(1, 1, 1)](small, heads, 1.0, 32),
+        "torch.empty (B, H, L, D)": lambda: torch.empty_like(q),
+        "torch.full (H,)": lambda: torch.full((heads,), 50.0, device=q.device),
+        "per_head(float)": lambda: per_head(50.0, heads, q.device),
+        "K scales amax": lambda: quant.k_scale.amax(dim=-1),
+        "prepare_qkv, no statistics": lambda: prepare_qkv(q, k, v, block_q=64, block_k=128,
+                                                          mode="int8_fp8", with_stats=False),
+        "prepare_qkv, statistics": lambda: prepare_qkv(q, k, v, block_q=64, block_k=128,
+                                                       mode="int8_fp8", with_stats=True),
+        "pooled_scores": lambda: pooled_scores(q_stats, k_stats),
+        "select_blocks_gpu": lambda: select_blocks_gpu(
+            q_stats, k_stats, selection, q_len=q.shape[2], k_len=k.shape[2], block_q=64,
+            block_k=128),
+        "SparseMask(causal)": lambda: SparseMask(mask.blocks, 64, 128, q.shape[2], k.shape[2],
+                                                 True),
+        "block_table": lambda: block_table(mask),
+        "attention launch, dense": attend(None),
+        "attention launch, table": attend(table),
+    }
 
 
 def main() -> None:
@@ -35,28 +106,40 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--heads", type=int, default=24)
     parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--breakdown", action="store_true")
+    parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
-    shape = (1, args.heads, args.seq_len, args.head_dim)
-    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    mask = sparge.predict_mask(q, k, topk=0.1)
-    calls = {
-        "quantized_attn": lambda: sparge.quantized_attn(q, k, v),
-        "block_sparse_attn 90%": lambda: sparge.block_sparse_attn(q, k, v, mask),
-        "sparse_attn": lambda: sparge.sparse_attn(q, k, v),
-        "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
-    }
-    print(f"B1 H{args.heads} L{args.seq_len} D{args.head_dim} bf16, {torch.cuda.get_device_name()}")
-    for name, fn in calls.items():
+
+    def inputs(length: int):
+        shape = (1, args.heads, length, args.head_dim)
+        q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        return q, k, v, sparge.predict_mask(q, k, topk=0.1)
+
+    q, k, v, mask = inputs(args.seq_len)
+    print(f"B1 H{args.heads} L{args.seq_len} D{args.head_dim} bf16, "
+          f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}")
+    for name, fn in end_to_end(q, k, v, mask).items():
         fn()
         gpu_ms = triton.testing.do_bench(fn, return_mode="median")
-        print(f"{name:24s} do_bench {gpu_ms * 1e3:8.1f} us   host {host_us(fn):8.1f} us per call")
-    profile = cProfile.Profile()
-    profile.enable()
-    for _ in range(100):
-        calls["sparse_attn"]()
-    profile.disable()
-    torch.cuda.synchronize()
-    pstats.Stats(profile).sort_stats("tottime").print_stats(25)
+        print(f"{name:28s} do_bench {gpu_ms * 1e3:8.1f} us   host {host_us(fn):8.1f} us per call")
+    if args.breakdown:
+        q, k, v, mask = inputs(256)
+        print("\nhost time per step, L256 (the GPU keeps up):")
+        for name, fn in {**end_to_end(q, k, v, mask), **steps(q, k, v)}.items():
+            try:
+                fn()
+            except Exception as error:  # noqa: BLE001 - report the step and go on
+                print(f"{name:28s} failed: {type(error).__name__}: {error}")
+                continue
+            print(f"{name:28s} host {host_us(fn):8.1f} us")
+    if args.profile:
+        profile = cProfile.Profile()
+        profile.enable()
+        for _ in range(100):
+            sparge.sparse_attn(q, k, v)
+        profile.disable()
+        torch.cuda.synchronize()
+        pstats.Stats(profile).sort_stats("tottime").print_stats(25)
 
 
 if __name__ == "__main__":
