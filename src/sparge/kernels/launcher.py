@@ -1,9 +1,9 @@
 """Host side of every kernel launch: integer helpers and a launch cache.
 
 A Triton launch through ``kernel[grid](...)`` binds and specialises every argument in Python
-before the driver call: for the attention kernel's 67 arguments that took 86 us of host time per
-launch on an H100 machine, against 28 us for a direct call of the compiled kernel
-(``bench/host_overhead.py``). At short lengths the host time is the call's time, so
+before the driver call: for the attention kernel's 53 runtime arguments that took 52 to 86 us of
+host time per launch on H100 machines, against 20 to 28 us for a direct call of the compiled
+kernel (``bench/host_overhead.py``). At short lengths the host time is the call's time, so
 :func:`run` calls the compiled kernel directly once a launch of the same specialisation has gone
 through Triton.
 
