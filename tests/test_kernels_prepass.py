@@ -159,7 +159,7 @@ def check_selection_matches(q, k, selection, block_q, block_k, causal, max_diff=
     float32 rounding of the CDF threshold may flip (ties in probability cannot: both sorts rank
     them by index); from the GPU's own statistics, also a block whose similarity lies within
     rounding of its threshold."""
-    from sparge.kernels.select import predict_mask_gpu, select_blocks_gpu
+    from sparge.kernels.select import predict_mask_gpu, select_blocks_gpu, select_with_table
     from sparge.predict import (
         BlockStats,
         block_stats,
@@ -172,6 +172,10 @@ def check_selection_matches(q, k, selection, block_q, block_k, causal, max_diff=
     kw = dict(q_len=q.shape[2], k_len=k.shape[2], block_q=block_q, block_k=block_k,
               causal=causal)
     got = select_blocks_gpu(qs, ks, selection, **kw)
+    # the same selection with its lookup table written by the same programs
+    with_table, table = select_with_table(qs, ks, selection, **kw)
+    assert torch.equal(with_table.blocks, got.blocks)
+    check_mask_table(with_table, table)
     on_cpu = [BlockStats(s.mean.cpu(), s.similarity.cpu()) for s in (qs, ks)]
     cpu_selection = type(selection)(*(x.cpu() if isinstance(x, torch.Tensor) else x
                                       for x in (selection.sim_threshold, selection.cdf_threshold,
@@ -204,12 +208,13 @@ def check_lut(blocks):
     assert torch.equal(indices, ref_indices) and torch.equal(counts, ref_counts)
 
 
-def check_mask_table(mask):
-    """The attention kernel's table: kv_indices, plus n_full as the kernel's contract defines it
-    (kept blocks below k_len // block_k and, when causal, ending before the query block)."""
+def check_mask_table(mask, table=None):
+    """The attention kernel's table (``mask_table(mask)`` unless ``table`` is given): kv_indices,
+    plus n_full as the kernel's contract defines it (kept blocks below k_len // block_k and,
+    when causal, ending before the query block)."""
     from sparge.kernels.select import mask_table
 
-    indices, counts, n_full = mask_table(mask)
+    indices, counts, n_full = mask_table(mask) if table is None else table
     ref_counts, ref_indices = mask.kv_indices()
     assert torch.equal(indices.cpu(), ref_indices.cpu())
     assert torch.equal(counts.cpu(), ref_counts.cpu())
@@ -496,6 +501,7 @@ def case_stats_only_pass():
 
 def case_selection_matches_reference():
     _fresh_seed()
+    _poison_allocations()
     for b, hq, hk, lq, lk, d, bq, bk in ((1, 4, 2, 300, 517, 32, 64, 128),
                                          (2, 2, 1, 64, 700, 16, 64, 64),
                                          (1, 2, 2, 400, 200, 24, 128, 64)):
@@ -705,8 +711,9 @@ def test_prepare_qkv_gpu_deterministic():
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("causal", [False, True])
-def test_selection_gpu(causal):
+def test_selection_gpu(causal, monkeypatch):
     _fresh_seed()
+    _poison_allocations(monkeypatch)
     for b, hq, hk, lq, lk, d, bq, bk in ((2, 8, 2, 4096 + 37, 3000, 128, 64, 128),
                                          (1, 4, 1, 1000, 8192, 96, 128, 64)):
         q = _smooth_tokens(b, hq, lq, d, device="cuda", dtype=torch.bfloat16)

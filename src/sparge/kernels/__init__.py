@@ -22,7 +22,7 @@ from ..predict import Selection
 from ..quant import EXACT
 from .attention import BlockTable, KernelConfig, block_table, launch
 from .prepass import prepare_qkv
-from .select import predict_mask_gpu, select_blocks_gpu
+from .select import predict_mask_gpu, select_with_table
 
 
 def predict_mask(q: torch.Tensor, k: torch.Tensor, selection: Selection, *, block_q: int,
@@ -58,6 +58,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: Sparse
     if mask is not None and selection is not None:
         raise ValueError("give mask or selection, not both")
     q_len, k_len = q.shape[2], k.shape[2]
+    table = None
     if mask is not None:
         causal = mask.causal
         block_q, block_k = mask.block_q, mask.block_k
@@ -69,10 +70,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: Sparse
         quant, q_stats, k_stats = prepare_qkv(q, k, v, block_q=block_q, block_k=block_k,
                                               mode=mode, with_stats=selection is not None)
         if selection is not None:
-            mask = select_blocks_gpu(q_stats, k_stats, selection, q_len=q_len, k_len=k_len,
-                                     block_q=block_q, block_k=block_k, causal=causal)
+            # the selection's programs write the lookup table too (one launch)
+            mask, (indices, counts, n_full) = select_with_table(
+                q_stats, k_stats, selection, q_len=q_len, k_len=k_len, block_q=block_q,
+                block_k=block_k, causal=causal)
+            table = BlockTable(counts, n_full, indices)
 
-    table = block_table(mask) if mask is not None else None
+    if table is None and mask is not None:
+        table = block_table(mask)
     if quant is None:
         operands = dict(q=q, k=k, v=v, q_scale=None, k_scale=None, v_scale=None)
     else:

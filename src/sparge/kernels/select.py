@@ -36,15 +36,33 @@ _MAX_SORTED_BLOCKS = 4096
 
 
 @triton.jit
+def _store_table_row(kept, j, value, row, NK, lut_ptr, counts_ptr, n_full_ptr, limit,
+                     N_FULL: tl.constexpr):
+    """Row ``row`` (flat (b, h, i)) of a lookup table from the int32 flags ``kept`` of key blocks
+    ``j`` (NKP,): each kept block's ``value`` at its position among the kept ones, zeros after
+    the last, the row's count and, with N_FULL, how many kept blocks lie below ``limit``."""
+    slot = tl.cumsum(kept, 0) - 1
+    count = tl.sum(kept, 0)
+    out = lut_ptr + row.to(tl.int64) * NK
+    tl.store(out + slot, value, mask=(kept != 0) & (j < NK))
+    tl.store(out + j, tl.zeros_like(value), mask=(j >= count) & (j < NK))
+    tl.store(counts_ptr + row, count)
+    if N_FULL:
+        tl.store(n_full_ptr + row, tl.sum(tl.where(j < limit, kept, 0), 0))
+
+
+@triton.jit
 def _select_kernel(scores_ptr,  # float32 (B, Hq, nQ, nK) contiguous: pooled scores
                    q_sim_ptr, k_sim_ptr,  # float32 (B, Hq, nQ), (B, Hk, nK) contiguous
                    sim_thr_ptr, rule_ptr,  # float32 (Hq,): similarity threshold, CDF / top-k
                    out_ptr,  # uint8 (B, Hq, nQ, nK) contiguous
-                   HQ, GROUP, NQ, NK, q_len, block_q, block_k,
+                   lut_ptr, counts_ptr, n_full_ptr,  # the lookup table (if TABLE)
+                   HQ, GROUP, NQ, NK, q_len, block_q, block_k, full_blocks,
                    NKP: tl.constexpr, TOPK: tl.constexpr, CAUSAL: tl.constexpr,
-                   SINK: tl.constexpr):
+                   SINK: tl.constexpr, TABLE: tl.constexpr):
     """The kept key blocks of query block ``program_id(0)`` of one (batch, query head), as
-    :func:`sparge.predict.select_blocks` chooses them.
+    :func:`sparge.predict.select_blocks` chooses them; with TABLE also that row of the attention
+    kernel's lookup table (as :func:`mask_table` builds it).
 
     The sort is of 64-bit keys, the probability's bits above the complemented block index, so
     that equal probabilities rank by ascending index, as the reference's stable sort ranks them,
@@ -87,6 +105,12 @@ def _select_kernel(scores_ptr,  # float32 (B, Hq, nQ, nK) contiguous: pooled sco
     if CAUSAL:
         chosen = chosen & (j * block_k <= last_q)
     tl.store(out_ptr + row + j, chosen.to(tl.uint8), mask=inb)
+    if TABLE:
+        limit = full_blocks
+        if CAUSAL:
+            limit = tl.minimum(limit, (i * block_q) // block_k)
+        _store_table_row((chosen & inb).to(tl.int32), j, j, bh * NQ + i, NK, lut_ptr,
+                         counts_ptr, n_full_ptr, limit, True)
 
 
 def select_blocks_gpu(q_stats: BlockStats, k_stats: BlockStats, selection: Selection, *,
@@ -100,25 +124,52 @@ def select_blocks_gpu(q_stats: BlockStats, k_stats: BlockStats, selection: Selec
     probability lies within float32 rounding of the CDF threshold may differ from the reference.
     Rows longer than 4096 key blocks take the reference's path. No host synchronisation.
     """
+    return _select(q_stats, k_stats, selection, q_len, k_len, block_q, block_k, causal,
+                   False)[0]
+
+
+def select_with_table(q_stats: BlockStats, k_stats: BlockStats, selection: Selection, *,
+                      q_len: int, k_len: int, block_q: int, block_k: int, causal: bool = False
+                      ) -> tuple[SparseMask, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """:func:`select_blocks_gpu` and the attention kernel's lookup table of the mask, as
+    :func:`mask_table` gives it, written by the selection's own programs (one launch for both;
+    two where the rows are longer than the selection kernel sorts)."""
+    mask, table = _select(q_stats, k_stats, selection, q_len, k_len, block_q, block_k, causal,
+                          True)
+    return mask, table if table is not None else mask_table(mask)
+
+
+def _select(q_stats: BlockStats, k_stats: BlockStats, selection: Selection, q_len: int,
+            k_len: int, block_q: int, block_k: int, causal: bool, table: bool
+            ) -> tuple[SparseMask, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+    """The selection, and with ``table`` its lookup table ``(indices, counts, n_full)`` (None
+    where the reference's path selected)."""
     batch, heads_q, n_q = q_stats.mean.shape[:3]
     heads_k, n_k = k_stats.mean.shape[1], k_stats.mean.shape[2]
     if n_k > _MAX_SORTED_BLOCKS or batch * heads_q * n_q == 0:
         return select_blocks(q_stats, k_stats, selection, q_len=q_len, k_len=k_len,
-                             block_q=block_q, block_k=block_k, causal=causal)
+                             block_q=block_q, block_k=block_k, causal=causal), None
     device = q_stats.mean.device
     scores = pooled_scores(q_stats, k_stats).contiguous()
     topk = selection.topk is not None
     rule = per_head(selection.topk if topk else selection.cdf_threshold, heads_q, device)
     sim_thr = per_head(selection.sim_threshold, heads_q, device)
     blocks = _alloc(batch, heads_q, n_q, n_k, dtype=torch.bool, device=device)
+    lut = counts = n_full = blocks  # placeholders when no table is asked for
+    if table:
+        lut = _alloc(batch, heads_q, n_q, n_k, dtype=torch.int32, device=device)
+        counts = _alloc(batch, heads_q, n_q, dtype=torch.int32, device=device)
+        n_full = _alloc(batch, heads_q, n_q, dtype=torch.int32, device=device)
     nkp = max(16, next_pow2(n_k))
     launcher.run(
         _select_kernel, (n_q, batch * heads_q),
         scores, q_stats.similarity.contiguous(), k_stats.similarity.contiguous(), sim_thr, rule,
-        blocks.view(torch.uint8), heads_q, heads_q // heads_k, n_q, n_k, q_len, block_q, block_k,
-        NKP=nkp, TOPK=topk, CAUSAL=causal, SINK=selection.attention_sink,
+        blocks.view(torch.uint8), lut, counts, n_full, heads_q, heads_q // heads_k, n_q, n_k,
+        q_len, block_q, block_k, k_len // block_k,
+        NKP=nkp, TOPK=topk, CAUSAL=causal, SINK=selection.attention_sink, TABLE=table,
         num_warps=4 if nkp <= 1024 else 8)
-    return SparseMask(blocks, block_q, block_k, q_len, k_len, causal)
+    mask = SparseMask(blocks, block_q, block_k, q_len, k_len, causal)
+    return mask, (lut, counts, n_full) if table else None
 
 
 def _alloc(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -154,18 +205,11 @@ def _lut_kernel(blocks_ptr, sbb, sbh, sbq, sbk,  # uint8 (B, H, nQ, nK), any str
     prev_kept = tl.load(base + (j - 1) * sbk, mask=(j >= 1) & (j - 1 < NK), other=0) != 0
     last_before = tl.associative_scan(tl.where(prev_kept, j - 1, -1), 0, _max_combine)
     delta = j - tl.maximum(last_before, 0)  # the first kept block stores its own index
-    slot = tl.cumsum(kept, 0) - 1  # position of a kept block in its row
-    count = tl.sum(kept, 0)
-    out = lut_ptr + row.to(tl.int64) * NK
-    value = delta if DELTA else j
-    tl.store(out + slot, value, mask=(kept != 0) & (j < NK))
-    tl.store(out + j, tl.zeros_like(delta), mask=(j >= count) & (j < NK))
-    tl.store(counts_ptr + row, count)
-    if N_FULL:
-        limit = full_blocks
-        if CAUSAL:
-            limit = tl.minimum(limit, (i * block_q) // block_k)
-        tl.store(n_full_ptr + row, tl.sum(tl.where(j < limit, kept, 0), 0))
+    limit = full_blocks
+    if CAUSAL:
+        limit = tl.minimum(limit, (i * block_q) // block_k)
+    _store_table_row(kept, j, delta if DELTA else j, row, NK, lut_ptr, counts_ptr, n_full_ptr,
+                     limit, N_FULL)
 
 
 def _lookup_table(blocks: torch.Tensor, delta: bool, mask: SparseMask | None
@@ -220,4 +264,5 @@ def mask_table(mask: SparseMask) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return _lookup_table(mask.blocks, False, mask)
 
 
-__all__ = ["block_map_to_lut", "mask_table", "predict_mask_gpu", "select_blocks_gpu"]
+__all__ = ["block_map_to_lut", "mask_table", "predict_mask_gpu", "select_blocks_gpu",
+           "select_with_table"]
