@@ -113,7 +113,8 @@ def main() -> None:
     def inputs(length: int):
         shape = (1, args.heads, length, args.head_dim)
         q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        return q, k, v, sparge.predict_mask(q, k, topk=0.1)
+        # every block eligible (sim_threshold -1): the top-10 % rule alone, 90 % skipped
+        return q, k, v, sparge.predict_mask(q, k, topk=0.1, sim_threshold=-1.0)
 
     q, k, v, mask = inputs(args.seq_len)
     print(f"B1 H{args.heads} L{args.seq_len} D{args.head_dim} bf16, "
