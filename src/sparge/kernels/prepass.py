@@ -290,6 +290,7 @@ def _quantize_kernel(
         BQ: tl.constexpr, BK: tl.constexpr, RQ: tl.constexpr, RK: tl.constexpr,
         VT: tl.constexpr, DP: tl.constexpr,
         LOG_NC: tl.constexpr, QUANT: tl.constexpr, STATS: tl.constexpr,
+        K_SCALE_MAX: tl.constexpr,
         HAS_Q: tl.constexpr, HAS_K: tl.constexpr, HAS_V: tl.constexpr):
     """One grid, three jobs (see :func:`_block_job`, :func:`_v_job`): K blocks first, then V
     tiles, then Q blocks (the shortest programs, to fill the tail). A job left out (HAS_*
@@ -299,7 +300,7 @@ def _quantize_kernel(
         if HAS_K:
             _block_job(k_ptr, skb, skh, skl, skd, k8_ptr, k_scale_ptr, k_mean_ptr, k_sim_ptr,
                        ksum_ptr, n_chunks, k_scale_max_ptr, pid, HK, LK, D, k_per_head,
-                       k_blocks, BK, RK, DP, LOG_NC, True, QUANT, STATS, QUANT)
+                       k_blocks, BK, RK, DP, LOG_NC, True, QUANT, STATS, K_SCALE_MAX)
     elif pid < k_jobs + v_jobs:
         if HAS_V:
             _v_job(v_ptr, svb, svh, svl, svd, v8_ptr, v_scale_ptr, vmax_ptr, n_chunks,
@@ -440,6 +441,7 @@ def _quantize(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | 
         BQ=block_q, BK=block_k, RQ=min(block_q, tile_rows), RK=min(block_k, tile_rows),
         VT=tile_rows, DP=dp,
         LOG_NC=_max_chunks(dp).bit_length() - 1, QUANT=quant, STATS=stats,
+        K_SCALE_MAX=quant and k_scale_max is not None,
         HAS_Q=q is not None, HAS_K=k is not None, HAS_V=v is not None,
         num_warps=_QUANT_WARPS, maxnreg=_QUANT_MAXNREG[stats],
         enable_fp_fusion=True)  # as measured; Triton 3.10 stops contracting by default
