@@ -2,10 +2,11 @@
 
 :func:`predict_mask_gpu` runs the Triton statistics pre-pass, then the selection of
 :func:`sparge.predict.select_blocks` in one Triton program per query block
-(:func:`select_blocks_gpu`), without host synchronisation. :func:`block_map_to_lut` builds the
-upstream ``spas_sage_attn`` lookup table (:meth:`sparge.mask.SparseMask.to_lut`), or the
-absolute-index table the attention kernel reads, with one Triton program per (batch, head, query
-block).
+(:func:`select_blocks_gpu`), without host synchronisation; :func:`select_with_table` has the
+same programs write the attention kernel's lookup table of the mask too. :func:`block_map_to_lut`
+builds the upstream ``spas_sage_attn`` lookup table (:meth:`sparge.mask.SparseMask.to_lut`), or
+the absolute-index table the attention kernel reads, with one Triton program per (batch, head,
+query block).
 """
 
 from __future__ import annotations
