@@ -18,9 +18,13 @@ def run(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
-def test_info(capsys):
+def test_info(capsys, monkeypatch):
+    monkeypatch.setenv("SPARGE_LAUNCH_CACHE", "0")
+    monkeypatch.delenv("SPARGE_AUTOTUNE", raising=False)
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
+    # the settings in effect, a variable that is not set at its default
+    assert "SPARGE_LAUNCH_CACHE=0" in out and "SPARGE_AUTOTUNE=1" in out
     assert f"torch           {torch.__version__}" in out
     assert re.search(r"^triton\s+\S+", out, re.M)
     for entry in cli.ENTRY_POINTS:
