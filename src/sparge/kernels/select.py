@@ -37,11 +37,13 @@ _MAX_SORTED_BLOCKS = 4096
 
 
 @triton.jit
-def _store_table_row(kept, j, value, row, NK, lut_ptr, counts_ptr, n_full_ptr, limit,
-                     N_FULL: tl.constexpr):
-    """Row ``row`` (flat (b, h, i)) of a lookup table from the int32 flags ``kept`` of key blocks
-    ``j`` (NKP,): each kept block's ``value`` at its position among the kept ones, zeros after
-    the last, the row's count and, with N_FULL, how many kept blocks lie below ``limit``."""
+def _store_table_row(kept, j, value, row, i, NK, lut_ptr, counts_ptr, n_full_ptr, full_blocks,
+                     block_q, block_k, N_FULL: tl.constexpr, CAUSAL: tl.constexpr):
+    """Row ``row`` (flat (b, h, i), i the query block) of a lookup table from the int32 flags
+    ``kept`` of key blocks ``j`` (NKP,): each kept block's ``value`` at its position among the
+    kept ones, zeros after the last, the row's count and, with N_FULL, ``n_full``: how many kept
+    blocks need no element mask in the attention kernel, those below ``full_blocks`` (the whole
+    key blocks) that, when CAUSAL, also end before the query block's first row."""
     slot = tl.cumsum(kept, 0) - 1
     count = tl.sum(kept, 0)
     out = lut_ptr + row.to(tl.int64) * NK
@@ -49,6 +51,9 @@ def _store_table_row(kept, j, value, row, NK, lut_ptr, counts_ptr, n_full_ptr, l
     tl.store(out + j, tl.zeros_like(value), mask=(j >= count) & (j < NK))
     tl.store(counts_ptr + row, count)
     if N_FULL:
+        limit = full_blocks
+        if CAUSAL:
+            limit = tl.minimum(limit, (i * block_q) // block_k)
         tl.store(n_full_ptr + row, tl.sum(tl.where(j < limit, kept, 0), 0))
 
 
@@ -107,11 +112,8 @@ def _select_kernel(scores_ptr,  # float32 (B, Hq, nQ, nK) contiguous: pooled sco
         chosen = chosen & (j * block_k <= last_q)
     tl.store(out_ptr + row + j, chosen.to(tl.uint8), mask=inb)
     if TABLE:
-        limit = full_blocks
-        if CAUSAL:
-            limit = tl.minimum(limit, (i * block_q) // block_k)
-        _store_table_row((chosen & inb).to(tl.int32), j, j, bh * NQ + i, NK, lut_ptr,
-                         counts_ptr, n_full_ptr, limit, True)
+        _store_table_row((chosen & inb).to(tl.int32), j, j, bh * NQ + i, i, NK, lut_ptr,
+                         counts_ptr, n_full_ptr, full_blocks, block_q, block_k, True, CAUSAL)
 
 
 def select_blocks_gpu(q_stats: BlockStats, k_stats: BlockStats, selection: Selection, *,
@@ -206,11 +208,8 @@ def _lut_kernel(blocks_ptr, sbb, sbh, sbq, sbk,  # uint8 (B, H, nQ, nK), any str
     prev_kept = tl.load(base + (j - 1) * sbk, mask=(j >= 1) & (j - 1 < NK), other=0) != 0
     last_before = tl.associative_scan(tl.where(prev_kept, j - 1, -1), 0, _max_combine)
     delta = j - tl.maximum(last_before, 0)  # the first kept block stores its own index
-    limit = full_blocks
-    if CAUSAL:
-        limit = tl.minimum(limit, (i * block_q) // block_k)
-    _store_table_row(kept, j, delta if DELTA else j, row, NK, lut_ptr, counts_ptr, n_full_ptr,
-                     limit, N_FULL)
+    _store_table_row(kept, j, delta if DELTA else j, row, i, NK, lut_ptr, counts_ptr, n_full_ptr,
+                     full_blocks, block_q, block_k, N_FULL, CAUSAL)
 
 
 def _lookup_table(blocks: torch.Tensor, delta: bool, mask: SparseMask | None
@@ -232,10 +231,10 @@ def _lookup_table(blocks: torch.Tensor, delta: bool, mask: SparseMask | None
     full_blocks, block_q, block_k = ((0, 1, 1) if mask is None else
                                      (mask.k_len // mask.block_k, mask.block_q, mask.block_k))
     launcher.run(_lut_kernel, (rows,), blocks, *blocks.stride(), lut, counts,
-                         counts if n_full is None else n_full, heads, n_q, n_k, full_blocks,
-                         block_q, block_k, NKP=nkp, DELTA=delta, N_FULL=mask is not None,
-                         CAUSAL=mask is not None and mask.causal,
-                         num_warps=4 if nkp <= 1024 else 8)
+                 counts if n_full is None else n_full, heads, n_q, n_k, full_blocks,
+                 block_q, block_k, NKP=nkp, DELTA=delta, N_FULL=mask is not None,
+                 CAUSAL=mask is not None and mask.causal,
+                 num_warps=4 if nkp <= 1024 else 8)
     return lut, counts, n_full
 
 
