@@ -12,10 +12,10 @@ newer) and in FP16 elsewhere, CPU included, unless the caller chooses.
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
 
+from . import settings
 from .quant import PV_FP8, PV_FP16
 
 MIN_CAPABILITY = (7, 5)
@@ -57,7 +57,7 @@ def triton_installed() -> bool:
 
 
 def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return settings.INTERPRET.enabled()
 
 
 def triton_status(device: torch.device) -> tuple[bool, str]:

@@ -28,11 +28,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import sparge
 
 from . import backend as dispatch
+from . import settings
 from .mask import SparseMask
 
 # Environment variables that change what a call does, with their defaults (README, "Settings").
-SETTINGS = (("TRITON_INTERPRET", "0"), ("SPARGE_AUTOTUNE", "1"), ("SPARGE_LAUNCH_CACHE", "1"),
-            ("SPARGE_PV_TILE_SKIP", "0"))
 ENTRY_POINTS = ("sparse_attn", "block_sparse_attn", "quantized_attn", "predict_mask")
 
 
@@ -156,8 +155,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"torch           {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
     triton_version = _package_version("triton", "triton-windows")
     print(f"triton          {triton_version or 'not installed'}")
-    for name, default in SETTINGS:
-        print(f"{name}={os.environ.get(name, default)}")
+    for switch in settings.SWITCHES:
+        print(f"{switch.name}={switch.value()}")
     kernels = importlib.util.find_spec("sparge.kernels") is not None
     print(f"sparge.kernels  {'present' if kernels else 'missing'}")
     print()

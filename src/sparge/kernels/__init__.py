@@ -13,10 +13,9 @@ The pre-pass (statistics + quantization) and the block selection come from
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from .. import settings
 from ..mask import SparseMask
 from ..predict import Selection
 from ..quant import EXACT
@@ -39,7 +38,7 @@ def _tile_skip_enabled() -> bool:
     nothing skipped), which costs more than the skipped products save unless thresholds are small.
     The per-row rule holds either way: skipped rows contribute exactly nothing.
     """
-    return os.environ.get("SPARGE_PV_TILE_SKIP", "0") == "1"
+    return settings.PV_TILE_SKIP.enabled()
 
 
 # ------------------------------------------------------------------------------ the contract

@@ -57,7 +57,6 @@ float adds per row it replaces and makes the weights of the V rows sum to one.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +64,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from .. import settings
 from ..backend import capability_of
 from ..mask import SparseMask, num_blocks
 from ..quant import EXACT, P_FP8_SCALE, PV_FP8, PV_FP16
@@ -556,7 +556,7 @@ def _bucket(n: int) -> int:
 
 
 def _autotune_enabled() -> bool:
-    return os.environ.get("SPARGE_AUTOTUNE", "1") != "0"
+    return settings.AUTOTUNE.enabled()
 
 
 def _head_dim_padded(dim: int) -> int:

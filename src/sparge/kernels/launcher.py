@@ -21,16 +21,17 @@ host each call costs microseconds, so the host code uses :func:`cdiv` and :func:
 
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Any
 
 import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from .. import settings
+
 MAX_ENTRIES = 4096  # launches remembered (one per kernel, specialisation and shape)
 _CACHE: dict[tuple, tuple[Any, tuple]] = {}
-_enabled = os.environ.get("SPARGE_LAUNCH_CACHE", "1") != "0"
+_enabled = settings.LAUNCH_CACHE.enabled()
 
 
 def cdiv(a: int, b: int) -> int:

@@ -1,0 +1,43 @@
+"""The environment variables the library reads, with their defaults (the README's "Settings").
+
+Each is a switch: one that is on by default is turned off only by ``0``, one that is off by
+default is turned on only by ``1``. The kernels read them through :meth:`Switch.enabled`, and
+``sparge info`` prints them from here, so the defaults are defined once.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Switch:
+    """An on/off environment variable and its default."""
+
+    name: str
+    default_on: bool
+    meaning: str
+
+    def value(self) -> str:
+        """The variable's value in effect: as set, else the default's ``1`` or ``0``."""
+        return os.environ.get(self.name, "1" if self.default_on else "0")
+
+    def enabled(self) -> bool:
+        if self.default_on:
+            return self.value() != "0"
+        return self.value() == "1"
+
+
+INTERPRET = Switch("TRITON_INTERPRET", False,
+                   "Triton kernels run on the CPU through Triton's interpreter")
+AUTOTUNE = Switch("SPARGE_AUTOTUNE", True,
+                  "time the attention kernel's configurations on a shape's first call")
+LAUNCH_CACHE = Switch("SPARGE_LAUNCH_CACHE", True,
+                      "call compiled kernels directly after their first launch")
+PV_TILE_SKIP = Switch("SPARGE_PV_TILE_SKIP", False,
+                      "leave out the P.V product of tiles whose rows all skip")
+
+SWITCHES = (INTERPRET, AUTOTUNE, LAUNCH_CACHE, PV_TILE_SKIP)
+
+__all__ = ["AUTOTUNE", "INTERPRET", "LAUNCH_CACHE", "PV_TILE_SKIP", "SWITCHES", "Switch"]

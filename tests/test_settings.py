@@ -1,0 +1,23 @@
+"""Environment switches: one definition of each default, the same values the kernels read."""
+
+import pytest
+
+from sparge import settings
+
+
+@pytest.mark.parametrize("switch", settings.SWITCHES, ids=lambda s: s.name)
+def test_switch_default_and_override(switch, monkeypatch):
+    monkeypatch.delenv(switch.name, raising=False)
+    assert switch.enabled() is switch.default_on
+    assert switch.value() == ("1" if switch.default_on else "0")
+    # only the opposite of the default's value flips a switch; anything else leaves it as is
+    monkeypatch.setenv(switch.name, "0" if switch.default_on else "1")
+    assert switch.enabled() is not switch.default_on
+    monkeypatch.setenv(switch.name, "yes")
+    assert switch.enabled() is switch.default_on
+
+
+def test_defaults_are_the_documented_ones():
+    on = {s.name for s in settings.SWITCHES if s.default_on}
+    assert on == {"SPARGE_AUTOTUNE", "SPARGE_LAUNCH_CACHE"}
+    assert {s.name for s in settings.SWITCHES} - on == {"TRITON_INTERPRET", "SPARGE_PV_TILE_SKIP"}
