@@ -57,7 +57,8 @@ def floor_bytes(b: int, h: int, length: int, d: int, stats: bool, elem: int = 2)
 
 def kernel_times(sets: list, stats: bool, moved: int, copy_gbs: float,
                  args: argparse.Namespace) -> str:
-    """The two launches of prepare_qkv timed apart, each against its share of the floor."""
+    """The channel statistics and the quantization (one launch, or two with the block
+    statistics) of prepare_qkv timed apart, each against its share of the floor."""
     b, h, length, d = sets[0][0].shape
     stats_bytes = 2 * b * h * length * d * sets[0][0].element_size()  # K and V read once
     partials = [prepass._channel_stats(k, v) for _, k, v in sets]
@@ -83,7 +84,7 @@ def main() -> None:
     parser.add_argument("--sets", type=int, default=3, help="input sets rotated while timing")
     parser.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     parser.add_argument("--rep", type=int, default=100, help="do_bench measuring time, ms")
-    parser.add_argument("--kernels", action="store_true", help="also time the two launches")
+    parser.add_argument("--kernels", action="store_true", help="also time the steps apart")
     parser.add_argument("--out", help="also write the table as markdown to this file")
     args = parser.parse_args()
 

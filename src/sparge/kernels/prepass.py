@@ -1,5 +1,5 @@
 """The fused pre-pass: quantization of Q, K and V and the predictor's block statistics, in two
-kernel launches.
+kernel launches (three with the statistics).
 
 What it computes is specified by :mod:`sparge.predict` (``block_stats``, ``smooth_k``) and
 :mod:`sparge.quant` (``quantize_int8_per_block``, ``quantize_v_fp8``):
@@ -12,7 +12,7 @@ What it computes is specified by :mod:`sparge.predict` (``block_stats``, ``smoot
   stored K-major (the FP8 dot of Hopper wants the second operand transposed) with its keys in the
   attention kernel's slots (:mod:`sparge.kernels.layout`), or FP16 for PV in FP16.
 
-The two launches:
+The launches:
 
 1. ``_channel_stats_kernel`` reads K and V once. Each program reduces one chunk of tokens of one
    (batch, head) to a partial row of K channel sums and one of V channel abs-maxima, stored in
@@ -23,6 +23,8 @@ The two launches:
    channel scales, then each quantizes its rows (and computes the statistics of its blocks).
    The K programs also leave each head's largest K scale, which the attention kernel reads
    (an atomic maximum into a buffer the first launch zeroed: the same bits in any order).
+   With the statistics, the Q and K jobs run in a launch of one-warp programs, where the
+   statistics' reductions need no barrier between warps, and the V job in a second launch.
 
 The channel mean is summed in another order than torch's ``mean``: within a chunk, each row slot
 of a tile adds its tokens in order and the slots are then added up (Triton's reduction tree); the
@@ -64,17 +66,29 @@ _PARTIAL_ELEMS = 8192
 _CHUNK_ROWS = 256
 # Statistics tiles: _STATS_TILE_ELEMS elements of K and of V per step (32 a thread of 4 warps).
 _STATS_TILE_ELEMS = 4096
-# Quantization tiles of _QUANT_WARPS warps: _TILE_ELEMS[stats] elements each, with registers
-# capped at _QUANT_MAXNREG[stats]. Without statistics, tiles of 4096 elements (32 per thread) and
-# 96 registers (5 programs per SM); with them, 8192 elements and 168 registers (3 programs). Each
-# was the fastest of tiles 4096 / 8192 / 16384, 4 / 8 warps and three caps on an H100 (B1 H24,
-# L 8192 and 32768, D 64 and 128; bench/NOTES.md).
 # A K or V program handles at least _ROWS_PER_PARTIAL rows per chunk partial it combines, so that
 # reading the float32 partials (from L2) costs at most 1/8 of reading its 16-bit rows.
-_TILE_ELEMS = {False: 4096, True: 8192}
-_QUANT_WARPS = 4
-_QUANT_MAXNREG = {False: 96, True: 168}
 _ROWS_PER_PARTIAL = 16
+
+
+@dataclass(frozen=True)
+class _LaunchShape:
+    """Launch constants of the quantization kernel: elements per tile, warps, register cap."""
+
+    tile_elems: int
+    num_warps: int
+    maxnreg: int | None
+
+
+# Quantization alone (and V's job always): tiles of 4096 elements in 4 warps, 96 registers (5
+# programs per SM), the fastest of tiles 4096 / 8192 / 16384, 4 / 8 warps and three caps on an
+# H100 (B1 H24, L 8192 and 32768, D 64 and 128; bench/NOTES.md).
+_QUANTIZE = _LaunchShape(4096, 4, 96)
+# Q and K with their statistics: one warp per program, so that the statistics' reductions across
+# rows and across channels stay inside a warp (no barrier); 2048-element tiles. On an H100 at
+# L32768 D128 the Q and K jobs took 0.15 and 0.20 ms instead of 0.22 and 0.36 ms in 4-warp
+# programs (8192-element tiles, 168 registers), whose cross-warp reductions were most of the cost.
+_WITH_STATS = _LaunchShape(2048, 1, None)
 
 
 @triton.jit
@@ -236,6 +250,7 @@ def _block_job(
             tl.store(sim_ptr + stat_row, sim)
         if QUANT:
             tl.store(scale_ptr + stat_row, scale)
+        if SCALE_MAX:
             largest = tl.maximum(largest, scale)
     if SCALE_MAX:
         tl.atomic_max(scale_max_ptr + bh, largest)
@@ -381,7 +396,8 @@ def _quantize(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | 
               ksum: torch.Tensor | None, vmax: torch.Tensor | None, *, block_q: int,
               block_k: int, quant: bool, stats: bool, k_scale_max: torch.Tensor | None = None
               ) -> tuple[_Blocks | None, _Blocks | None, tuple[torch.Tensor, torch.Tensor] | None]:
-    """One launch of ``_quantize_kernel`` for the jobs whose input is given.
+    """One launch of ``_quantize_kernel`` for the jobs whose input is given; two when
+    statistics are asked for and V is given with Q or K (each job in its best launch shape).
 
     q (B, Hq, Lq, D); k (B, Hk, Lk, D) with its partial channel sums ``ksum``; v (B, Hk, Lk, D)
     with its partial abs-maxima ``vmax`` (see :func:`_channel_stats`). Returns the Q and K
@@ -389,11 +405,20 @@ def _quantize(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | 
     quantized, ``k_scale_max`` (B, Hk), zeroed by :func:`_channel_stats`, receives each head's
     largest K scale.
     """
+    if stats and v is not None and (q is not None or k is not None):
+        # two launches: the statistics of Q and K run in one-warp programs, V in four-warp ones
+        q_out, k_out, _ = _quantize(q, k, None, ksum, None, block_q=block_q, block_k=block_k,
+                                    quant=quant, stats=True, k_scale_max=k_scale_max)
+        v_out = _quantize(None, None, v, None, vmax, block_q=block_q, block_k=block_k,
+                          quant=quant, stats=False)[2]
+        return q_out, k_out, v_out
     given = next(t for t in (q, k, v) if t is not None)
     batch, dim, dev = given.shape[0], given.shape[3], given.device
     dp = _dim_pad(dim)
-    tile_rows = _TILE_ELEMS[stats] // dp
-    n_chunks = 1 if ksum is None else ksum.shape[2]
+    shape = _WITH_STATS if stats else _QUANTIZE
+    tile_rows = shape.tile_elems // dp
+    partials = ksum if ksum is not None else vmax
+    n_chunks = 1 if partials is None else partials.shape[2]
     # rows per program: a tile at least, and for K and V enough to amortise combining the partials
     amortised = max(tile_rows, _ROWS_PER_PARTIAL * n_chunks)
     q_blocks = cdiv(tile_rows, block_q)
@@ -443,8 +468,9 @@ def _quantize(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | 
         LOG_NC=_max_chunks(dp).bit_length() - 1, QUANT=quant, STATS=stats,
         K_SCALE_MAX=quant and k_scale_max is not None,
         HAS_Q=q is not None, HAS_K=k is not None, HAS_V=v is not None,
-        num_warps=_QUANT_WARPS, maxnreg=_QUANT_MAXNREG[stats],
-        enable_fp_fusion=True)  # as measured; Triton 3.10 stops contracting by default
+        num_warps=shape.num_warps,
+        enable_fp_fusion=True,  # as measured; Triton 3.10 stops contracting by default
+        **({} if shape.maxnreg is None else {"maxnreg": shape.maxnreg}))
     return q_out, k_out, v_out
 
 
@@ -481,8 +507,8 @@ def prepare_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_q: i
                 ) -> tuple[QuantizedQKV, BlockStats | None, BlockStats | None]:
     """Quantize Q, smoothed K and V for the attention kernel, with the predictor's statistics.
 
-    Two kernel launches (see the module docstring), plus the FP16 cast of V in ``int8_fp16``
-    mode.
+    Two kernel launches, three with the statistics in ``int8_fp8`` mode (see the module
+    docstring); in ``int8_fp16`` mode two, plus the FP16 cast of V.
 
     Args:
         q: (B, Hq, Lq, D); k, v: (B, Hk, Lk, D); layout HND, any strides, float16, bfloat16 or
