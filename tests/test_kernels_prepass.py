@@ -262,6 +262,45 @@ def case_prepare_qkv_matches_quant():
                 check_prepare_qkv(q, k, v, bq, bk, mode)
 
 
+def _quantize_launches(monkeypatch=None) -> list:
+    """Record (jobs, warps) of every launch of the quantization kernel from now on."""
+    from sparge.kernels import launcher
+
+    seen, run = [], launcher.run
+
+    def recording(kernel, grid, *args, **meta):
+        if kernel.fn.__name__ == "_quantize_kernel":
+            jobs = "".join(j for j in "QKV" if meta[f"HAS_{j}"])
+            seen.append((jobs, meta["num_warps"]))
+        return run(kernel, grid, *args, **meta)
+
+    if monkeypatch is None:
+        launcher.run = recording
+    else:
+        monkeypatch.setattr(launcher, "run", recording)
+    return seen
+
+
+def case_statistics_launch_of_their_own():
+    """From _SPLIT_MIN_ELEMS elements of K on (forced here at small sizes), the statistics of Q and
+    K run in a launch of one-warp programs and V in a second launch; below, one launch runs all
+    three jobs. Both give the reference's results."""
+    _fresh_seed()
+    _poison_allocations()
+    from sparge.kernels import prepass
+
+    launches = _quantize_launches()
+    for split, expected in ((0, [("QK", 1), ("V", 4)]), (1 << 62, [("QKV", 4)])):
+        prepass._SPLIT_MIN_ELEMS = split
+        for b, hq, hk, lq, lk, d, bq, bk in SHAPES[::2]:
+            q = torch.randn(b, hq, lq, d) * 3
+            k = torch.randn(b, hk, lk, d) * 2 + torch.randn(b, hk, 1, d) * 5
+            v = torch.randn(b, hk, lk, d) * 4
+            launches.clear()
+            check_prepare_qkv(q, k, v, bq, bk, "int8_fp8")
+            assert launches[:len(expected)] == expected, launches
+
+
 def case_prepare_qkv_strides_zeros_and_large_values():
     _fresh_seed()
     _poison_allocations()
@@ -639,9 +678,15 @@ def test_interpreted(case):
     (1, 2, 1, 777, 2049, 256, 64, 64),
     (1, 3, 1, 1, 5, 64, 64, 128),
 ])
-def test_prepare_qkv_gpu(dtype, shape, monkeypatch):
+@pytest.mark.parametrize("split", [False, True], ids=["one_launch", "statistics_apart"])
+def test_prepare_qkv_gpu(dtype, shape, split, monkeypatch):
     _fresh_seed()
     _poison_allocations(monkeypatch)
+    from sparge.kernels import prepass
+
+    # the arrangement of the quantization launches that long sequences get, at these sizes too
+    monkeypatch.setattr(prepass, "_SPLIT_MIN_ELEMS", 0 if split else 1 << 62)
+    launches = _quantize_launches(monkeypatch)
     b, hq, hk, lq, lk, d, bq, bk = shape
     q = torch.randn(b, lq, hq, d, device="cuda").to(dtype).transpose(1, 2) * 3
     k = (torch.randn(b, hk, lk, d, device="cuda") + torch.randn(b, hk, 1, d, device="cuda") * 4)
@@ -650,7 +695,10 @@ def test_prepare_qkv_gpu(dtype, shape, monkeypatch):
     q[:, :, :min(lq, bq)] = 0  # a zero block
     v[..., 0] = 0  # a zero channel
     for mode in ("int8_fp8", "int8_fp16"):
+        launches.clear()
         check_prepare_qkv(q, k, v, bq, bk, mode)
+        if mode == "int8_fp8":  # int8_fp16 has no V job: one launch, of one-warp programs
+            assert launches[:2] == ([("QK", 1), ("V", 4)] if split else [("QKV", 4)]), launches
 
 
 @pytest.mark.gpu

@@ -1,5 +1,5 @@
 """The fused pre-pass: quantization of Q, K and V and the predictor's block statistics, in two
-kernel launches (three with the statistics).
+kernel launches (three with the statistics of long sequences).
 
 What it computes is specified by :mod:`sparge.predict` (``block_stats``, ``smooth_k``) and
 :mod:`sparge.quant` (``quantize_int8_per_block``, ``quantize_v_fp8``):
@@ -23,8 +23,9 @@ The launches:
    channel scales, then each quantizes its rows (and computes the statistics of its blocks).
    The K programs also leave each head's largest K scale, which the attention kernel reads
    (an atomic maximum into a buffer the first launch zeroed: the same bits in any order).
-   With the statistics, the Q and K jobs run in a launch of one-warp programs, where the
-   statistics' reductions need no barrier between warps, and the V job in a second launch.
+   With the statistics, at lengths where the GPU time outweighs the host time, the Q and K
+   jobs run in a launch of one-warp programs, where the statistics' reductions need no barrier
+   between warps, and the V job in a second launch.
 
 The channel mean is summed in another order than torch's ``mean``: within a chunk, each row slot
 of a tile adds its tokens in order and the slots are then added up (Triton's reduction tree); the
@@ -88,7 +89,14 @@ _QUANTIZE = _LaunchShape(4096, 4, 96)
 # rows and across channels stay inside a warp (no barrier); 2048-element tiles. On an H100 at
 # L32768 D128 the Q and K jobs took 0.15 and 0.20 ms instead of 0.22 and 0.36 ms in 4-warp
 # programs (8192-element tiles, 168 registers), whose cross-warp reductions were most of the cost.
+# V's job is slow in one-warp programs, so with V it takes a launch of its own ...
 _WITH_STATS = _LaunchShape(2048, 1, None)
+# ... from _SPLIT_MIN_ELEMS elements of K (B * Hk * Lk * D) on. Below, where a call's host time
+# exceeds its GPU time, one launch of 4-warp programs (the fastest of the sweep in bench/NOTES.md)
+# runs all three jobs: the second launch costs about 50 us of host time (H100 machine), more than
+# it saves on the GPU there.
+_SPLIT_MIN_ELEMS = 1 << 24
+_STATS_WITH_V = _LaunchShape(8192, 4, 168)
 
 
 @triton.jit
@@ -397,7 +405,7 @@ def _quantize(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | 
               block_k: int, quant: bool, stats: bool, k_scale_max: torch.Tensor | None = None
               ) -> tuple[_Blocks | None, _Blocks | None, tuple[torch.Tensor, torch.Tensor] | None]:
     """One launch of ``_quantize_kernel`` for the jobs whose input is given; two when
-    statistics are asked for and V is given with Q or K (each job in its best launch shape).
+    statistics are asked for and a large V is given with Q or K (see ``_SPLIT_MIN_ELEMS``).
 
     q (B, Hq, Lq, D); k (B, Hk, Lk, D) with its partial channel sums ``ksum``; v (B, Hk, Lk, D)
     with its partial abs-maxima ``vmax`` (see :func:`_channel_stats`). Returns the Q and K
@@ -405,7 +413,8 @@ def _quantize(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | 
     quantized, ``k_scale_max`` (B, Hk), zeroed by :func:`_channel_stats`, receives each head's
     largest K scale.
     """
-    if stats and v is not None and (q is not None or k is not None):
+    with_v = stats and v is not None and (q is not None or k is not None)
+    if with_v and v.numel() >= _SPLIT_MIN_ELEMS:
         # two launches: the statistics of Q and K run in one-warp programs, V in four-warp ones
         q_out, k_out, _ = _quantize(q, k, None, ksum, None, block_q=block_q, block_k=block_k,
                                     quant=quant, stats=True, k_scale_max=k_scale_max)
@@ -415,7 +424,7 @@ def _quantize(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | 
     given = next(t for t in (q, k, v) if t is not None)
     batch, dim, dev = given.shape[0], given.shape[3], given.device
     dp = _dim_pad(dim)
-    shape = _WITH_STATS if stats else _QUANTIZE
+    shape = _QUANTIZE if not stats else _STATS_WITH_V if with_v else _WITH_STATS
     tile_rows = shape.tile_elems // dp
     partials = ksum if ksum is not None else vmax
     n_chunks = 1 if partials is None else partials.shape[2]
@@ -507,8 +516,8 @@ def prepare_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_q: i
                 ) -> tuple[QuantizedQKV, BlockStats | None, BlockStats | None]:
     """Quantize Q, smoothed K and V for the attention kernel, with the predictor's statistics.
 
-    Two kernel launches, three with the statistics in ``int8_fp8`` mode (see the module
-    docstring); in ``int8_fp16`` mode two, plus the FP16 cast of V.
+    Two kernel launches, three with the statistics of long sequences in ``int8_fp8`` mode (see
+    the module docstring), plus the FP16 cast of V in ``int8_fp16`` mode.
 
     Args:
         q: (B, Hq, Lq, D); k, v: (B, Hk, Lk, D); layout HND, any strides, float16, bfloat16 or
