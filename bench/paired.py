@@ -1,11 +1,17 @@
-"""Dense speed against cuDNN, measured in alternation so that clock drift cancels.
+"""Speed ratios measured in alternation, so that clock drift cancels.
 
-For each shape, SDPA's cuDNN backend, the dense attention kernel on pre-quantized inputs (the
-autotuned configuration) and ``sparge.quantized_attn`` are timed in turn, round after round; each
-round's ratio compares timings taken seconds apart. Reports the median time of each and the
-median, lowest and highest per-round ratio to cuDNN.
+Dense (default): for each shape, SDPA's cuDNN backend, the dense attention kernel on
+pre-quantized inputs (the autotuned configuration) and ``sparge.quantized_attn`` are timed in
+turn, round after round; each round's ratio compares timings taken seconds apart. Reports the
+median time of each and the median, lowest and highest per-round ratio to cuDNN.
+
+Pipeline (``--pipeline``): for each shape and for random and structured local data, the kernel
+alone on the pipeline's own mask (pre-quantized inputs) and ``sparge.sparse_attn`` (prediction,
+quantization and kernel) in turn; reports the median, lowest and highest per-round overhead of
+the pipeline over the kernel.
 
     python bench/paired.py --shapes 32768:128,32768:64,8192:128 --rounds 7 --out FILE
+    python bench/paired.py --pipeline --shapes 32768:128:1,32768:64:1 --rounds 5 --out FILE
 """
 
 from __future__ import annotations
@@ -22,11 +28,19 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
-from bench_attention import bench, card_name, launch_quantized, random_inputs  # noqa: E402
+from bench_attention import (  # noqa: E402
+    bench,
+    card_name,
+    launch_quantized,
+    local_inputs,
+    random_inputs,
+)
 
 import sparge  # noqa: E402
-from sparge.kernels import prepare_qkv  # noqa: E402
+from sparge.kernels import block_table, prepare_qkv  # noqa: E402
 from sparge.kernels.attention import tuned_configs  # noqa: E402
+
+BQ, BK = 64, 128
 
 
 def run_shape(length: int, dim: int, args) -> list[str]:
@@ -79,6 +93,51 @@ def run_shape(length: int, dim: int, args) -> list[str]:
     return lines + [""]
 
 
+def run_pipeline_shape(length: int, dim: int, causal: bool, args) -> list[str]:
+    """Alternating rounds of the kernel alone on the pipeline's mask and the whole pipeline."""
+    gen = torch.Generator(device="cuda").manual_seed(length + dim + causal)
+    out = None
+    lam = torch.full((args.heads,), float("inf"), device="cuda")
+    name = f"L{length} D{dim} {'causal' if causal else 'non-causal'}"
+    lines = [f"## {name}", "",
+             "| data | sparsity | kernel ms | pipeline ms | overhead (median) | lowest | highest |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for data_name, make in (("random", random_inputs), ("local", local_inputs)):
+        sets = [make(1, args.heads, length, dim, gen) for _ in range(args.sets)]
+        out = torch.empty_like(sets[0][0])
+        masks = [sparge.sparse_attn(*s, is_causal=causal, quant="int8_fp8",
+                                    return_stats=True)[1].mask for s in sets]
+        sparsity = statistics.mean(m.sparsity() for m in masks)
+        tables = [block_table(m) for m in masks]
+        quant = [prepare_qkv(*s, block_q=BQ, block_k=BK, mode="int8_fp8", with_stats=False)[0]
+                 for s in sets]
+
+        def kernel(i, tables=tables, quant=quant, out=out):
+            launch_quantized(quant[i], out=out, table=tables[i], block_q=BQ, block_k=BK,
+                             causal=causal, scale=dim ** -0.5, pv_threshold=lam,
+                             mode="int8_fp8")
+
+        def pipeline(i, sets=sets):
+            sparge.sparse_attn(*sets[i], is_causal=causal, quant="int8_fp8")
+
+        kernel(0)
+        pipeline(0)
+        bench(pipeline, args.sets, 25, 500)  # a steady clock at full load
+        k_ms, p_ms = [], []
+        for _ in range(args.rounds):
+            k_ms.append(bench(kernel, args.sets, 10, args.rep))
+            p_ms.append(bench(pipeline, args.sets, 10, args.rep))
+        over = [p / k - 1 for k, p in zip(k_ms, p_ms, strict=True)]
+        row = (f"| {data_name} | {sparsity:.3f} | {statistics.median(k_ms):.3f} | "
+               f"{statistics.median(p_ms):.3f} | {100 * statistics.median(over):+.1f} % | "
+               f"{100 * min(over):+.1f} % | {100 * max(over):+.1f} % |")
+        lines.append(row)
+        print(f"  {name} {row}", flush=True)
+        del sets, quant
+        torch.cuda.empty_cache()
+    return lines + [""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="32768:128,32768:64,8192:128")
@@ -86,8 +145,24 @@ def main() -> None:
     parser.add_argument("--sets", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--rep", type=int, default=150, help="do_bench time per timing, ms")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="pipeline overhead over the kernel; shapes are L:D:causal")
     parser.add_argument("--out")
     args = parser.parse_args()
+    if args.pipeline:
+        lines = [f"# Pipeline overhead over the kernel alone, alternating: {card_name()}", "",
+                 f"torch {torch.__version__}, Triton {triton.__version__}; B1 H{args.heads}, bf16, "
+                 f"int8_fp8, sparse_attn defaults; {args.rounds} rounds, each timing the kernel "
+                 "on the pipeline's masks (pre-quantized inputs, each set's own mask) and the "
+                 "pipeline "
+                 f"in turn (do_bench medians over {args.sets} rotated input sets).", ""]
+        for item in args.shapes.split(","):
+            length, dim, causal = (int(x) for x in item.split(":"))
+            lines += run_pipeline_shape(length, dim, bool(causal), args)
+            if args.out:
+                Path(args.out).write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return
     lines = [f"# Dense speed against cuDNN, alternating: {card_name()}", "",
              f"torch {torch.__version__}, Triton {triton.__version__}; B1 H{args.heads}, bf16 "
              f"random inputs; {args.rounds} rounds, each timing cuDNN, the kernel and "
