@@ -96,7 +96,6 @@ def run_shape(length: int, dim: int, args) -> list[str]:
 def run_pipeline_shape(length: int, dim: int, causal: bool, args) -> list[str]:
     """Alternating rounds of the kernel alone on the pipeline's mask and the whole pipeline."""
     gen = torch.Generator(device="cuda").manual_seed(length + dim + causal)
-    out = None
     lam = torch.full((args.heads,), float("inf"), device="cuda")
     name = f"L{length} D{dim} {'causal' if causal else 'non-causal'}"
     lines = [f"## {name}", "",

@@ -31,7 +31,6 @@ from . import backend as dispatch
 from . import settings
 from .mask import SparseMask
 
-# Environment variables that change what a call does, with their defaults (README, "Settings").
 ENTRY_POINTS = ("sparse_attn", "block_sparse_attn", "quantized_attn", "predict_mask")
 
 
@@ -156,7 +155,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     triton_version = _package_version("triton", "triton-windows")
     print(f"triton          {triton_version or 'not installed'}")
     for switch in settings.SWITCHES:
-        print(f"{switch.name}={switch.value()}")
+        state = "on" if switch.enabled() else "off"
+        print(f"{switch.name}={switch.value()}  ({state}: {switch.meaning})")
     kernels = importlib.util.find_spec("sparge.kernels") is not None
     print(f"sparge.kernels  {'present' if kernels else 'missing'}")
     print()
