@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device session: every GPU test, the command line's selftest and demo on the GPU, the
 # compiler's report on the attention kernel, then the attention benchmark, the alternating dense
-# rounds against cuDNN (paired.py) and the radial benchmark.
+# rounds against cuDNN (paired.py), the pipeline's overhead in alternating rounds (paired.py
+# --pipeline) and the radial benchmark.
 # Logs go to $OUT/logs, tables to $OUT/results, both packed into $OUT/session.tar.gz at the end.
 #   BENCH_ARGS="--shapes 32768:128:0" SKIP_INFO=1 bash bench/gpu_session.sh
 set -u
@@ -31,6 +32,11 @@ timeout "${BENCH_TIMEOUT:-220}" python3 bench/bench_attention.py ${BENCH_ARGS:-}
   --out "$OUT/results" 2>&1 | tee "$LOGS/bench.log" | grep -v "^|" | tail -n 30
 timeout "${PAIRED_TIMEOUT:-120}" python3 bench/paired.py --out "$OUT/results/paired.md" 2>&1 \
   | tee "$LOGS/paired.log" | grep -v "^|" | tail -n 12
+if [ "${SKIP_PIPELINE:-0}" != 1 ]; then
+  timeout "${PIPELINE_TIMEOUT:-200}" python3 bench/paired.py --pipeline --rounds 5 \
+    --shapes 32768:128:0,32768:128:1,32768:64:0,32768:64:1 --out "$OUT/results/paired-pipeline.md" \
+    2>&1 | tee "$LOGS/paired-pipeline.log" | tail -n 30
+fi
 if [ "${SKIP_RADIAL:-0}" != 1 ]; then
   timeout "${RADIAL_TIMEOUT:-60}" python3 bench/bench_radial.py --out "$OUT/results" 2>&1 \
     | tee "$LOGS/radial.log" | tail -n 12
