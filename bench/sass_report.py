@@ -1,14 +1,21 @@
-"""What the compiler makes of the attention kernel's inner loop, without a GPU.
+"""What the compiler makes of a kernel, without a GPU.
 
-Compiles ``_sparse_attn_fwd`` ahead of time for an NVIDIA target (default sm_90) with Triton's
-bundled ``ptxas``, disassembles it with the bundled ``nvdisasm`` and reports the registers, the
-spill stack, the shared memory, and the instruction mix of each loop body that issues matrix
-instructions (the per-key-tile work), with the count per score element. Integer strides are
-assumed divisible by 16 and the head-dim stride 1, as Triton specialises them for contiguous
-tensors at launch.
+Compiles a kernel ahead of time for an NVIDIA target (default sm_90) with Triton's bundled
+``ptxas``, disassembles it with the bundled ``nvdisasm`` and reports the registers, the spill
+stack and the shared memory, then:
+
+- ``--kernel attention`` (default), ``_sparse_attn_fwd``: the instruction mix of each loop body
+  that issues matrix instructions (the per-key-tile work), with the count per score element;
+- ``--kernel quantize``, the pre-pass's ``_quantize_kernel`` for the jobs of ``--jobs`` in the
+  launch shape the library gives them (``--stats`` for the block statistics): the largest basic
+  blocks' instruction mix.
+
+Integer strides are assumed divisible by 16 and the innermost stride 1, as Triton specialises
+them for contiguous tensors at launch.
 
     python bench/sass_report.py                       # D128, BLOCK_M 64, 4 warps, 3 stages
     python bench/sass_report.py --dim 64 --max-registers 168 --block-n 128 --arch 90
+    python bench/sass_report.py --kernel quantize --jobs QK --stats
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 attention = importlib.import_module("sparge.kernels.attention")
+prepass = importlib.import_module("sparge.kernels.prepass")
 
 POINTERS = {"Q": "*i8", "K": "*i8", "V": "*fp8e4nv", "Out": "*bf16", "QS": "*fp32", "KS": "*fp32",
             "KSMax": "*fp32", "VS": "*fp32", "Lam": "*fp32", "Counts": "*i32", "NFull": "*i32",
@@ -66,6 +74,68 @@ def compile_kernel(args) -> triton.compiler.CompiledKernel:
     return triton.compile(src, target=GPUTarget("cuda", args.arch, 32), options=options)
 
 
+def compile_quantize(args) -> tuple[triton.compiler.CompiledKernel, str]:
+    """``_quantize_kernel`` for bf16 inputs and the jobs of ``args.jobs``, in the launch shape
+    ``prepass._quantize`` gives them; returns the kernel and a description of the shape."""
+    fn = prepass._quantize_kernel
+    names = list(fn.arg_names)
+    with_v = args.stats and "V" in args.jobs and args.jobs != "V"
+    if not args.stats:
+        shape = prepass._QUANTIZE
+    elif with_v:  # below prepass._SPLIT_MIN_ELEMS elements of K; above, Q and K apart from V
+        shape = prepass._STATS_WITH_V
+    else:
+        shape = prepass._WITH_STATS
+    dp = prepass._dim_pad(args.dim)
+    tile_rows = shape.tile_elems // dp
+    block_q, block_k = args.block_m, args.block_n
+    constants = dict(BQ=block_q, BK=block_k, RQ=min(block_q, tile_rows),
+                     RK=min(block_k, tile_rows), VT=tile_rows, DP=dp,
+                     LOG_NC=prepass._max_chunks(dp).bit_length() - 1, QUANT=True,
+                     STATS=args.stats, K_SCALE_MAX="K" in args.jobs,
+                     HAS_Q="Q" in args.jobs, HAS_K="K" in args.jobs, HAS_V="V" in args.jobs,
+                     sqd=1, skd=1, svd=1)
+    signature = {}
+    for n in names:
+        if n in constants:
+            signature[n] = "constexpr"
+        elif n in ("q_ptr", "k_ptr", "v_ptr"):
+            signature[n] = "*bf16"
+        elif n in ("q8_ptr", "k8_ptr"):
+            signature[n] = "*i8"
+        elif n == "v8_ptr":
+            signature[n] = "*fp8e4nv"
+        elif n.endswith("_ptr"):
+            signature[n] = "*fp32"
+        else:
+            signature[n] = "i32"
+    counts = ("k_jobs", "v_jobs", "q_per_head", "k_per_head", "v_per_head", "q_blocks",
+              "k_blocks", "v_tiles", "n_chunks", "HQ", "HK")
+    aligned = [n for n in names if signature[n] != "constexpr" and n not in counts]
+    src = ASTSource(fn, signature, constexprs={(names.index(n),): v for n, v in constants.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    options = dict(num_warps=shape.num_warps, enable_fp_fusion=True)
+    if shape.maxnreg is not None:
+        options["maxnreg"] = shape.maxnreg
+    kernel = triton.compile(src, target=GPUTarget("cuda", args.arch, 32), options=options)
+    return kernel, (f"jobs {args.jobs}, statistics {'on' if args.stats else 'off'}, D{args.dim}, "
+                    f"block_q {block_q}, block_k {block_k}: {shape}")
+
+
+def disassemble(kernel: triton.compiler.CompiledKernel) -> tuple[str, int, int]:
+    """The SASS of a compiled kernel, its registers and its spill stack in bytes."""
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        sass = subprocess.run([str(tools / "nvdisasm"), "-c", str(cubin)], capture_output=True,
+                              text=True, check=True).stdout
+        usage = subprocess.run([str(tools / "cuobjdump"), "-res-usage", str(cubin)],
+                               capture_output=True, text=True, check=True).stdout
+    resources = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    return sass, int(resources.group(1)), int(resources.group(2))
+
+
 def loop_bodies(sass: str) -> dict[str, list[str]]:
     """Instructions (opcode with modifiers) per basic block label."""
     blocks: dict[str, list[str]] = {"entry": []}
@@ -85,9 +155,13 @@ def loop_bodies(sass: str) -> dict[str, list[str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kernel", choices=("attention", "quantize"), default="attention")
     parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--block-m", type=int, default=64)
-    parser.add_argument("--block-n", type=int, default=128, help="keys per step (= block_k)")
+    parser.add_argument("--block-m", type=int, default=64, help="(quantize: block_q)")
+    parser.add_argument("--block-n", type=int, default=128,
+                        help="keys per step (= block_k; quantize: block_k)")
+    parser.add_argument("--jobs", default="QKV", help="quantize: Q, K and/or V")
+    parser.add_argument("--stats", action="store_true", help="quantize: the block statistics")
     parser.add_argument("--warps", type=int, default=4)
     parser.add_argument("--stages", type=int, default=3)
     parser.add_argument("--max-registers", type=int, default=0)
@@ -98,21 +172,25 @@ def main() -> None:
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90")
     args = parser.parse_args()
 
+    if args.kernel == "quantize":
+        kernel, described = compile_quantize(args)
+        sass, registers, stack = disassemble(kernel)
+        print(f"Triton {triton.__version__}, sm_{args.arch}: _quantize_kernel, {described}")
+        print(f"registers {registers}, stack {stack} bytes, shared {kernel.metadata.shared} bytes")
+        blocks = sorted(loop_bodies(sass).items(), key=lambda item: -len(item[1]))
+        for label, ops in blocks[:6]:
+            mix = Counter(op.split(".")[0] for op in ops)
+            print(f"\n{label}: {len(ops)} instructions, {mix['LDL'] + mix['STL']} local-memory "
+                  "accesses")
+            print("  " + ", ".join(f"{op} {n}" for op, n in mix.most_common(16)))
+        return
+
     kernel = compile_kernel(args)
-    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = Path(tmp) / "kernel.cubin"
-        cubin.write_bytes(kernel.asm["cubin"])
-        sass = subprocess.run([str(tools / "nvdisasm"), "-c", str(cubin)], capture_output=True,
-                              text=True, check=True).stdout
-        usage = subprocess.run([str(tools / "cuobjdump"), "-res-usage", str(cubin)],
-                               capture_output=True, text=True, check=True).stdout
-    resources = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    sass, registers, stack = disassemble(kernel)
     print(f"Triton {triton.__version__}, sm_{args.arch}: D{args.dim} BLOCK_M {args.block_m} "
           f"BLOCK_N {args.block_n}, {args.warps} warps, {args.stages} stages, register cap "
           f"{args.max_registers or 'none'}")
-    print(f"registers {resources.group(1)}, stack {resources.group(2)} bytes, shared "
-          f"{kernel.metadata.shared} bytes")
+    print(f"registers {registers}, stack {stack} bytes, shared {kernel.metadata.shared} bytes")
     per_thread = args.block_m * args.block_n // (32 * args.warps)
     for label, ops in loop_bodies(sass).items():
         if not any(re.match(r"[A-Z]*GMMA|HMMA|IMMA", op) for op in ops):
