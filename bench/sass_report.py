@@ -79,13 +79,8 @@ def compile_quantize(args) -> tuple[triton.compiler.CompiledKernel, str]:
     ``prepass._quantize`` gives them; returns the kernel and a description of the shape."""
     fn = prepass._quantize_kernel
     names = list(fn.arg_names)
-    with_v = args.stats and "V" in args.jobs and args.jobs != "V"
-    if not args.stats:
-        shape = prepass._QUANTIZE
-    elif with_v:  # below prepass._SPLIT_MIN_ELEMS elements of K; above, Q and K apart from V
-        shape = prepass._STATS_WITH_V
-    else:
-        shape = prepass._WITH_STATS
+    # V with Q or K in one statistics launch: below prepass._SPLIT_MIN_ELEMS elements of K
+    shape = prepass._launch_shape(args.stats, args.stats and "V" in args.jobs and args.jobs != "V")
     dp = prepass._dim_pad(args.dim)
     tile_rows = shape.tile_elems // dp
     block_q, block_k = args.block_m, args.block_n

@@ -99,6 +99,14 @@ _SPLIT_MIN_ELEMS = 1 << 24
 _STATS_WITH_V = _LaunchShape(8192, 4, 168)
 
 
+def _launch_shape(stats: bool, with_v: bool) -> _LaunchShape:
+    """The launch shape of one quantization launch: with or without the statistics, and with
+    the statistics whether V's job shares the launch with Q's or K's."""
+    if not stats:
+        return _QUANTIZE
+    return _STATS_WITH_V if with_v else _WITH_STATS
+
+
 @triton.jit
 def _channel_stats_kernel(
         k_ptr, skb, skh, skl, skd,  # (B, H, L, D), any strides
@@ -424,7 +432,7 @@ def _quantize(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | 
     given = next(t for t in (q, k, v) if t is not None)
     batch, dim, dev = given.shape[0], given.shape[3], given.device
     dp = _dim_pad(dim)
-    shape = _QUANTIZE if not stats else _STATS_WITH_V if with_v else _WITH_STATS
+    shape = _launch_shape(stats, with_v)
     tile_rows = shape.tile_elems // dp
     partials = ksum if ksum is not None else vmax
     n_chunks = 1 if partials is None else partials.shape[2]
