@@ -307,6 +307,29 @@ def _interpreter_main() -> None:
     print("RESULT " + json.dumps(results), flush=True)
 
 
+@pytest.mark.parametrize("causal,sparse", [(False, False), (True, True)])
+def test_three_programs_fit_a_hopper_sm_at_d128(causal: bool, sparse: bool) -> None:
+    """Compiled offline for sm_90 with the first Hopper candidate at D128 (2 stages, 168
+    registers), the kernel's shared memory leaves room for three programs per SM: 228 KB, 1 KB of
+    it reserved per program. Triton's allocator decides this (see ``_ones_column``): a compiler
+    change that adds 1 KB shows here before it costs a third of the occupancy."""
+    import argparse
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from sass_report import compile_kernel
+
+    from sparge.kernels.attention import candidate_configs
+
+    config = candidate_configs((9, 0), 128, 64)[0]
+    assert (config.num_stages, config.max_registers) == (2, 168)
+    args = argparse.Namespace(dim=128, block_m=config.block_m, block_n=128, causal=causal,
+                              sparse=sparse, no_fold=False, no_tma=False,
+                              warps=config.num_warps, stages=config.num_stages,
+                              max_registers=config.max_registers, arch=90)
+    kernel = compile_kernel(args)
+    assert 3 * (kernel.metadata.shared + 1024) <= 228 * 1024, kernel.metadata.shared
+
+
 # --------------------------------------------------------------------------------------- GPU
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -448,6 +471,44 @@ def test_gpu_dense_mode_equals_full_mask() -> None:
         outs.append(out.float())
     # Same blocks in the same order; only the tile-level skip branch differs (none skip here).
     assert rel_l1(outs[0], outs[1]) <= 1e-3
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dim,causal", [(128, False), (128, True), (64, True)])
+def test_gpu_every_candidate_configuration(dim: int, causal: bool) -> None:
+    """Whichever configuration the autotuner picks computes the reference's answer: each
+    candidate of this GPU, on a random mask whose lengths leave a partial last key block (both
+    of the kernel's loops run)."""
+    from sparge.backend import capability_of
+    from sparge.kernels import block_table, prepare_qkv
+    from sparge.kernels.attention import candidate_configs, launch
+    from sparge.reference import attention_reference
+
+    case = _case(Hq=4, Hk=2, Lq=1500, Lk=1700, D=dim, mode="int8_fp8", dtype="bfloat16",
+                 out_dtype="bfloat16", kind="mask", density=0.6, causal=causal)
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"random seed: {seed}")
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = _inputs(case, gen, "cuda")
+    mask = _random_mask(case, gen, "cuda")
+    lam = torch.full((4,), math.inf, device="cuda")
+    scale = dim ** -0.5
+    ref = attention_reference(q, k, v, mask, scale=scale, pv_threshold=lam, mode="int8_fp8",
+                              out_dtype=torch.float32)
+    quant = prepare_qkv(q, k, v, block_q=64, block_k=128, mode="int8_fp8", with_stats=False)[0]
+    configs = candidate_configs(capability_of(q.device), dim, 64, operand_bytes=(1, 1, 1))
+    assert configs
+    for config in configs:
+        out = _poisoned_out(case, "cuda")
+        launch(quant.q, quant.k, quant.v, q_scale=quant.q_scale, k_scale=quant.k_scale,
+               v_scale=quant.v_scale, k_scale_max=quant.k_scale_max, out=out,
+               table=block_table(mask), block_q=64, block_k=128, causal=causal, scale=scale,
+               pv_threshold=lam, mode="int8_fp8", config=config)
+        assert not out.isnan().any(), config
+        err = rel_l1(out.float(), ref)
+        print(config, f"rel L1 {err:.5f}")
+        assert err <= 0.01, (config, err)  # the reasoning of GPU_CASES' tolerances
 
 
 if __name__ == "__main__" and "--interpret" in sys.argv:
