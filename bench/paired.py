@@ -1,9 +1,10 @@
 """Speed ratios measured in alternation, so that clock drift cancels.
 
 Dense (default): for each shape, SDPA's cuDNN backend, the dense attention kernel on
-pre-quantized inputs (the autotuned configuration) and ``sparge.quantized_attn`` are timed in
-turn, round after round; each round's ratio compares timings taken seconds apart. Reports the
-median time of each and the median, lowest and highest per-round ratio to cuDNN.
+pre-quantized inputs (the autotuned configuration, and each configuration of ``--configs``) and
+``sparge.quantized_attn`` are timed in turn, round after round; each round's ratio compares
+timings taken seconds apart. Reports the median time of each and the median, lowest and highest
+per-round ratio to cuDNN.
 
 Pipeline (``--pipeline``): for each shape and for random and structured local data, the kernel
 alone on the pipeline's own mask (pre-quantized inputs) and ``sparge.sparse_attn`` (prediction,
@@ -11,6 +12,7 @@ quantization and kernel) in turn; reports the median, lowest and highest per-rou
 the pipeline over the kernel.
 
     python bench/paired.py --shapes 32768:128,32768:64,8192:128 --rounds 7 --out FILE
+    python bench/paired.py --shapes 32768:128 --configs 64:4:3:168,64:4:2:168
     python bench/paired.py --pipeline --shapes 32768:128:1,32768:64:1 --rounds 5 --out FILE
 """
 
@@ -38,7 +40,7 @@ from bench_attention import (  # noqa: E402
 
 import sparge  # noqa: E402
 from sparge.kernels import block_table, prepare_qkv  # noqa: E402
-from sparge.kernels.attention import tuned_configs  # noqa: E402
+from sparge.kernels.attention import KernelConfig, tuned_configs  # noqa: E402
 
 BQ, BK = 64, 128
 
@@ -58,15 +60,19 @@ def run_shape(length: int, dim: int, args) -> list[str]:
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             sdpa(*sets[i])
 
-    def kernel(i):
+    def kernel(i, config=None):
         launch_quantized(quant[i], out=out, table=None, block_q=64, block_k=128, causal=False,
-                         scale=dim ** -0.5, pv_threshold=lam, mode="int8_fp8")
+                         scale=dim ** -0.5, pv_threshold=lam, mode="int8_fp8", config=config)
 
     def public(i):
         sparge.quantized_attn(*sets[i], quant="int8_fp8")
 
     fns = {"sdpa cudnn bf16": cudnn, "sparge dense kernel": kernel,
            "sparge.quantized_attn": public}
+    for cfg in args.configs:
+        label = (f"kernel M{cfg.block_m} {cfg.num_warps}w {cfg.num_stages}s "
+                 f"{cfg.max_registers or '-'}r")
+        fns[label] = lambda i, cfg=cfg: kernel(i, cfg)
     for fn in fns.values():  # compile and autotune outside the rounds
         fn(0)
     bench(cudnn, args.sets, 25, 1000)  # a steady clock at full load
@@ -137,6 +143,14 @@ def run_pipeline_shape(length: int, dim: int, causal: bool, args) -> list[str]:
     return lines + [""]
 
 
+def parse_configs(text: str) -> list[KernelConfig]:
+    configs = []
+    for item in text.split(","):
+        block_m, warps, stages, registers = (int(x) for x in item.split(":"))
+        configs.append(KernelConfig(block_m, warps, stages, registers or None))
+    return configs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="32768:128,32768:64,8192:128")
@@ -146,6 +160,9 @@ def main() -> None:
     parser.add_argument("--rep", type=int, default=150, help="do_bench time per timing, ms")
     parser.add_argument("--pipeline", action="store_true",
                         help="pipeline overhead over the kernel; shapes are L:D:causal")
+    parser.add_argument("--configs", type=parse_configs, default=[],
+                        help="dense: kernel configurations to time beside the autotuned one, "
+                             "block_m:warps:stages:registers (0 = no cap), comma-separated")
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.pipeline:

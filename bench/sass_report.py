@@ -68,7 +68,7 @@ def compile_kernel(args) -> triton.compiler.CompiledKernel:
                                                                              "sm_scale_log2")]
     src = ASTSource(fn, signature, constexprs={(names.index(n),): v for n, v in constants.items()},
                     attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
-    options = dict(num_warps=args.warps, num_stages=args.stages)
+    options = dict(num_warps=args.warps, num_stages=args.stages, enable_fp_fusion=True)
     if args.max_registers:
         options["maxnreg"] = args.max_registers
     return triton.compile(src, target=GPUTarget("cuda", args.arch, 32), options=options)
