@@ -81,15 +81,12 @@ def compile_quantize(args) -> tuple[triton.compiler.CompiledKernel, str]:
     names = list(fn.arg_names)
     # V with Q or K in one statistics launch: below prepass._SPLIT_MIN_ELEMS elements of K
     shape = prepass._launch_shape(args.stats, args.stats and "V" in args.jobs and args.jobs != "V")
-    dp = prepass._dim_pad(args.dim)
-    tile_rows = shape.tile_elems // dp
     block_q, block_k = args.block_m, args.block_n
-    constants = dict(BQ=block_q, BK=block_k, RQ=min(block_q, tile_rows),
-                     RK=min(block_k, tile_rows), VT=tile_rows, DP=dp,
-                     LOG_NC=prepass._max_chunks(dp).bit_length() - 1, QUANT=True,
-                     STATS=args.stats, K_SCALE_MAX="K" in args.jobs,
-                     HAS_Q="Q" in args.jobs, HAS_K="K" in args.jobs, HAS_V="V" in args.jobs,
-                     sqd=1, skd=1, svd=1)
+    constants = prepass._constants(shape, args.dim, block_q, block_k, quant=True,
+                                   stats=args.stats, k_scale_max="K" in args.jobs,
+                                   has_q="Q" in args.jobs, has_k="K" in args.jobs,
+                                   has_v="V" in args.jobs)
+    constants.update(sqd=1, skd=1, svd=1)
     signature = {}
     for n in names:
         if n in constants:

@@ -408,6 +408,16 @@ def _block_outputs(x: torch.Tensor, block: int, quant: bool, stats: bool) -> _Bl
         if stats else None)
 
 
+def _constants(shape: _LaunchShape, dim: int, block_q: int, block_k: int, *, quant: bool,
+               stats: bool, k_scale_max: bool, has_q: bool, has_k: bool, has_v: bool) -> dict:
+    """The compile-time constants of one ``_quantize_kernel`` launch of this shape."""
+    dp = _dim_pad(dim)
+    tile_rows = shape.tile_elems // dp
+    return dict(BQ=block_q, BK=block_k, RQ=min(block_q, tile_rows), RK=min(block_k, tile_rows),
+                VT=tile_rows, DP=dp, LOG_NC=_max_chunks(dp).bit_length() - 1, QUANT=quant,
+                STATS=stats, K_SCALE_MAX=k_scale_max, HAS_Q=has_q, HAS_K=has_k, HAS_V=has_v)
+
+
 def _quantize(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | None,
               ksum: torch.Tensor | None, vmax: torch.Tensor | None, *, block_q: int,
               block_k: int, quant: bool, stats: bool, k_scale_max: torch.Tensor | None = None
@@ -480,11 +490,9 @@ def _quantize(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | 
         given if k_scale_max is None else k_scale_max, *v_args,
         n_chunks, heads_q, heads_k, q_len, k_len, padded, dim, k_jobs, v_jobs,
         q_per_head or 1, k_per_head or 1, v_per_head or 1, q_blocks, k_blocks, v_tiles,
-        BQ=block_q, BK=block_k, RQ=min(block_q, tile_rows), RK=min(block_k, tile_rows),
-        VT=tile_rows, DP=dp,
-        LOG_NC=_max_chunks(dp).bit_length() - 1, QUANT=quant, STATS=stats,
-        K_SCALE_MAX=quant and k_scale_max is not None,
-        HAS_Q=q is not None, HAS_K=k is not None, HAS_V=v is not None,
+        **_constants(shape, dim, block_q, block_k, quant=quant, stats=stats,
+                     k_scale_max=quant and k_scale_max is not None, has_q=q is not None,
+                     has_k=k is not None, has_v=v is not None),
         num_warps=shape.num_warps,
         enable_fp_fusion=True,  # as measured; Triton 3.10 stops contracting by default
         **({} if shape.maxnreg is None else {"maxnreg": shape.maxnreg}))
