@@ -27,6 +27,7 @@ import platform
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -147,6 +148,45 @@ def launch_quantized(qq, **kwargs):
     :func:`sparge.kernels.launch`'s remaining arguments. Returns Triton's kernel handle."""
     return launch(qq.q, qq.k, qq.v, q_scale=qq.q_scale, k_scale=qq.k_scale, v_scale=qq.v_scale,
                   **kwargs)
+
+
+@dataclass
+class PipelinePair:
+    """The full pipeline and the kernel alone on the same masks, for a list of input sets.
+
+    ``pipeline(i)`` runs ``sparge.sparse_attn`` on set i; ``kernel(i)`` runs the attention kernel
+    alone on set i's pre-quantized operands and on the mask the pipeline predicts for set i
+    (``masks[i]``), writing and returning ``out``.
+    """
+
+    pipeline: Callable[[int], torch.Tensor]
+    kernel: Callable[[int], torch.Tensor]
+    masks: list[SparseMask]
+
+    def sparsity(self) -> float:
+        return sum(m.sparsity() for m in self.masks) / len(self.masks)
+
+
+def pipeline_pair(sets, *, causal: bool, mode: str, pv_threshold: torch.Tensor,
+                  out: torch.Tensor, pv_skip: bool = False) -> PipelinePair:
+    """Masks, tables and quantized operands of every set, made once before any timing."""
+    masks = [sparge.sparse_attn(*s, is_causal=causal, quant=mode, return_stats=True)[1].mask
+             for s in sets]
+    tables = [block_table(m) for m in masks]
+    quant = [prepare_qkv(*s, block_q=BQ, block_k=BK, mode=mode, with_stats=False)[0]
+             for s in sets]
+    scale = sets[0][0].shape[-1] ** -0.5
+
+    def pipeline(i):
+        return sparge.sparse_attn(*sets[i], is_causal=causal, quant=mode)
+
+    def kernel(i):
+        launch_quantized(quant[i], out=out, table=tables[i], block_q=BQ, block_k=BK,
+                         causal=causal, scale=scale, pv_threshold=pv_threshold, mode=mode,
+                         pv_skip=pv_skip)
+        return out
+
+    return PipelinePair(pipeline, kernel, masks)
 
 
 def bench(fn_for_set, n_sets: int, warmup: int, rep: int) -> float:
@@ -299,31 +339,19 @@ def run_shape(args, b: int, h: int, length: int, d: int, causal: bool, meta: dic
                 flex_options["opts"] = {"BLOCK_M": 64, "BLOCK_N": 64}
             timed(f"flex_attention bf16 {pct}%", flex_fn, sparsity, exact_mask)
 
-    # Full pipeline (prediction + quantization + kernel), random and structured local data.
+    # Full pipeline (prediction + quantization + kernel), random and structured local data, and
+    # the kernel alone on each set's predicted mask.
     for data_name, data in (("random", sets), ("local", local_sets)):
-        _, stats = sparge.sparse_attn(*data[0], is_causal=causal, quant=args.mode,
-                                      return_stats=True)
+        pair = pipeline_pair(data, causal=causal, mode=args.mode, pv_threshold=lam, out=out,
+                             pv_skip=args.tile_skip)
         exact = exact_dense if data is sets else exact_rows(*data[0], rows_idx, None, causal,
                                                             scale)
-        timed(f"sparge sparse_attn pipeline, {data_name} data",
-              lambda i, data=data: sparge.sparse_attn(*data[i], is_causal=causal,
-                                                      quant=args.mode),
-              stats.sparsity, exact)
-        # The kernel alone on the pipeline's own mask (set 0's mask for every set).
-        table = block_table(stats.mask)
-        qdata = [prepare_qkv(*s, block_q=BQ, block_k=BK, mode=args.mode, with_stats=False)[0]
-                 for s in data]
-
-        def alone(i, table=table, qdata=qdata):
-            launch_quantized(qdata[i], out=out, table=table, block_q=BQ, block_k=BK,
-                             causal=causal, scale=scale, pv_threshold=lam, mode=args.mode,
-                             pv_skip=args.tile_skip)
-            return out
-
-        exact_m = exact_rows(*data[0], rows_idx, stats.mask, causal, scale)
-        timed(f"sparge kernel alone, pipeline mask, {data_name}", alone, stats.sparsity,
+        timed(f"sparge sparse_attn pipeline, {data_name} data", pair.pipeline, pair.sparsity(),
+              exact)
+        exact_m = exact_rows(*data[0], rows_idx, pair.masks[0], causal, scale)
+        timed(f"sparge kernel alone, pipeline mask, {data_name}", pair.kernel, pair.sparsity(),
               exact_m)
-        del qdata
+        del pair
 
     for r in rows:
         r.speedup_vs_cudnn = r.cudnn_ms / r.ms if r.cudnn_ms else None

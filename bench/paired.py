@@ -35,11 +35,12 @@ from bench_attention import (  # noqa: E402
     card_name,
     launch_quantized,
     local_inputs,
+    pipeline_pair,
     random_inputs,
 )
 
 import sparge  # noqa: E402
-from sparge.kernels import block_table, prepare_qkv  # noqa: E402
+from sparge.kernels import prepare_qkv  # noqa: E402
 from sparge.kernels.attention import KernelConfig, tuned_configs  # noqa: E402
 
 BQ, BK = 64, 128
@@ -109,36 +110,22 @@ def run_pipeline_shape(length: int, dim: int, causal: bool, args) -> list[str]:
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for data_name, make in (("random", random_inputs), ("local", local_inputs)):
         sets = [make(1, args.heads, length, dim, gen) for _ in range(args.sets)]
-        out = torch.empty_like(sets[0][0])
-        masks = [sparge.sparse_attn(*s, is_causal=causal, quant="int8_fp8",
-                                    return_stats=True)[1].mask for s in sets]
-        sparsity = statistics.mean(m.sparsity() for m in masks)
-        tables = [block_table(m) for m in masks]
-        quant = [prepare_qkv(*s, block_q=BQ, block_k=BK, mode="int8_fp8", with_stats=False)[0]
-                 for s in sets]
-
-        def kernel(i, tables=tables, quant=quant, out=out):
-            launch_quantized(quant[i], out=out, table=tables[i], block_q=BQ, block_k=BK,
-                             causal=causal, scale=dim ** -0.5, pv_threshold=lam,
-                             mode="int8_fp8")
-
-        def pipeline(i, sets=sets):
-            sparge.sparse_attn(*sets[i], is_causal=causal, quant="int8_fp8")
-
-        kernel(0)
-        pipeline(0)
-        bench(pipeline, args.sets, 25, 500)  # a steady clock at full load
+        pair = pipeline_pair(sets, causal=causal, mode="int8_fp8", pv_threshold=lam,
+                             out=torch.empty_like(sets[0][0]))
+        pair.kernel(0)
+        pair.pipeline(0)
+        bench(pair.pipeline, args.sets, 25, 500)  # a steady clock at full load
         k_ms, p_ms = [], []
         for _ in range(args.rounds):
-            k_ms.append(bench(kernel, args.sets, 10, args.rep))
-            p_ms.append(bench(pipeline, args.sets, 10, args.rep))
+            k_ms.append(bench(pair.kernel, args.sets, 10, args.rep))
+            p_ms.append(bench(pair.pipeline, args.sets, 10, args.rep))
         over = [p / k - 1 for k, p in zip(k_ms, p_ms, strict=True)]
-        row = (f"| {data_name} | {sparsity:.3f} | {statistics.median(k_ms):.3f} | "
+        row = (f"| {data_name} | {pair.sparsity():.3f} | {statistics.median(k_ms):.3f} | "
                f"{statistics.median(p_ms):.3f} | {100 * statistics.median(over):+.1f} % | "
                f"{100 * min(over):+.1f} % | {100 * max(over):+.1f} % |")
         lines.append(row)
         print(f"  {name} {row}", flush=True)
-        del sets, quant
+        del sets, pair
         torch.cuda.empty_cache()
     return lines + [""]
 
