@@ -482,7 +482,8 @@ def _sparse_attn_fwd(
         IEEE_DOT, ROUND_FP8, FAST_CVT, FOLD, pv_dtype, TMA)
     # The causal diagonal and the last partial key block: element mask on. This loop takes its
     # own copies of the Q tile and the ones column, so that the shared-memory buffers of the
-    # first loop's operands end with it (see _ones_column).
+    # first loop's operands end with it (see _ones_column); the Q tile is loaded again with
+    # another cache modifier, which keeps the compiler from merging the two loads.
     if EVEN_D:
         q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
     else:
