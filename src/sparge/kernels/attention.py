@@ -281,9 +281,9 @@ def _ones_column(BLOCK_N: tl.constexpr, DTYPE: tl.constexpr, FIRST: tl.constexpr
     expressions, which the compiler does not merge), and the second loop its own load of the Q
     tile. Shared buffers that live through both loops are placed by Triton's allocator after a
     16-byte pipeline barrier of the first loop, behind 1008 bytes of alignment padding; scoped to
-    one loop they pack without it. At D128 with two pipeline stages the kernel then takes 75.8 KB
-    instead of 76.8 KB of shared memory, under the 76.8 KB at which three programs fit on a
-    Hopper SM (228 KB, 1 KB reserved per program).
+    one loop they pack without it. At D128 with two pipeline stages the kernel then takes 75,812
+    bytes of shared memory instead of 76,820, and three programs fit on a Hopper SM only at
+    76,800 bytes or less (228 KB, 1 KB reserved per program).
     """
     col = tl.arange(0, 16)
     if FIRST:
