@@ -308,14 +308,15 @@ def _interpreter_main() -> None:
 
 
 @pytest.mark.parametrize("causal,sparse", [(False, False), (True, True)])
-def test_three_programs_fit_a_hopper_sm_at_d128(causal: bool, sparse: bool) -> None:
+def test_three_programs_fit_a_hopper_sm_at_d128(causal: bool, sparse: bool,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Compiled offline for sm_90 with the first Hopper candidate at D128 (2 stages, 168
     registers), the kernel's shared memory leaves room for three programs per SM: 228 KB, 1 KB of
     it reserved per program. Triton's allocator decides this (see ``_ones_column``): a compiler
     change that adds 1 KB shows here before it costs a third of the occupancy."""
     import argparse
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
     from sass_report import compile_kernel
 
     from sparge.kernels.attention import candidate_configs
