@@ -43,8 +43,6 @@ import sparge  # noqa: E402
 from sparge.kernels import prepare_qkv  # noqa: E402
 from sparge.kernels.attention import KernelConfig, tuned_configs  # noqa: E402
 
-BQ, BK = 64, 128
-
 
 def run_shape(length: int, dim: int, args) -> list[str]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
