@@ -1,6 +1,7 @@
 """Where the GPU time of one public-API call goes: each launched kernel's device time.
 
     PYTHONPATH=src python3 bench/profile_calls.py [--seq-len 32768] [--head-dim 128]
+    PYTHONPATH=src python3 bench/profile_calls.py --quant int8_fp16
 
 For ``quantized_attn``, ``block_sparse_attn`` on a random mask with 90 % of the blocks skipped,
 and ``sparse_attn`` on random and on structured local data (B1 H24, bf16), runs the call a few
@@ -51,6 +52,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=24)
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--calls", type=int, default=5)
+    parser.add_argument("--quant", default="auto", help="the calls' quantization mode")
     args = parser.parse_args()
     length, dim, heads = args.seq_len, args.head_dim, args.heads
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -59,15 +61,19 @@ def main() -> None:
     n_q, n_k = num_blocks(length, 64), num_blocks(length, 128)
     blocks = torch.rand(1, heads, n_q, n_k, device="cuda", generator=gen) >= 0.9
     mask = SparseMask(blocks, 64, 128, length, length, args.causal)
+    causal, quant = args.causal, args.quant
     calls = {
-        "quantized_attn": lambda: sparge.quantized_attn(*data, is_causal=args.causal),
-        "block_sparse_attn, 90 % skipped": lambda: sparge.block_sparse_attn(*data, mask),
-        "sparse_attn, random data": lambda: sparge.sparse_attn(*data, is_causal=args.causal),
-        "sparse_attn, local data": lambda: sparge.sparse_attn(*local, is_causal=args.causal),
+        "quantized_attn": lambda: sparge.quantized_attn(*data, is_causal=causal, quant=quant),
+        "block_sparse_attn, 90 % skipped": lambda: sparge.block_sparse_attn(*data, mask,
+                                                                            quant=quant),
+        "sparse_attn, random data": lambda: sparge.sparse_attn(*data, is_causal=causal,
+                                                               quant=quant),
+        "sparse_attn, local data": lambda: sparge.sparse_attn(*local, is_causal=causal,
+                                                              quant=quant),
     }
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton "
           f"{triton.__version__}; B1 H{heads} L{length} D{dim}"
-          f"{' causal' if args.causal else ''}, bf16")
+          f"{' causal' if causal else ''}, bf16, quant={quant}")
     for name, fn in calls.items():
         fn()  # compile and autotune outside the profile
         ms = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
