@@ -84,7 +84,7 @@ def compile_quantize(args) -> tuple[triton.compiler.CompiledKernel, str]:
     block_q, block_k = args.block_m, args.block_n
     constants = prepass._constants(shape, args.dim, block_q, block_k, quant=True,
                                    stats=args.stats, k_scale_max="K" in args.jobs,
-                                   has_q="Q" in args.jobs, has_k="K" in args.jobs,
+                                   v_fp8=True, has_q="Q" in args.jobs, has_k="K" in args.jobs,
                                    has_v="V" in args.jobs)
     constants.update(sqd=1, skd=1, svd=1)
     signature = {}

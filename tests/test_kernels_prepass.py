@@ -93,6 +93,7 @@ def check_prepare_qkv(q, k, v, block_q, block_k, mode):
     got, q_stats, k_stats = prepare_qkv(q, k, v, block_q=block_q, block_k=block_k, mode=mode,
                                         with_stats=True)
     mean = channel_mean(k).cpu()
+    v_in = v
     q, k, v = q.cpu(), k.cpu(), v.cpu()
     ref = quantize_qkv(q, k, v, block_q=block_q, block_k=block_k, mode=mode)
     assert got.q.dtype == torch.int8 and got.q.shape == q.shape
@@ -139,6 +140,9 @@ def check_prepare_qkv(q, k, v, block_q, block_k, mode):
     else:
         assert got.v.dtype == torch.float16 and got.v_scale is None
         assert torch.equal(got.v.cpu(), ref.v)
+        # float16 V is used as it is; other dtypes are cast by the pre-pass's V job into a
+        # contiguous buffer (poisoned when allocated: every element is written)
+        assert got.v is v_in if v_in.dtype == torch.float16 else got.v.is_contiguous()
 
     for stats, x in ((q_stats, q), (k_stats, k)):
         ref_stats = block_stats(x, block_q) if x is q else block_stats(smooth_k(k), block_k)
@@ -697,8 +701,10 @@ def test_prepare_qkv_gpu(dtype, shape, split, monkeypatch):
     for mode in ("int8_fp8", "int8_fp16"):
         launches.clear()
         check_prepare_qkv(q, k, v, bq, bk, mode)
-        if mode == "int8_fp8":  # int8_fp16 has no V job: one launch, of one-warp programs
+        if mode == "int8_fp8" or dtype != torch.float16:  # a V job: quantize, or cast
             assert launches[:2] == ([("QK", 1), ("V", 4)] if split else [("QKV", 4)]), launches
+        else:  # float16 V for FP16 P.V: no V job, one launch of one-warp programs
+            assert launches == [("QK", 1)], launches
 
 
 @pytest.mark.gpu

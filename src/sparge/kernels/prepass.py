@@ -10,7 +10,8 @@ What it computes is specified by :mod:`sparge.predict` (``block_stats``, ``smoot
   (k - mean): INT8 values, scale, pooled mean and self-similarity.
 - V: FP8 e4m3 with one scale per (batch, head, channel) (amax / 448, 1 for an all-zero channel),
   stored K-major (the FP8 dot of Hopper wants the second operand transposed) with its keys in the
-  attention kernel's slots (:mod:`sparge.kernels.layout`), or FP16 for PV in FP16.
+  attention kernel's slots (:mod:`sparge.kernels.layout`); or, for PV in FP16, cast to FP16 in
+  its natural layout (no job when V is float16 already).
 
 The launches:
 
@@ -35,8 +36,7 @@ float32 rounding, not bit for bit; :func:`channel_mean` returns exactly the mean
 subtract.
 
 Every step is a fixed-size kernel launch: no host synchronisation, no allocation that depends on
-data, so the pre-pass can be captured in a CUDA graph. ``int8_fp16`` mode casts V with torch
-(a copy unless V is float16 already).
+data, so the pre-pass can be captured in a CUDA graph.
 
 Rounding matches PyTorch exactly (see :mod:`sparge.kernels.rounding`).
 """
@@ -275,38 +275,48 @@ def _block_job(
 @triton.jit
 def _v_job(
         v_ptr, svb, svh, svl, svd,  # input (B, H, L, D), any strides
-        out_ptr, scale_ptr,  # float8_e4m3fn (B, H, D, LP) K-major, float32 (B, H, D)
-        part_ptr, n_chunks,  # float32 (B, H, n_chunks, D) channel abs-maxima
+        out_ptr, scale_ptr,  # float8_e4m3fn (B, H, D, LP) K-major, float32 (B, H, D) (if FP8)
+        part_ptr, n_chunks,  # float32 (B, H, n_chunks, D) channel abs-maxima (if FP8)
         job, H, L, LP, D, per_head, tiles,
-        VT: tl.constexpr, DP: tl.constexpr, LOG_NC: tl.constexpr):
-    """Program ``job`` of the V job: the channel scales, then ``tiles`` consecutive tiles of VT
-    rows of one (batch, head) in FP8, K-major, each row in its slot (see
-    :mod:`sparge.kernels.layout`); rows in [L, LP) are zeros."""
+        VT: tl.constexpr, DP: tl.constexpr, LOG_NC: tl.constexpr, FP8: tl.constexpr):
+    """Program ``job`` of the V job: ``tiles`` consecutive tiles of VT rows of one (batch, head).
+
+    FP8: the channel scales, then the tiles in FP8, K-major, each row in its slot (see
+    :mod:`sparge.kernels.layout`); rows in [L, LP) are zeros. Else the tiles cast to float16
+    into a contiguous (B, H, L, D) ``out_ptr`` (the tiles cover [0, L))."""
     bh = job // per_head
     b = bh // H
     h = bh % H
     bh = bh.to(tl.int64)
     cols = tl.arange(0, DP)
     cmask = cols < D
-    amax = _combine_partials(part_ptr + bh * n_chunks * D, n_chunks, D, LOG_NC, DP, True)
-    scale = fp8_scale(amax)
-    inv_scale = reciprocal(scale)
-    fast = tl.min(inv_scale, 0) > 0  # no scale needs the IEEE division
-    first = (job % per_head) * tiles
-    # the first program of the (batch, head) stores the scales (the condition folded into the
-    # bound: the interpreter cannot AND a scalar into a mask)
-    tl.store(scale_ptr + bh * D + cols, scale, mask=cols < tl.where(first == 0, D, 0))
     v_base = v_ptr + b.to(tl.int64) * svb + h.to(tl.int64) * svh + cols.to(tl.int64)[None, :] * svd
-    out_base = out_ptr + bh * D * LP + (cols.to(tl.int64) * LP)[:, None]
-    for t in range(first, tl.minimum(first + tiles, (LP + VT - 1) // VT)):
-        rows = t * VT + tl.arange(0, VT)
-        x = tl.load(v_base + rows.to(tl.int64)[:, None] * svl,
-                    mask=(rows < L)[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-        y = round_to_e4m3(divide(x, scale[None, :], inv_scale[None, :], fast))
-        # K-major, the keys reordered into their slots in registers (tiles start at multiples of
-        # 16): the tile's slots are its rows' positions, so that the stores stay contiguous
-        tl.store(out_base + rows[None, :], to_pv_order(tl.trans(y)).to(tl.float8e4nv),
-                 mask=(rows < LP)[None, :] & cmask[:, None])
+    first = (job % per_head) * tiles
+    if not FP8:
+        out_base = out_ptr + bh * L * D + cols[None, :]
+        for t in range(first, tl.minimum(first + tiles, (L + VT - 1) // VT)):
+            rows = (t * VT + tl.arange(0, VT)).to(tl.int64)[:, None]
+            m = (rows < L) & cmask[None, :]
+            x = tl.load(v_base + rows * svl, mask=m, other=0.0)
+            tl.store(out_base + rows * D, x.to(tl.float16), mask=m)
+    else:
+        amax = _combine_partials(part_ptr + bh * n_chunks * D, n_chunks, D, LOG_NC, DP, True)
+        scale = fp8_scale(amax)
+        inv_scale = reciprocal(scale)
+        fast = tl.min(inv_scale, 0) > 0  # no scale needs the IEEE division
+        # the first program of the (batch, head) stores the scales (the condition folded into the
+        # bound: the interpreter cannot AND a scalar into a mask)
+        tl.store(scale_ptr + bh * D + cols, scale, mask=cols < tl.where(first == 0, D, 0))
+        out_base = out_ptr + bh * D * LP + (cols.to(tl.int64) * LP)[:, None]
+        for t in range(first, tl.minimum(first + tiles, (LP + VT - 1) // VT)):
+            rows = t * VT + tl.arange(0, VT)
+            x = tl.load(v_base + rows.to(tl.int64)[:, None] * svl,
+                        mask=(rows < L)[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+            y = round_to_e4m3(divide(x, scale[None, :], inv_scale[None, :], fast))
+            # K-major, the keys reordered into their slots in registers (tiles start at multiples of
+            # 16): the tile's slots are its rows' positions, so that the stores stay contiguous
+            tl.store(out_base + rows[None, :], to_pv_order(tl.trans(y)).to(tl.float8e4nv),
+                     mask=(rows < LP)[None, :] & cmask[:, None])
 
 
 @triton.jit
@@ -321,7 +331,7 @@ def _quantize_kernel(
         BQ: tl.constexpr, BK: tl.constexpr, RQ: tl.constexpr, RK: tl.constexpr,
         VT: tl.constexpr, DP: tl.constexpr,
         LOG_NC: tl.constexpr, QUANT: tl.constexpr, STATS: tl.constexpr,
-        K_SCALE_MAX: tl.constexpr,
+        K_SCALE_MAX: tl.constexpr, V_FP8: tl.constexpr,
         HAS_Q: tl.constexpr, HAS_K: tl.constexpr, HAS_V: tl.constexpr):
     """One grid, three jobs (see :func:`_block_job`, :func:`_v_job`): K blocks first, then V
     tiles, then Q blocks (the shortest programs, to fill the tail). A job left out (HAS_*
@@ -335,7 +345,7 @@ def _quantize_kernel(
     elif pid < k_jobs + v_jobs:
         if HAS_V:
             _v_job(v_ptr, svb, svh, svl, svd, v8_ptr, v_scale_ptr, vmax_ptr, n_chunks,
-                   pid - k_jobs, HK, LK, LP, D, v_per_head, v_tiles, VT, DP, LOG_NC)
+                   pid - k_jobs, HK, LK, LP, D, v_per_head, v_tiles, VT, DP, LOG_NC, V_FP8)
     elif HAS_Q:
         _block_job(q_ptr, sqb, sqh, sql, sqd, q8_ptr, q_scale_ptr, q_mean_ptr, q_sim_ptr,
                    q_ptr, n_chunks, q_ptr, pid - k_jobs - v_jobs, HQ, LQ, D, q_per_head,
@@ -409,26 +419,31 @@ def _block_outputs(x: torch.Tensor, block: int, quant: bool, stats: bool) -> _Bl
 
 
 def _constants(shape: _LaunchShape, dim: int, block_q: int, block_k: int, *, quant: bool,
-               stats: bool, k_scale_max: bool, has_q: bool, has_k: bool, has_v: bool) -> dict:
+               stats: bool, k_scale_max: bool, v_fp8: bool, has_q: bool, has_k: bool,
+               has_v: bool) -> dict:
     """The compile-time constants of one ``_quantize_kernel`` launch of this shape."""
     dp = _dim_pad(dim)
     tile_rows = shape.tile_elems // dp
     return dict(BQ=block_q, BK=block_k, RQ=min(block_q, tile_rows), RK=min(block_k, tile_rows),
                 VT=tile_rows, DP=dp, LOG_NC=_max_chunks(dp).bit_length() - 1, QUANT=quant,
-                STATS=stats, K_SCALE_MAX=k_scale_max, HAS_Q=has_q, HAS_K=has_k, HAS_V=has_v)
+                STATS=stats, K_SCALE_MAX=k_scale_max, V_FP8=v_fp8, HAS_Q=has_q, HAS_K=has_k,
+                HAS_V=has_v)
 
 
 def _quantize(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | None,
               ksum: torch.Tensor | None, vmax: torch.Tensor | None, *, block_q: int,
-              block_k: int, quant: bool, stats: bool, k_scale_max: torch.Tensor | None = None
-              ) -> tuple[_Blocks | None, _Blocks | None, tuple[torch.Tensor, torch.Tensor] | None]:
+              block_k: int, quant: bool, stats: bool, k_scale_max: torch.Tensor | None = None,
+              v_fp8: bool = True
+              ) -> tuple[_Blocks | None, _Blocks | None,
+                         tuple[torch.Tensor, torch.Tensor | None] | None]:
     """One launch of ``_quantize_kernel`` for the jobs whose input is given; two when
     statistics are asked for and a large V is given with Q or K (see ``_SPLIT_MIN_ELEMS``).
 
     q (B, Hq, Lq, D); k (B, Hk, Lk, D) with its partial channel sums ``ksum``; v (B, Hk, Lk, D)
-    with its partial abs-maxima ``vmax`` (see :func:`_channel_stats`). Returns the Q and K
-    outputs and, for V, ``(values, scales)`` as :func:`prepare_qkv` documents them. When K is
-    quantized, ``k_scale_max`` (B, Hk), zeroed by :func:`_channel_stats`, receives each head's
+    with its partial abs-maxima ``vmax`` (see :func:`_channel_stats`), or, unless ``v_fp8``,
+    without them for the cast to float16. Returns the Q and K outputs and, for V,
+    ``(values, scales)`` as :func:`prepare_qkv` documents them (scales None for float16). When K
+    is quantized, ``k_scale_max`` (B, Hk), zeroed by :func:`_channel_stats`, receives each head's
     largest K scale.
     """
     with_v = stats and v is not None and (q is not None or k is not None)
@@ -437,7 +452,7 @@ def _quantize(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | 
         q_out, k_out, _ = _quantize(q, k, None, ksum, None, block_q=block_q, block_k=block_k,
                                     quant=quant, stats=True, k_scale_max=k_scale_max)
         v_out = _quantize(None, None, v, None, vmax, block_q=block_q, block_k=block_k,
-                          quant=quant, stats=False)[2]
+                          quant=quant, stats=False, v_fp8=v_fp8)[2]
         return q_out, k_out, v_out
     given = next(t for t in (q, k, v) if t is not None)
     batch, dim, dev = given.shape[0], given.shape[3], given.device
@@ -464,10 +479,13 @@ def _quantize(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | 
     heads_k, k_len = (1, 1) if kv is None else kv.shape[1:3]
     padded = num_blocks(k_len, block_k) * block_k
     v_out = v_per_head = None
-    if v is not None:
+    if v is not None and v_fp8:
         v_out = (_alloc(batch, heads_k, dim, padded, dtype=FP8_DTYPE, device=dev),
                  _alloc(batch, heads_k, dim, dtype=torch.float32, device=dev))
         v_per_head = cdiv(cdiv(padded, tile_rows), v_tiles)
+    elif v is not None:
+        v_out = (_alloc(batch, heads_k, k_len, dim, dtype=torch.float16, device=dev), None)
+        v_per_head = cdiv(cdiv(k_len, tile_rows), v_tiles)
 
     placeholder = (given, 0, 0, 0, 0)  # a pointer and strides for a job left out
 
@@ -479,7 +497,8 @@ def _quantize(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | 
         return (x, *x.stride(), *quant_ptrs, *stats_ptrs)
 
     v_args = ((*placeholder, given, given, given) if v is None
-              else (v, *v.stride(), v_out[0], v_out[1], vmax))
+              else (v, *v.stride(), v_out[0], given if v_out[1] is None else v_out[1],
+                    given if vmax is None else vmax))
     k_jobs = 0 if k is None else batch * heads_k * k_per_head
     v_jobs = 0 if v is None else batch * heads_k * v_per_head
     q_jobs = 0 if q is None else batch * q.shape[1] * q_per_head
@@ -491,8 +510,8 @@ def _quantize(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | 
         n_chunks, heads_q, heads_k, q_len, k_len, padded, dim, k_jobs, v_jobs,
         q_per_head or 1, k_per_head or 1, v_per_head or 1, q_blocks, k_blocks, v_tiles,
         **_constants(shape, dim, block_q, block_k, quant=quant, stats=stats,
-                     k_scale_max=quant and k_scale_max is not None, has_q=q is not None,
-                     has_k=k is not None, has_v=v is not None),
+                     k_scale_max=quant and k_scale_max is not None, v_fp8=v_fp8,
+                     has_q=q is not None, has_k=k is not None, has_v=v is not None),
         num_warps=shape.num_warps,
         enable_fp_fusion=True,  # as measured; Triton 3.10 stops contracting by default
         **({} if shape.maxnreg is None else {"maxnreg": shape.maxnreg}))
@@ -532,8 +551,7 @@ def prepare_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_q: i
                 ) -> tuple[QuantizedQKV, BlockStats | None, BlockStats | None]:
     """Quantize Q, smoothed K and V for the attention kernel, with the predictor's statistics.
 
-    Two kernel launches, three with the statistics of long sequences in ``int8_fp8`` mode (see
-    the module docstring), plus the FP16 cast of V in ``int8_fp16`` mode.
+    Two kernel launches, three with the statistics of long sequences (see the module docstring).
 
     Args:
         q: (B, Hq, Lq, D); k, v: (B, Hk, Lk, D); layout HND, any strides, float16, bfloat16 or
@@ -556,12 +574,14 @@ def prepare_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_q: i
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError("prepare_qkv wants q (B, Hq, Lq, D) and k, v (B, Hk, Lk, D), got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    v8 = v if mode == PV_FP8 else None
+    fp8 = mode == PV_FP8
+    v_job = v if fp8 or v.dtype != torch.float16 else None  # float16 V is used as it is
     k_scale_max = _alloc(k.shape[0], k.shape[1], dtype=torch.float32, device=k.device)
-    ksum, vmax = _channel_stats(k, v8, k_scale_max)
-    q_out, k_out, v_out = _quantize(q, k, v8, ksum, vmax, block_q=block_q, block_k=block_k,
-                                    quant=True, stats=with_stats, k_scale_max=k_scale_max)
-    v_q, v_scale = v_out if v8 is not None else (v.to(torch.float16), None)
+    ksum, vmax = _channel_stats(k, v if fp8 else None, k_scale_max)
+    q_out, k_out, v_out = _quantize(q, k, v_job, ksum, vmax, block_q=block_q, block_k=block_k,
+                                    quant=True, stats=with_stats, k_scale_max=k_scale_max,
+                                    v_fp8=fp8)
+    v_q, v_scale = v_out if v_job is not None else (v, None)
     quantized = QuantizedQKV(q_out.values, q_out.scales, k_out.values, k_out.scales, v_q, v_scale,
                              k_scale_max)
     return quantized, q_out.stats, k_out.stats
