@@ -566,8 +566,9 @@ def prepare_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_q: i
         ``int8_fp8``, ``quantized.v`` is the attention kernel's contiguous (B, Hk, D, LP)
         float8_e4m3fn buffer: K-major, LP a multiple of ``block_k``, key n in slot
         ``pv_slot(n)`` and keys past Lk zeros (:func:`sparge.kernels.layout.fp8_v_natural` gives
-        the (B, Hk, Lk, D) values in key order). ``quantized.k_scale_max`` (B, Hk) is each
-        head's largest K scale. The statistics are None unless ``with_stats``.
+        the (B, Hk, Lk, D) values in key order). With ``int8_fp16`` it is ``v`` itself when
+        float16, else its contiguous float16 cast (B, Hk, Lk, D). ``quantized.k_scale_max``
+        (B, Hk) is each head's largest K scale. The statistics are None unless ``with_stats``.
     """
     if mode not in (PV_FP8, PV_FP16):
         raise ValueError(f"prepare_qkv mode must be {PV_FP8!r} or {PV_FP16!r}, got {mode!r}")
