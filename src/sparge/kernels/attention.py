@@ -422,10 +422,10 @@ def _sparse_attn_fwd(
 
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm \
         + offs_d[None, :] * stride_qd
-    if EVEN_D:
-        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-    else:
-        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q_mask = row_ok[:, None]
+    if not EVEN_D:
+        q_mask = q_mask & d_ok[None, :]
+    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
     if MODE == 2:
         q_scale = sm_scale_log2
     else:
@@ -484,11 +484,7 @@ def _sparse_attn_fwd(
     # own copies of the Q tile and the ones column, so that the shared-memory buffers of the
     # first loop's operands end with it (see _ones_column); the Q tile is loaded again with
     # another cache modifier, which keeps the compiler from merging the two loads.
-    if EVEN_D:
-        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
-    else:
-        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0,
-                    cache_modifier=".cg")
+    q = tl.load(q_ptrs, mask=q_mask, other=0.0, cache_modifier=".cg")
     sum_col = _ones_column(BLOCK_N, pv_dtype, False)
     acc, l_i, m_i, s_i = _attend_blocks(
         acc, l_i, m_i, s_i, q, q_scale, offs_m, offs_d, k_base, v_base, KDesc, VDesc, k_row,
