@@ -2,9 +2,12 @@
 
 At short lengths a call's host time can exceed its GPU time; a CUDA graph captured once per
 shape replays the whole call (pre-pass, selection, lookup table, attention) without it. This
-times both, with SDPA's cuDNN backend eagerly and replayed, on one card in one run.
+times both, with SDPA's cuDNN backend eagerly and replayed, on one card in one run. With
+``--compile`` it also times each call under ``torch.compile(mode="reduce-overhead")``, whose CUDA
+graphs record the call on its first runs and replay it after.
 
     python bench/graph_replay.py --shapes 4096:64:0,4096:128:1 --out FILE
+    python bench/graph_replay.py --shapes 4096:64:0 --compile
 """
 
 from __future__ import annotations
@@ -35,7 +38,16 @@ def graphed(fn, inputs):
     return graph.replay
 
 
-def run_shape(length: int, dim: int, causal: bool, heads: int) -> list[str]:
+def compiled(fn, inputs):
+    """``fn`` under ``torch.compile(mode="reduce-overhead")``, run until its CUDA graph replays,
+    and the function that calls it."""
+    run = torch.compile(fn, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    for _ in range(3):  # warm-up, recording, a first replay
+        run(*inputs)
+    return lambda: run(*inputs)
+
+
+def run_shape(length: int, dim: int, causal: bool, heads: int, compile_too: bool) -> list[str]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
@@ -54,22 +66,33 @@ def run_shape(length: int, dim: int, causal: bool, heads: int) -> list[str]:
         "sparge.block_sparse_attn 90%": lambda q, k, v: sparge.block_sparse_attn(q, k, v, mask),
         "sparge.sparse_attn": lambda q, k, v: sparge.sparse_attn(q, k, v, is_causal=causal),
     }
-    lines = [f"## L{length} D{dim} {'causal' if causal else 'non-causal'}", "",
-             "| call | eager ms | graph replay ms | eager x cuDNN | replay x cuDNN eager |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+    header = "| call | eager ms | graph replay ms | eager x cuDNN | replay x cuDNN eager |"
+    rule = "| --- | ---: | ---: | ---: | ---: |"
+    if compile_too:
+        header += " reduce-overhead ms | reduce-overhead x cuDNN eager |"
+        rule += " ---: | ---: |"
+    lines = [f"## L{length} D{dim} {'causal' if causal else 'non-causal'}", "", header, rule]
     base = None
     for name, fn in calls.items():
         eager = triton.testing.do_bench(lambda fn=fn: fn(q, k, v), return_mode="median")
         base = base or eager
+        row = f"| {name} | {eager:.3f} |"
         try:
             replay = triton.testing.do_bench(graphed(fn, (q, k, v)), return_mode="median")
+            row += f" {replay:.3f} | {base / eager:.2f} | {base / replay:.2f} |"
         except RuntimeError as error:  # a call that cannot be captured: say so, go on
             print(f"{name}: no CUDA graph ({error})", flush=True)
-            lines.append(f"| {name} | {eager:.3f} | - | {base / eager:.2f} | - |")
-            continue
-        lines.append(f"| {name} | {eager:.3f} | {replay:.3f} | {base / eager:.2f} | "
-                     f"{base / replay:.2f} |")
-        print(lines[-1], flush=True)
+            row += f" - | {base / eager:.2f} | - |"
+        if compile_too:
+            try:
+                reduced = triton.testing.do_bench(compiled(fn, (q, k, v)), return_mode="median")
+                row += f" {reduced:.3f} | {base / reduced:.2f} |"
+            except Exception as error:  # noqa: BLE001 - a call that does not compile: say so
+                print(f"{name}: torch.compile failed ({type(error).__name__}: {error})",
+                      flush=True)
+                row += " - | - |"
+        lines.append(row)
+        print(row, flush=True)
     return lines + [""]
 
 
@@ -78,6 +101,8 @@ def main() -> None:
     parser.add_argument("--shapes", default="4096:64:0,4096:64:1,4096:128:0,4096:128:1",
                         help="comma list of L:D:causal (causal 0/1)")
     parser.add_argument("--heads", type=int, default=24)
+    parser.add_argument("--compile", action="store_true",
+                        help='also time each call under torch.compile(mode="reduce-overhead")')
     parser.add_argument("--out", help="write the markdown table here")
     args = parser.parse_args()
     lines = [f"# Eager calls and CUDA graph replays: {card_name()}", "",
@@ -86,7 +111,7 @@ def main() -> None:
              "mask (every block eligible); sparse_attn the default thresholds. Ratios divide "
              "cuDNN's eager time.", ""]
     for length, dim, causal in parse_shapes(args.shapes, [], [], []):
-        lines += run_shape(length, dim, causal, args.heads)
+        lines += run_shape(length, dim, causal, args.heads, args.compile)
         if args.out:  # after every shape, so that a cut-off run keeps what it measured
             Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
