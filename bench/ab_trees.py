@@ -5,7 +5,8 @@ alternation: one subprocess per tree and round, so that each imports its own ``s
     python bench/ab_trees.py --tree /tmp/base/src:base --tree src:new --quant int8_fp16
 
 Each subprocess times, with do_bench medians (25 ms warm-up, 300 ms), ``prepare_qkv`` without and
-with the block statistics and ``sparge.quantized_attn``, on the same seeded B1 H24 bf16 inputs.
+with the block statistics, ``sparge.quantized_attn`` and causal ``sparge.sparse_attn``, on the
+same seeded B1 H24 bf16 random inputs.
 The attention kernel runs its first candidate configuration (``SPARGE_AUTOTUNE=0``), so that
 both trees launch the same configuration.
 """
@@ -38,7 +39,9 @@ def measure(args) -> str:
                                    with_stats=stats)
 
     steps = {"prepare_qkv": prepass(False), "prepare_qkv+stats": prepass(True),
-             "quantized_attn": lambda: sparge.quantized_attn(q, k, v, quant=args.quant)}
+             "quantized_attn": lambda: sparge.quantized_attn(q, k, v, quant=args.quant),
+             "sparse_attn causal": lambda: sparge.sparse_attn(q, k, v, is_causal=True,
+                                                              quant=args.quant)}
     times = []
     for name, fn in steps.items():
         fn()

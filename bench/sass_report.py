@@ -82,10 +82,12 @@ def compile_quantize(args) -> tuple[triton.compiler.CompiledKernel, str]:
     # V with Q or K in one statistics launch: below prepass._SPLIT_MIN_ELEMS elements of K
     shape = prepass._launch_shape(args.stats, args.stats and "V" in args.jobs and args.jobs != "V")
     block_q, block_k = args.block_m, args.block_n
+    # one-warp statistics programs take K's channel mean finished by the launch before
     constants = prepass._constants(shape, args.dim, block_q, block_k, quant=True,
                                    stats=args.stats, k_scale_max="K" in args.jobs,
-                                   v_fp8=True, has_q="Q" in args.jobs, has_k="K" in args.jobs,
-                                   has_v="V" in args.jobs)
+                                   k_mean_given=shape.num_warps == 1, v_fp8=True,
+                                   has_m="M" in args.jobs, has_q="Q" in args.jobs,
+                                   has_k="K" in args.jobs, has_v="V" in args.jobs)
     constants.update(sqd=1, skd=1, svd=1)
     signature = {}
     for n in names:
@@ -101,7 +103,7 @@ def compile_quantize(args) -> tuple[triton.compiler.CompiledKernel, str]:
             signature[n] = "*fp32"
         else:
             signature[n] = "i32"
-    counts = ("k_jobs", "v_jobs", "q_per_head", "k_per_head", "v_per_head", "q_blocks",
+    counts = ("m_jobs", "k_jobs", "v_jobs", "q_per_head", "k_per_head", "v_per_head", "q_blocks",
               "k_blocks", "v_tiles", "n_chunks", "HQ", "HK")
     aligned = [n for n in names if signature[n] != "constexpr" and n not in counts]
     src = ASTSource(fn, signature, constexprs={(names.index(n),): v for n, v in constants.items()},
@@ -152,7 +154,8 @@ def main() -> None:
     parser.add_argument("--block-m", type=int, default=64, help="(quantize: block_q)")
     parser.add_argument("--block-n", type=int, default=128,
                         help="keys per step (= block_k; quantize: block_k)")
-    parser.add_argument("--jobs", default="QKV", help="quantize: Q, K and/or V")
+    parser.add_argument("--jobs", default="QKV",
+                        help="quantize: M (K's channel mean), Q, K and/or V")
     parser.add_argument("--stats", action="store_true", help="quantize: the block statistics")
     parser.add_argument("--warps", type=int, default=4)
     parser.add_argument("--stages", type=int, default=3)

@@ -274,7 +274,7 @@ def _quantize_launches(monkeypatch=None) -> list:
 
     def recording(kernel, grid, *args, **meta):
         if kernel.fn.__name__ == "_quantize_kernel":
-            jobs = "".join(j for j in "QKV" if meta[f"HAS_{j}"])
+            jobs = "".join(j for j in "MQKV" if meta[f"HAS_{j}"])
             seen.append((jobs, meta["num_warps"]))
         return run(kernel, grid, *args, **meta)
 
@@ -286,15 +286,16 @@ def _quantize_launches(monkeypatch=None) -> list:
 
 
 def case_statistics_launch_of_their_own():
-    """From _SPLIT_MIN_ELEMS elements of K on (forced here at small sizes), the statistics of Q and
-    K run in a launch of one-warp programs and V in a second launch; below, one launch runs all
-    three jobs. Both give the reference's results."""
+    """From _SPLIT_MIN_ELEMS elements of K on (forced here at small sizes), a launch of four-warp
+    programs quantizes V and finishes K's channel mean (M), and the statistics of Q and K run in a
+    second launch, of one-warp programs, which reads that mean; below, one launch runs Q, K and V.
+    Both give the reference's results."""
     _fresh_seed()
     _poison_allocations()
     from sparge.kernels import prepass
 
     launches = _quantize_launches()
-    for split, expected in ((0, [("QK", 1), ("V", 4)]), (1 << 62, [("QKV", 4)])):
+    for split, expected in ((0, [("MV", 4), ("QK", 1)]), (1 << 62, [("QKV", 4)])):
         prepass._SPLIT_MIN_ELEMS = split
         for b, hq, hk, lq, lk, d, bq, bk in SHAPES[::2]:
             q = torch.randn(b, hq, lq, d) * 3
@@ -702,9 +703,9 @@ def test_prepare_qkv_gpu(dtype, shape, split, monkeypatch):
         launches.clear()
         check_prepare_qkv(q, k, v, bq, bk, mode)
         if mode == "int8_fp8" or dtype != torch.float16:  # a V job: quantize, or cast
-            assert launches[:2] == ([("QK", 1), ("V", 4)] if split else [("QKV", 4)]), launches
-        else:  # float16 V for FP16 P.V: no V job, one launch of one-warp programs
-            assert launches == [("QK", 1)], launches
+            assert launches[:2] == ([("MV", 4), ("QK", 1)] if split else [("QKV", 4)]), launches
+        else:  # float16 V for FP16 P.V: no V job; K's mean in a launch of its own, then Q and K
+            assert launches == [("M", 4), ("QK", 1)], launches
 
 
 @pytest.mark.gpu

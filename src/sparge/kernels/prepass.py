@@ -1,5 +1,5 @@
 """The fused pre-pass: quantization of Q, K and V and the predictor's block statistics, in two
-kernel launches (three with the statistics of long sequences).
+kernel launches (three with the statistics of long sequences or of a float16 V for FP16 P.V).
 
 What it computes is specified by :mod:`sparge.predict` (``block_stats``, ``smooth_k``) and
 :mod:`sparge.quant` (``quantize_int8_per_block``, ``quantize_v_fp8``):
@@ -19,14 +19,16 @@ The launches:
    (batch, head) to a partial row of K channel sums and one of V channel abs-maxima, stored in
    small float32 (B, Hk, n_chunks, D) buffers: a split reduction without atomics, so the same
    inputs give the same bits on every run.
-2. ``_quantize_kernel`` runs three jobs in one grid, told apart by program id: K blocks, V tiles
+2. ``_quantize_kernel`` runs its jobs in one grid, told apart by program id: K blocks, V tiles
    and Q blocks. A K program first finishes the channel mean from the partials, a V program the
    channel scales, then each quantizes its rows (and computes the statistics of its blocks).
    The K programs also leave each head's largest K scale, which the attention kernel reads
    (an atomic maximum into a buffer the first launch zeroed: the same bits in any order).
-   With the statistics, at lengths where the GPU time outweighs the host time, the Q and K
-   jobs run in a launch of one-warp programs, where the statistics' reductions need no barrier
-   between warps, and the V job in a second launch.
+   With the statistics, at lengths where the GPU time outweighs the host time (and whenever V
+   needs no job), the Q and K jobs run in a launch of one-warp programs, where the statistics'
+   reductions need no barrier between warps. Those programs neither run V's job nor finish the
+   mean, which would take their registers: a launch before them does both, V's job and a fourth
+   job that finishes each head's channel mean into a small (B, Hk, D) buffer.
 
 The channel mean is summed in another order than torch's ``mean``: within a chunk, each row slot
 of a tile adds its tokens in order and the slots are then added up (Triton's reduction tree); the
@@ -167,15 +169,28 @@ def _combine_partials(part_ptr, n_chunks, D, LOG_NC: tl.constexpr, DP: tl.conste
 
 
 @triton.jit
+def _channel_mean(part_ptr, n_chunks, L, D, LOG_NC: tl.constexpr, DP: tl.constexpr):
+    """The channel mean of one (batch, head) from its n_chunks partial sums at part_ptr:
+    float32 (DP,), zero past D."""
+    total = _combine_partials(part_ptr, n_chunks, D, LOG_NC, DP, False)
+    return tl.math.div_rn(total, L.to(tl.float32))
+
+
+@triton.jit
 def _load_part(x_base, sxl, mu, row0, L, D, R: tl.constexpr, DP: tl.constexpr,
-               SMOOTH: tl.constexpr):
-    """Rows [row0, row0 + R) of x: float32 (R, DP), less mu (DP,) when SMOOTH, zero outside x;
-    with their row indices (R, 1) and the mask."""
+               SMOOTH: tl.constexpr, MU_IN_MEMORY: tl.constexpr):
+    """Rows [row0, row0 + R) of x: float32 (R, DP), less the channel mean mu when SMOOTH, zero
+    outside x; with their row indices (R, 1) and the mask. mu is float32 (DP,), or with
+    MU_IN_MEMORY a pointer to its D floats, loaded again for every part (from cache)."""
+    cols = tl.arange(0, DP)
     rows = (row0 + tl.arange(0, R)).to(tl.int64)[:, None]
-    m = (rows < L) & (tl.arange(0, DP) < D)[None, :]
+    m = (rows < L) & (cols < D)[None, :]
     x = tl.load(x_base + rows * sxl, mask=m, other=0.0).to(tl.float32)
     if SMOOTH:
-        x = tl.where(m, x - mu[None, :], 0.0)
+        if MU_IN_MEMORY:
+            x = tl.where(m, x - tl.load(mu + cols, mask=cols < D, other=0.0)[None, :], 0.0)
+        else:
+            x = tl.where(m, x - mu[None, :], 0.0)
     return x, rows, m
 
 
@@ -205,15 +220,23 @@ def _block_job(
         xq_ptr, scale_ptr,  # int8 (B, H, L, D) contiguous, float32 (B, H, n) (if QUANT)
         mean_ptr, sim_ptr,  # float32 (B, H, n, D), (B, H, n) (if STATS)
         part_ptr, n_chunks,  # float32 (B, H, n_chunks, D) channel sums (if SMOOTH)
+        mu_ptr,  # float32 (B, H, D): the channel mean (if SMOOTH)
         scale_max_ptr,  # float32 (B, H), zeroed before: the largest scale (if SCALE_MAX)
         job, H, L, D, per_head, blocks,
         BLOCK: tl.constexpr, R: tl.constexpr, DP: tl.constexpr, LOG_NC: tl.constexpr,
-        SMOOTH: tl.constexpr, QUANT: tl.constexpr, STATS: tl.constexpr,
-        SCALE_MAX: tl.constexpr):
+        SMOOTH: tl.constexpr, MEAN_GIVEN: tl.constexpr, QUANT: tl.constexpr,
+        STATS: tl.constexpr, SCALE_MAX: tl.constexpr):
     """Program ``job`` of a Q or K job: ``blocks`` consecutive blocks of BLOCK rows of one
-    (batch, head) (``per_head`` programs each), less the channel mean when SMOOTH. With
-    SCALE_MAX it raises the head's largest scale to its own blocks' largest (an atomic maximum:
-    the same result in any order).
+    (batch, head) (``per_head`` programs each), less the channel mean when SMOOTH: the mean an
+    earlier launch left at mu_ptr when MEAN_GIVEN, else the one the program finishes from the
+    partial sums. With SCALE_MAX it raises the head's largest scale to its own blocks' largest
+    (an atomic maximum: the same result in any order).
+
+    A given mean is loaded again for every part rather than kept in registers through the
+    block's loops: in the one-warp programs of the statistics launch, which take it given, a
+    mean kept in registers took about 90 of them (255 against 167, sm_90, Triton 3.6), which
+    left an SM 8 such programs instead of 12. Finishing the mean from a 64 x 128 tile of partials
+    would take all of a one-warp program's registers too.
 
     A tile holds R rows. A block of more rows (S = BLOCK / R parts) is read twice, part by part:
     once for its amax and column sums, once (from cache) to quantize it and sum its row
@@ -228,16 +251,15 @@ def _block_job(
     cols = tl.arange(0, DP)
     x_base = x_ptr + b.to(tl.int64) * sxb + h.to(tl.int64) * sxh + cols.to(tl.int64)[None, :] * sxd
     xq_base = xq_ptr + bh * L * D
-    mu = 0.0
-    if SMOOTH:
-        total = _combine_partials(part_ptr + bh * n_chunks * D, n_chunks, D, LOG_NC, DP, False)
-        mu = tl.math.div_rn(total, L.to(tl.float32))
+    mu = mu_ptr + bh * D
+    if SMOOTH and not MEAN_GIVEN:
+        mu = _channel_mean(part_ptr + bh * n_chunks * D, n_chunks, L, D, LOG_NC, DP)
     first = (job % per_head) * blocks
     largest = 0.0
     for blk in range(first, tl.minimum(first + blocks, n_blocks)):
         row0 = blk * BLOCK
         if S == 1:
-            x, rows, m = _load_part(x_base, sxl, mu, row0, L, D, R, DP, SMOOTH)
+            x, rows, m = _load_part(x_base, sxl, mu, row0, L, D, R, DP, SMOOTH, MEAN_GIVEN)
             amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
             col_sum = tl.sum(x, axis=0)
             scale = int8_scale(amax)
@@ -247,14 +269,16 @@ def _block_job(
             amax = 0.0
             col_sum = tl.zeros((DP,), tl.float32)
             for part in range(S):  # not unrolled: one part in registers at a time
-                x, rows, m = _load_part(x_base, sxl, mu, row0 + part * R, L, D, R, DP, SMOOTH)
+                x, rows, m = _load_part(x_base, sxl, mu, row0 + part * R, L, D, R, DP, SMOOTH,
+                                        MEAN_GIVEN)
                 amax = tl.maximum(amax, tl.max(tl.max(tl.abs(x), axis=1), axis=0))
                 col_sum += tl.sum(x, axis=0)
             scale = int8_scale(amax)
             inv_scale = reciprocal(scale)
             unit_sum = tl.zeros((DP,), tl.float32)
             for part in range(S):
-                x, rows, m = _load_part(x_base, sxl, mu, row0 + part * R, L, D, R, DP, SMOOTH)
+                x, rows, m = _load_part(x_base, sxl, mu, row0 + part * R, L, D, R, DP, SMOOTH,
+                                        MEAN_GIVEN)
                 unit_sum += _finish_part(x, rows, m, scale, inv_scale, xq_base, D, QUANT, STATS)
         stat_row = bh * n_blocks + blk
         if STATS:
@@ -323,33 +347,42 @@ def _v_job(
 def _quantize_kernel(
         q_ptr, sqb, sqh, sql, sqd, q8_ptr, q_scale_ptr, q_mean_ptr, q_sim_ptr,
         k_ptr, skb, skh, skl, skd, k8_ptr, k_scale_ptr, k_mean_ptr, k_sim_ptr, ksum_ptr,
-        k_scale_max_ptr,
+        k_scale_max_ptr, kmu_ptr,
         v_ptr, svb, svh, svl, svd, v8_ptr, v_scale_ptr, vmax_ptr,
         n_chunks, HQ, HK, LQ, LK, LP, D,
-        k_jobs, v_jobs,  # programs [0, k_jobs) do K, [k_jobs, k_jobs + v_jobs) V, the rest Q
+        m_jobs, k_jobs, v_jobs,  # programs [0, m_jobs) finish K's mean, then K, V, the rest Q
         q_per_head, k_per_head, v_per_head, q_blocks, k_blocks, v_tiles,
         BQ: tl.constexpr, BK: tl.constexpr, RQ: tl.constexpr, RK: tl.constexpr,
         VT: tl.constexpr, DP: tl.constexpr,
         LOG_NC: tl.constexpr, QUANT: tl.constexpr, STATS: tl.constexpr,
-        K_SCALE_MAX: tl.constexpr, V_FP8: tl.constexpr,
-        HAS_Q: tl.constexpr, HAS_K: tl.constexpr, HAS_V: tl.constexpr):
-    """One grid, three jobs (see :func:`_block_job`, :func:`_v_job`): K blocks first, then V
-    tiles, then Q blocks (the shortest programs, to fill the tail). A job left out (HAS_*
+        K_SCALE_MAX: tl.constexpr, K_MEAN_GIVEN: tl.constexpr, V_FP8: tl.constexpr,
+        HAS_M: tl.constexpr, HAS_Q: tl.constexpr, HAS_K: tl.constexpr, HAS_V: tl.constexpr):
+    """One grid, four jobs (see :func:`_block_job`, :func:`_v_job`): K's channel mean finished
+    for a later launch (one program per (batch, head), into ``kmu_ptr`` (B, HK, D)), K blocks,
+    V tiles, then Q blocks (the shortest programs, to fill the tail). A job left out (HAS_*
     false, no programs) is not compiled; its pointers are placeholders."""
     pid = tl.program_id(0)
-    if pid < k_jobs:
+    if pid < m_jobs:
+        if HAS_M:
+            cols = tl.arange(0, DP)
+            mean = _channel_mean(ksum_ptr + pid.to(tl.int64) * n_chunks * D, n_chunks, LK, D,
+                                 LOG_NC, DP)
+            tl.store(kmu_ptr + pid.to(tl.int64) * D + cols, mean, mask=cols < D)
+    elif pid < m_jobs + k_jobs:
         if HAS_K:
             _block_job(k_ptr, skb, skh, skl, skd, k8_ptr, k_scale_ptr, k_mean_ptr, k_sim_ptr,
-                       ksum_ptr, n_chunks, k_scale_max_ptr, pid, HK, LK, D, k_per_head,
-                       k_blocks, BK, RK, DP, LOG_NC, True, QUANT, STATS, K_SCALE_MAX)
-    elif pid < k_jobs + v_jobs:
+                       ksum_ptr, n_chunks, kmu_ptr, k_scale_max_ptr, pid - m_jobs, HK, LK, D,
+                       k_per_head, k_blocks, BK, RK, DP, LOG_NC, True, K_MEAN_GIVEN, QUANT,
+                       STATS, K_SCALE_MAX)
+    elif pid < m_jobs + k_jobs + v_jobs:
         if HAS_V:
             _v_job(v_ptr, svb, svh, svl, svd, v8_ptr, v_scale_ptr, vmax_ptr, n_chunks,
-                   pid - k_jobs, HK, LK, LP, D, v_per_head, v_tiles, VT, DP, LOG_NC, V_FP8)
+                   pid - m_jobs - k_jobs, HK, LK, LP, D, v_per_head, v_tiles, VT, DP, LOG_NC,
+                   V_FP8)
     elif HAS_Q:
         _block_job(q_ptr, sqb, sqh, sql, sqd, q8_ptr, q_scale_ptr, q_mean_ptr, q_sim_ptr,
-                   q_ptr, n_chunks, q_ptr, pid - k_jobs - v_jobs, HQ, LQ, D, q_per_head,
-                   q_blocks, BQ, RQ, DP, LOG_NC, False, QUANT, STATS, False)
+                   q_ptr, n_chunks, q_ptr, q_ptr, pid - m_jobs - k_jobs - v_jobs, HQ, LQ, D,
+                   q_per_head, q_blocks, BQ, RQ, DP, LOG_NC, False, False, QUANT, STATS, False)
 
 
 def _alloc(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -419,15 +452,15 @@ def _block_outputs(x: torch.Tensor, block: int, quant: bool, stats: bool) -> _Bl
 
 
 def _constants(shape: _LaunchShape, dim: int, block_q: int, block_k: int, *, quant: bool,
-               stats: bool, k_scale_max: bool, v_fp8: bool, has_q: bool, has_k: bool,
-               has_v: bool) -> dict:
+               stats: bool, k_scale_max: bool, k_mean_given: bool, v_fp8: bool, has_m: bool,
+               has_q: bool, has_k: bool, has_v: bool) -> dict:
     """The compile-time constants of one ``_quantize_kernel`` launch of this shape."""
     dp = _dim_pad(dim)
     tile_rows = shape.tile_elems // dp
     return dict(BQ=block_q, BK=block_k, RQ=min(block_q, tile_rows), RK=min(block_k, tile_rows),
                 VT=tile_rows, DP=dp, LOG_NC=_max_chunks(dp).bit_length() - 1, QUANT=quant,
-                STATS=stats, K_SCALE_MAX=k_scale_max, V_FP8=v_fp8, HAS_Q=has_q, HAS_K=has_k,
-                HAS_V=has_v)
+                STATS=stats, K_SCALE_MAX=k_scale_max, K_MEAN_GIVEN=k_mean_given, V_FP8=v_fp8,
+                HAS_M=has_m, HAS_Q=has_q, HAS_K=has_k, HAS_V=has_v)
 
 
 def _quantize(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | None,
@@ -436,8 +469,8 @@ def _quantize(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | 
               v_fp8: bool = True
               ) -> tuple[_Blocks | None, _Blocks | None,
                          tuple[torch.Tensor, torch.Tensor | None] | None]:
-    """One launch of ``_quantize_kernel`` for the jobs whose input is given; two when
-    statistics are asked for and a large V is given with Q or K (see ``_SPLIT_MIN_ELEMS``).
+    """Quantization (and statistics) of the tensors given, in one launch of
+    ``_quantize_kernel``, or in two where Q's and K's statistics run in one-warp programs.
 
     q (B, Hq, Lq, D); k (B, Hk, Lk, D) with its partial channel sums ``ksum``; v (B, Hk, Lk, D)
     with its partial abs-maxima ``vmax`` (see :func:`_channel_stats`), or, unless ``v_fp8``,
@@ -445,18 +478,50 @@ def _quantize(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | 
     ``(values, scales)`` as :func:`prepare_qkv` documents them (scales None for float16). When K
     is quantized, ``k_scale_max`` (B, Hk), zeroed by :func:`_channel_stats`, receives each head's
     largest K scale.
+
+    With the statistics, Q and K run in one-warp programs (see ``_WITH_STATS``) unless a V
+    smaller than ``_SPLIT_MIN_ELEMS`` elements shares their launch. Those programs neither run
+    V's job (slow there) nor combine K's partial sums (a 64 x 128 tile of partials takes a
+    one-warp program's registers): the launch before them finishes K's channel mean, with V's
+    job if V is given.
     """
-    with_v = stats and v is not None and (q is not None or k is not None)
-    if with_v and v.numel() >= _SPLIT_MIN_ELEMS:
-        # two launches: the statistics of Q and K run in one-warp programs, V in four-warp ones
-        q_out, k_out, _ = _quantize(q, k, None, ksum, None, block_q=block_q, block_k=block_k,
-                                    quant=quant, stats=True, k_scale_max=k_scale_max)
-        v_out = _quantize(None, None, v, None, vmax, block_q=block_q, block_k=block_k,
-                          quant=quant, stats=False, v_fp8=v_fp8)[2]
+    args = dict(block_q=block_q, block_k=block_k, quant=quant, v_fp8=v_fp8)
+    one_warp = stats and (q is not None or k is not None) and (
+        v is None or v.numel() >= _SPLIT_MIN_ELEMS)
+    mean_first = k is not None and ksum is not None
+    if one_warp and (v is not None or mean_first):
+        k_mean = None
+        if mean_first:
+            k_mean = _alloc(k.shape[0], k.shape[1], k.shape[3], dtype=torch.float32,
+                            device=k.device)
+        v_out = _launch(None, k, v, ksum, vmax, k_mean, jobs="MV" if mean_first else "V",
+                        stats=False, **args)[2]
+        q_out, k_out, _ = _launch(q, k, None, None, None, k_mean, jobs="QK", stats=True,
+                                  k_scale_max=k_scale_max, **args)
         return q_out, k_out, v_out
-    given = next(t for t in (q, k, v) if t is not None)
+    return _launch(q, k, v, ksum, vmax, None, jobs="QKV", stats=stats, k_scale_max=k_scale_max,
+                   **args)
+
+
+def _launch(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | None,
+            ksum: torch.Tensor | None, vmax: torch.Tensor | None,
+            k_mean: torch.Tensor | None, *, jobs: str, block_q: int, block_k: int, quant: bool,
+            stats: bool, k_scale_max: torch.Tensor | None = None, v_fp8: bool = True
+            ) -> tuple[_Blocks | None, _Blocks | None,
+                       tuple[torch.Tensor, torch.Tensor | None] | None]:
+    """One launch of ``_quantize_kernel``: of the ``jobs`` (letters of "MQKV") whose tensors are
+    given, as :func:`_quantize` describes them. "M" finishes K's channel mean from ``ksum`` into
+    ``k_mean`` (B, Hk, D) (k gives the shapes); the K job takes the mean from ``k_mean`` when
+    ``ksum`` is None, else finishes it itself, in registers."""
+    run_m = "M" in jobs and ksum is not None and k_mean is not None
+    q = q if "Q" in jobs else None
+    v = v if "V" in jobs else None
+    kv = k if k is not None else v
+    run_k = "K" in jobs and k is not None
+    given = next(t for t in (q, kv) if t is not None)
     batch, dim, dev = given.shape[0], given.shape[3], given.device
     dp = _dim_pad(dim)
+    with_v = stats and v is not None and (q is not None or run_k)
     shape = _launch_shape(stats, with_v)
     tile_rows = shape.tile_elems // dp
     partials = ksum if ksum is not None else vmax
@@ -472,10 +537,9 @@ def _quantize(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | 
         q_out = _block_outputs(q, block_q, quant, stats)
         q_per_head = cdiv(num_blocks(q.shape[2], block_q), q_blocks)
     k_out = k_per_head = None
-    if k is not None:
+    if run_k:
         k_out = _block_outputs(k, block_k, quant, stats)
         k_per_head = cdiv(num_blocks(k.shape[2], block_k), k_blocks)
-    kv = k if k is not None else v
     heads_k, k_len = (1, 1) if kv is None else kv.shape[1:3]
     padded = num_blocks(k_len, block_k) * block_k
     v_out = v_per_head = None
@@ -490,7 +554,7 @@ def _quantize(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | 
     placeholder = (given, 0, 0, 0, 0)  # a pointer and strides for a job left out
 
     def block_args(x: torch.Tensor | None, out: _Blocks | None) -> tuple:
-        if x is None:
+        if out is None:
             return (*placeholder, given, given, given, given)
         quant_ptrs = (out.values, out.scales) if quant else (given, given)
         stats_ptrs = (out.stats.mean, out.stats.similarity) if stats else (given, given)
@@ -499,19 +563,21 @@ def _quantize(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | 
     v_args = ((*placeholder, given, given, given) if v is None
               else (v, *v.stride(), v_out[0], given if v_out[1] is None else v_out[1],
                     given if vmax is None else vmax))
-    k_jobs = 0 if k is None else batch * heads_k * k_per_head
+    m_jobs = batch * heads_k if run_m else 0
+    k_jobs = batch * heads_k * k_per_head if run_k else 0
     v_jobs = 0 if v is None else batch * heads_k * v_per_head
     q_jobs = 0 if q is None else batch * q.shape[1] * q_per_head
     heads_q, q_len = (1, 1) if q is None else q.shape[1:3]
     launcher.run(
-        _quantize_kernel, (k_jobs + v_jobs + q_jobs,),
+        _quantize_kernel, (m_jobs + k_jobs + v_jobs + q_jobs,),
         *block_args(q, q_out), *block_args(k, k_out), given if ksum is None else ksum,
-        given if k_scale_max is None else k_scale_max, *v_args,
-        n_chunks, heads_q, heads_k, q_len, k_len, padded, dim, k_jobs, v_jobs,
+        given if k_scale_max is None else k_scale_max, given if k_mean is None else k_mean,
+        *v_args, n_chunks, heads_q, heads_k, q_len, k_len, padded, dim, m_jobs, k_jobs, v_jobs,
         q_per_head or 1, k_per_head or 1, v_per_head or 1, q_blocks, k_blocks, v_tiles,
         **_constants(shape, dim, block_q, block_k, quant=quant, stats=stats,
-                     k_scale_max=quant and k_scale_max is not None, v_fp8=v_fp8,
-                     has_q=q is not None, has_k=k is not None, has_v=v is not None),
+                     k_scale_max=quant and k_scale_max is not None,
+                     k_mean_given=ksum is None, v_fp8=v_fp8, has_m=run_m, has_q=q is not None,
+                     has_k=run_k, has_v=v is not None),
         num_warps=shape.num_warps,
         enable_fp_fusion=True,  # as measured; Triton 3.10 stops contracting by default
         **({} if shape.maxnreg is None else {"maxnreg": shape.maxnreg}))
