@@ -234,9 +234,9 @@ def _block_job(
 
     A given mean is loaded again for every part rather than kept in registers through the
     block's loops: in the one-warp programs of the statistics launch, which take it given, a
-    mean kept in registers took about 90 of them (255 against 167, sm_90, Triton 3.6), which
-    left an SM 8 such programs instead of 12. Finishing the mean from a 64 x 128 tile of partials
-    would take all of a one-warp program's registers too.
+    mean kept in registers took about 90 of them (254 registers against 168 at D128, sm_90),
+    which left an SM 8 such programs instead of 12. Finishing the mean from a 64 x 128 tile of
+    partials would take all of a one-warp program's registers too.
 
     A tile holds R rows. A block of more rows (S = BLOCK / R parts) is read twice, part by part:
     once for its amax and column sums, once (from cache) to quantize it and sum its row
