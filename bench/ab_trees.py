@@ -1,14 +1,14 @@
-"""The pre-pass and ``quantized_attn`` of two (or more) source trees, timed on one card in
-alternation: one subprocess per tree and round, so that each imports its own ``sparge``.
+"""The pre-pass, ``quantized_attn`` and ``sparse_attn`` of two (or more) source trees, timed on
+one card in alternation: one subprocess per tree and round, so that each imports its own
+``sparge``.
 
     git archive COMMIT src | tar -x -C /tmp/base
     python bench/ab_trees.py --tree /tmp/base/src:base --tree src:new --quant int8_fp16
 
 Each subprocess times, with do_bench medians (25 ms warm-up, 300 ms), ``prepare_qkv`` without and
 with the block statistics, ``sparge.quantized_attn`` and causal ``sparge.sparse_attn``, on the
-same seeded B1 H24 bf16 random inputs.
-The attention kernel runs its first candidate configuration (``SPARGE_AUTOTUNE=0``), so that
-both trees launch the same configuration.
+same seeded B1 H24 bf16 random inputs. The attention kernel runs its first candidate
+configuration (``SPARGE_AUTOTUNE=0``), so that both trees launch the same configuration.
 """
 
 from __future__ import annotations
