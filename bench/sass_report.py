@@ -80,7 +80,8 @@ def compile_quantize(args) -> tuple[triton.compiler.CompiledKernel, str]:
     fn = prepass._quantize_kernel
     names = list(fn.arg_names)
     # V with Q or K in one statistics launch: below prepass._SPLIT_MIN_ELEMS elements of K
-    shape = prepass._launch_shape(args.stats, args.stats and "V" in args.jobs and args.jobs != "V")
+    shape = prepass._launch_shape(args.stats, args.stats and "V" in args.jobs
+                                  and any(j in args.jobs for j in "QK"))
     block_q, block_k = args.block_m, args.block_n
     # one-warp statistics programs take K's channel mean finished by the launch before
     constants = prepass._constants(shape, args.dim, block_q, block_k, quant=True,

@@ -510,10 +510,11 @@ def _launch(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | No
             ) -> tuple[_Blocks | None, _Blocks | None,
                        tuple[torch.Tensor, torch.Tensor | None] | None]:
     """One launch of ``_quantize_kernel``: of the ``jobs`` (letters of "MQKV") whose tensors are
-    given, as :func:`_quantize` describes them. "M" finishes K's channel mean from ``ksum`` into
-    ``k_mean`` (B, Hk, D) (k gives the shapes); the K job takes the mean from ``k_mean`` when
-    ``ksum`` is None, else finishes it itself, in registers."""
-    run_m = "M" in jobs and ksum is not None and k_mean is not None
+    given, as :func:`_quantize` describes them. "M" (which needs ``ksum`` and ``k_mean``)
+    finishes K's channel mean from ``ksum`` into ``k_mean`` (B, Hk, D) (k gives the shapes); the
+    K job takes the mean from ``k_mean`` when ``ksum`` is None, else finishes it itself, in
+    registers."""
+    run_m = "M" in jobs
     q = q if "Q" in jobs else None
     v = v if "V" in jobs else None
     kv = k if k is not None else v
@@ -617,7 +618,8 @@ def prepare_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_q: i
                 ) -> tuple[QuantizedQKV, BlockStats | None, BlockStats | None]:
     """Quantize Q, smoothed K and V for the attention kernel, with the predictor's statistics.
 
-    Two kernel launches, three with the statistics of long sequences (see the module docstring).
+    Two kernel launches, three with the statistics of long sequences or of a float16 V in
+    ``int8_fp16`` mode (see the module docstring).
 
     Args:
         q: (B, Hq, Lq, D); k, v: (B, Hk, Lk, D); layout HND, any strides, float16, bfloat16 or
