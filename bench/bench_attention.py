@@ -156,11 +156,14 @@ class PipelinePair:
 
     ``pipeline(i)`` runs ``sparge.sparse_attn`` on set i; ``kernel(i)`` runs the attention kernel
     alone on set i's pre-quantized operands and on the mask the pipeline predicts for set i
-    (``masks[i]``), writing and returning ``out``.
+    (``masks[i]``), writing and returning ``out``; ``block_sparse(i)`` runs
+    ``sparge.block_sparse_attn`` on set i and ``masks[i]``: the kernel with its quantization, as
+    upstream's kernel times are taken.
     """
 
     pipeline: Callable[[int], torch.Tensor]
     kernel: Callable[[int], torch.Tensor]
+    block_sparse: Callable[[int], torch.Tensor]
     masks: list[SparseMask]
 
     def sparsity(self) -> float:
@@ -186,7 +189,10 @@ def pipeline_pair(sets, *, causal: bool, mode: str, pv_threshold: torch.Tensor,
                          pv_skip=pv_skip)
         return out
 
-    return PipelinePair(pipeline, kernel, masks)
+    def block_sparse(i):
+        return sparge.block_sparse_attn(*sets[i], masks[i], quant=mode)
+
+    return PipelinePair(pipeline, kernel, block_sparse, masks)
 
 
 def bench(fn_for_set, n_sets: int, warmup: int, rep: int) -> float:

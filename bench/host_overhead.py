@@ -6,7 +6,7 @@ Times each entry point with CUDA events (median of do_bench) and with a host clo
 issued back to back. ``--breakdown`` also times each step of a call on its own (the pre-pass, the
 attention launch, the selection, the lookup table, the torch operations between them) at a length
 short enough (L256) that the GPU never holds the host back, and ``--profile`` prints cProfile's
-top functions by own time for ``sparse_attn``.
+top functions by own and by cumulative time for ``sparse_attn``, causal and not.
 """
 
 from __future__ import annotations
@@ -134,14 +134,17 @@ def main() -> None:
                 continue
             print(f"{name:28s} host {host_us(fn):8.1f} us")
     if args.profile:
-        profile = cProfile.Profile()
-        profile.enable()
-        for _ in range(100):
-            sparge.sparse_attn(q, k, v)
-        profile.disable()
-        torch.cuda.synchronize()
-        pstats.Stats(profile).sort_stats("tottime").print_stats(25)
-
+        for name, causal in (("sparse_attn", False), ("sparse_attn causal", True)):
+            profile = cProfile.Profile()
+            profile.enable()
+            for _ in range(100):
+                sparge.sparse_attn(q, k, v, is_causal=causal)
+            profile.disable()
+            torch.cuda.synchronize()
+            print(f"\ncProfile, 100 calls of {name}, L{q.shape[2]}:")
+            stats = pstats.Stats(profile)
+            stats.sort_stats("tottime").print_stats(30)
+            stats.sort_stats("cumulative").print_stats(40)
 
 if __name__ == "__main__":
     main()

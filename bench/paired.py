@@ -7,9 +7,9 @@ timings taken seconds apart. Reports the median time of each and the median, low
 per-round ratio to cuDNN.
 
 Pipeline (``--pipeline``): for each shape and for random and structured local data, the kernel
-alone on the pipeline's own mask (pre-quantized inputs) and ``sparge.sparse_attn`` (prediction,
-quantization and kernel) in turn; reports the median, lowest and highest per-round overhead of
-the pipeline over the kernel.
+alone on the pipeline's own mask (pre-quantized inputs), ``sparge.block_sparse_attn`` on that mask
+(quantization and kernel) and ``sparge.sparse_attn`` (prediction, quantization and kernel) in
+turn; reports the median, lowest and highest per-round overhead of the pipeline over each.
 
     python bench/paired.py --shapes 32768:128,32768:64,8192:128 --rounds 7 --out FILE
     python bench/paired.py --shapes 32768:128 --configs 64:4:3:168,64:4:2:168
@@ -99,28 +99,39 @@ def run_shape(length: int, dim: int, args) -> list[str]:
 
 
 def run_pipeline_shape(length: int, dim: int, causal: bool, args) -> list[str]:
-    """Alternating rounds of the kernel alone on the pipeline's mask and the whole pipeline."""
+    """Alternating rounds of the kernel alone on the pipeline's mask, ``block_sparse_attn`` on that
+    mask (the kernel with its quantization) and the whole pipeline."""
     gen = torch.Generator(device="cuda").manual_seed(length + dim + causal)
-    lam = torch.full((args.heads,), float("inf"), device="cuda")
+    lam = torch.full((args.heads,), 50.0, device="cuda")  # sparse_attn's default pv_threshold
     name = f"L{length} D{dim} {'causal' if causal else 'non-causal'}"
     lines = [f"## {name}", "",
-             "| data | sparsity | kernel ms | pipeline ms | overhead (median) | lowest | highest |",
+             "| data | sparsity | kernel ms | block_sparse_attn ms | pipeline ms "
+             "| over kernel: median [lowest, highest] "
+             "| over block_sparse_attn: median [lowest, highest] |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+
+    def spread(over: list[float]) -> str:
+        return (f"{100 * statistics.median(over):+.1f} % "
+                f"[{100 * min(over):+.1f}, {100 * max(over):+.1f}]")
+
     for data_name, make in (("random", random_inputs), ("local", local_inputs)):
         sets = [make(1, args.heads, length, dim, gen) for _ in range(args.sets)]
         pair = pipeline_pair(sets, causal=causal, mode="int8_fp8", pv_threshold=lam,
                              out=torch.empty_like(sets[0][0]))
         pair.kernel(0)
+        pair.block_sparse(0)
         pair.pipeline(0)
         bench(pair.pipeline, args.sets, 25, 500)  # a steady clock at full load
-        k_ms, p_ms = [], []
+        k_ms, b_ms, p_ms = [], [], []
         for _ in range(args.rounds):
             k_ms.append(bench(pair.kernel, args.sets, 10, args.rep))
+            b_ms.append(bench(pair.block_sparse, args.sets, 10, args.rep))
             p_ms.append(bench(pair.pipeline, args.sets, 10, args.rep))
-        over = [p / k - 1 for k, p in zip(k_ms, p_ms, strict=True)]
+        over_k = [p / k - 1 for k, p in zip(k_ms, p_ms, strict=True)]
+        over_b = [p / b - 1 for b, p in zip(b_ms, p_ms, strict=True)]
         row = (f"| {data_name} | {pair.sparsity():.3f} | {statistics.median(k_ms):.3f} | "
-               f"{statistics.median(p_ms):.3f} | {100 * statistics.median(over):+.1f} % | "
-               f"{100 * min(over):+.1f} % | {100 * max(over):+.1f} % |")
+               f"{statistics.median(b_ms):.3f} | {statistics.median(p_ms):.3f} | "
+               f"{spread(over_k)} | {spread(over_b)} |")
         lines.append(row)
         print(f"  {name} {row}", flush=True)
         del sets, pair
@@ -154,8 +165,8 @@ def main() -> None:
         lines = [f"# Pipeline overhead over the kernel alone, alternating: {card_name()}", "",
                  f"torch {torch.__version__}, Triton {triton.__version__}; B1 H{args.heads}, bf16, "
                  f"int8_fp8, sparse_attn defaults; {args.rounds} rounds, each timing the kernel "
-                 "on the pipeline's masks (pre-quantized inputs, each set's own mask) and the "
-                 "pipeline "
+                 "on the pipeline's masks (pre-quantized inputs, each set's own mask), "
+                 "block_sparse_attn on those masks and the pipeline "
                  f"in turn (do_bench medians over {args.sets} rotated input sets).", ""]
         for item in args.shapes.split(","):
             length, dim, causal = (int(x) for x in item.split(":"))

@@ -4,9 +4,11 @@
     PYTHONPATH=src python3 bench/profile_calls.py --quant int8_fp16
 
 For ``quantized_attn``, ``block_sparse_attn`` on a random mask with 90 % of the blocks skipped,
-and ``sparse_attn`` on random and on structured local data (B1 H24, bf16), runs the call a few
-times under ``torch.profiler`` and prints, per call, every kernel's device time (mean over the
-profiled calls) and their sum, next to the call's CUDA-event time.
+``sparse_attn`` on random and on structured local data, and ``block_sparse_attn`` and the
+attention kernel alone (pre-quantized inputs) on the mask ``sparse_attn`` predicts for the local
+data (B1 H24, bf16), runs the call a few times under ``torch.profiler`` and prints, per call,
+every kernel's device time (mean over the profiled calls) and their sum, next to the call's
+CUDA-event time.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
-from bench_attention import local_inputs, random_inputs  # noqa: E402
+from bench_attention import local_inputs, pipeline_pair, random_inputs  # noqa: E402
 
 import sparge  # noqa: E402
+from sparge.backend import choose_quant  # noqa: E402
 from sparge.mask import SparseMask, num_blocks  # noqa: E402
 
 
@@ -62,6 +65,9 @@ def main() -> None:
     blocks = torch.rand(1, heads, n_q, n_k, device="cuda", generator=gen) >= 0.9
     mask = SparseMask(blocks, 64, 128, length, length, args.causal)
     causal, quant = args.causal, args.quant
+    local_pair = pipeline_pair([local], causal=causal, mode=choose_quant(quant, local[0].device),
+                               pv_threshold=torch.full((heads,), 50.0, device="cuda"),
+                               out=torch.empty_like(local[0]))
     calls = {
         "quantized_attn": lambda: sparge.quantized_attn(*data, is_causal=causal, quant=quant),
         "block_sparse_attn, 90 % skipped": lambda: sparge.block_sparse_attn(*data, mask,
@@ -70,6 +76,8 @@ def main() -> None:
                                                                quant=quant),
         "sparse_attn, local data": lambda: sparge.sparse_attn(*local, is_causal=causal,
                                                               quant=quant),
+        "block_sparse_attn, local data's predicted mask": lambda: local_pair.block_sparse(0),
+        "kernel alone, local data's predicted mask": lambda: local_pair.kernel(0),
     }
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton "
           f"{triton.__version__}; B1 H{heads} L{length} D{dim}"
