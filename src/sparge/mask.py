@@ -80,6 +80,18 @@ class SparseMask:
 
     # ----------------------------------------------------------------------------- construction
     @classmethod
+    def _of_kernel_output(cls, blocks: torch.Tensor, block_q: int, block_k: int, q_len: int,
+                          k_len: int, causal: bool) -> SparseMask:
+        """A mask around ``blocks`` as a kernel of this package wrote them: of the right dtype
+        and shape, causally invalid blocks already False. Nothing is checked and nothing runs on
+        the device (the causal AND of the constructor is a kernel launch and its host time)."""
+        mask = object.__new__(cls)
+        for name, value in (("blocks", blocks), ("block_q", block_q), ("block_k", block_k),
+                            ("q_len", q_len), ("k_len", k_len), ("causal", causal)):
+            object.__setattr__(mask, name, value)
+        return mask
+
+    @classmethod
     def full(cls, batch: int, heads: int, q_len: int, k_len: int, block_q: int = 64,
              block_k: int = 128, causal: bool = False,
              device: torch.device | str | None = None) -> SparseMask:
