@@ -781,9 +781,10 @@ def test_selection_gpu(causal, monkeypatch):
 @pytest.mark.gpu
 @gpu
 def test_selection_gpu_long_rows():
-    """4096 key blocks, the longest row the kernel sorts, and 4097, the reference's path."""
+    """Rows of 600 to 4096 key blocks (one to eight warps a program; 4096 is the longest row the
+    kernel sorts) and of 4097, the reference's path."""
     _fresh_seed()
-    for n_k in (4096, 4097):
+    for n_k in (600, 1000, 2000, 4096, 4097):
         check_selection_long_rows(n_k, "cuda")
 
 
@@ -796,7 +797,8 @@ def test_lookup_table_gpu(monkeypatch):
         blocks = torch.rand(2, 8, 512, 256, device="cuda") < p
         blocks[:, :, 7] = False
         check_lut(blocks)
-    check_lut(torch.rand(1, 2, 64, 1000, device="cuda") < 0.3)
+    for n_k in (1000, 2000, 4000):  # two, four and eight warps a program
+        check_lut(torch.rand(1, 2, 16, n_k, device="cuda") < 0.3)
 
 
 @pytest.mark.gpu

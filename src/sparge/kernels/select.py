@@ -36,6 +36,16 @@ def predict_mask_gpu(q: torch.Tensor, k: torch.Tensor, selection: Selection, *, 
 _MAX_SORTED_BLOCKS = 4096
 
 
+def _warps_per_row(nkp: int) -> int:
+    """Warps of a program that handles one row of ``nkp`` (a power of two >= 16) key blocks,
+    in the selection and in the lookup-table kernel: one up to 512 blocks, then 16 blocks a lane,
+    8 warps at most. Of 1, 2, 4 and 8 warps, one was the fastest for both kernels at 32, 64, 256
+    and (but for the causal selection, 3 % behind two warps) 512 blocks; four, the previous
+    choice, took 1.05x to 2.3x its time (H200, B1 H24, L4096 to L65536,
+    ``bench/results/select-warps-H200-2026-11-26-2.md``)."""
+    return min(8, max(1, nkp // 512))
+
+
 @triton.jit
 def _store_table_row(kept, j, value, row, i, NK, lut_ptr, counts_ptr, n_full_ptr, full_blocks,
                      block_q, block_k, N_FULL: tl.constexpr, CAUSAL: tl.constexpr):
@@ -170,7 +180,7 @@ def _select(q_stats: BlockStats, k_stats: BlockStats, selection: Selection, q_le
         blocks.view(torch.uint8), lut, counts, n_full, heads_q, heads_q // heads_k, n_q, n_k,
         q_len, block_q, block_k, k_len // block_k,
         NKP=nkp, TOPK=topk, CAUSAL=causal, SINK=selection.attention_sink, TABLE=table,
-        num_warps=4 if nkp <= 1024 else 8)
+        num_warps=_warps_per_row(nkp))
     # the programs drop causally invalid blocks themselves (the tests compare these very bits)
     mask = SparseMask._of_kernel_output(blocks, block_q, block_k, q_len, k_len, causal)
     return mask, (lut, counts, n_full) if table else None
@@ -235,7 +245,7 @@ def _lookup_table(blocks: torch.Tensor, delta: bool, mask: SparseMask | None
                  counts if n_full is None else n_full, heads, n_q, n_k, full_blocks,
                  block_q, block_k, NKP=nkp, DELTA=delta, N_FULL=mask is not None,
                  CAUSAL=mask is not None and mask.causal,
-                 num_warps=4 if nkp <= 1024 else 8)
+                 num_warps=_warps_per_row(nkp))
     return lut, counts, n_full
 
 
