@@ -67,8 +67,15 @@ _FLT_MIN = tl.constexpr(1.1754943508222875e-38)  # smallest normal float32
 _STATS_PROGRAMS = 1024
 _PARTIAL_ELEMS = 8192
 _CHUNK_ROWS = 256
-# Statistics tiles: _STATS_TILE_ELEMS elements of K and of V per step (32 a thread of 4 warps).
+# Statistics tiles: _STATS_TILE_ELEMS elements of K and of V per step (32 a thread of 4 warps),
+# the loads of the next _STATS_STAGES - 1 steps in flight (software-pipelined through shared
+# memory where Triton can: from sm80 on, for loads it can vectorize). At L32768 the launch took
+# 107 instead of 127 us at D128 and 61 instead of 72 at D64 on an H200, 150 instead of 162 and 83
+# instead of 89 on an H100 (L8192 D128: 40 instead of 53, 50 instead of 60); no other tile size,
+# warp or program count was more than 3 % faster (bench/channel_stats_sweep.py,
+# bench/results/channel-stats-sweep-*-2026-11-26.log).
 _STATS_TILE_ELEMS = 4096
+_STATS_STAGES = 3
 # A K or V program handles at least _ROWS_PER_PARTIAL rows per chunk partial it combines, so that
 # reading the float32 partials (from L2) costs at most 1/8 of reading its 16-bit rows.
 _ROWS_PER_PARTIAL = 16
@@ -116,7 +123,8 @@ def _channel_stats_kernel(
         ksum_ptr, vmax_ptr,  # float32 (B, H, n_chunks, D) contiguous partials
         kmax_ptr,  # float32 (B, H): zeroed here for the quantization kernel (if ZERO_KMAX)
         H, L, D, chunk, n_chunks,
-        ROWS: tl.constexpr, DP: tl.constexpr, V_MAX: tl.constexpr, ZERO_KMAX: tl.constexpr):
+        ROWS: tl.constexpr, DP: tl.constexpr, V_MAX: tl.constexpr, ZERO_KMAX: tl.constexpr,
+        STAGES: tl.constexpr):
     """Partials of tokens [c * chunk, (c + 1) * chunk) of one (batch, head), c = program_id(0):
     K channel sums (each row slot of a (ROWS, DP) tile adds its tokens in order, then the slots
     are added up) and, if V_MAX, V channel abs-maxima. If ZERO_KMAX, program c = 0 also zeroes
@@ -137,7 +145,7 @@ def _channel_stats_kernel(
     vmax = tl.zeros((ROWS, DP), tl.float32)
     start = c * chunk
     end = tl.minimum(start + chunk, L)
-    for r0 in range(start, end, ROWS):
+    for r0 in tl.range(start, end, ROWS, num_stages=STAGES):
         rows = (r0 + tl.arange(0, ROWS)).to(tl.int64)[:, None]
         m = (rows < end) & cmask[None, :]
         ksum += tl.load(k_base + rows * skl, mask=m, other=0.0).to(tl.float32)
@@ -426,7 +434,7 @@ def _channel_stats(k: torch.Tensor, v: torch.Tensor | None,
         k, *k.stride(), vv, *vv.stride(), ksum, ksum if vmax is None else vmax,
         ksum if k_scale_max is None else k_scale_max, heads, length, dim, chunk, n,
         ROWS=min(_CHUNK_ROWS, _STATS_TILE_ELEMS // dp), DP=dp, V_MAX=v is not None,
-        ZERO_KMAX=k_scale_max is not None, num_warps=4,
+        ZERO_KMAX=k_scale_max is not None, STAGES=_STATS_STAGES, num_warps=4,
         enable_fp_fusion=True)  # as measured; Triton 3.10 stops contracting by default
     return ksum, vmax
 
