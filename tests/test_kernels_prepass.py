@@ -781,8 +781,9 @@ def test_selection_gpu(causal, monkeypatch):
 @pytest.mark.gpu
 @gpu
 def test_selection_gpu_long_rows():
-    """Rows of 600 to 4096 key blocks (one to eight warps a program; 4096 is the longest row the
-    kernel sorts) and of 4097, the reference's path."""
+    """Rows of 600 to 4096 key blocks (two, four and eight warps a program; shorter rows, in one
+    warp, are the other selection tests'; 4096 is the longest row the kernel sorts) and of 4097,
+    the reference's path."""
     _fresh_seed()
     for n_k in (600, 1000, 2000, 4096, 4097):
         check_selection_long_rows(n_k, "cuda")
