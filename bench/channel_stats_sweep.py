@@ -20,7 +20,6 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from sparge.kernels import prepass  # noqa: E402
-from sparge.kernels.launcher import cdiv  # noqa: E402
 
 HEADS = 24
 
@@ -44,10 +43,7 @@ def main() -> None:
         library_rows = min(prepass._CHUNK_ROWS, prepass._STATS_TILE_ELEMS // dim)
         results = []
         for programs in (1024, 2048):
-            per_head = min(prepass._max_chunks(dim), cdiv(programs, HEADS),
-                           cdiv(length, prepass._CHUNK_ROWS))
-            chunk = prepass._CHUNK_ROWS * cdiv(cdiv(length, per_head), prepass._CHUNK_ROWS)
-            n = cdiv(length, chunk)
+            chunk, n = prepass._chunking(length, HEADS, dim, programs=programs)
             ksum = torch.empty(1, HEADS, n, dim, device="cuda")
             vmax = torch.empty_like(ksum)
             for rows in (library_rows, 2 * library_rows):

@@ -146,5 +146,6 @@ def main() -> None:
             stats.sort_stats("tottime").print_stats(30)
             stats.sort_stats("cumulative").print_stats(40)
 
+
 if __name__ == "__main__":
     main()

@@ -407,10 +407,12 @@ def _max_chunks(dim_pad: int) -> int:
     return min(64, _PARTIAL_ELEMS // dim_pad)
 
 
-def _chunking(length: int, heads: int, dim_pad: int) -> tuple[int, int]:
+def _chunking(length: int, heads: int, dim_pad: int,
+              programs: int = _STATS_PROGRAMS) -> tuple[int, int]:
     """``(chunk, n_chunks)``: tokens per chunk and chunks per sequence of the channel statistics'
-    split reduction over ``heads`` (B * H) sequences of ``length`` tokens."""
-    n = min(_max_chunks(dim_pad), cdiv(_STATS_PROGRAMS, heads),
+    split reduction over ``heads`` (B * H) sequences of ``length`` tokens, in about ``programs``
+    programs."""
+    n = min(_max_chunks(dim_pad), cdiv(programs, heads),
             cdiv(length, _CHUNK_ROWS))
     chunk = _CHUNK_ROWS * cdiv(cdiv(length, n), _CHUNK_ROWS)
     return chunk, cdiv(length, chunk)
