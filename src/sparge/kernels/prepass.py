@@ -408,10 +408,12 @@ def _max_chunks(dim_pad: int) -> int:
 
 
 def _chunking(length: int, heads: int, dim_pad: int,
-              programs: int = _STATS_PROGRAMS) -> tuple[int, int]:
+              programs: int | None = None) -> tuple[int, int]:
     """``(chunk, n_chunks)``: tokens per chunk and chunks per sequence of the channel statistics'
     split reduction over ``heads`` (B * H) sequences of ``length`` tokens, in about ``programs``
-    programs."""
+    programs (``_STATS_PROGRAMS`` unless given)."""
+    if programs is None:
+        programs = _STATS_PROGRAMS
     n = min(_max_chunks(dim_pad), cdiv(programs, heads),
             cdiv(length, _CHUNK_ROWS))
     chunk = _CHUNK_ROWS * cdiv(cdiv(length, n), _CHUNK_ROWS)
