@@ -86,7 +86,7 @@ def compile_quantize(args) -> tuple[triton.compiler.CompiledKernel, str]:
     # one-warp statistics programs take K's channel mean finished by the launch before
     constants = prepass._constants(shape, args.dim, block_q, block_k, quant=True,
                                    stats=args.stats, k_scale_max="K" in args.jobs,
-                                   k_mean_given=shape.num_warps == 1, v_fp8=True,
+                                   k_mean_given=shape.num_warps == 1, v_fp8=True, round_fp8=False,
                                    has_m="M" in args.jobs, has_q="Q" in args.jobs,
                                    has_k="K" in args.jobs, has_v="V" in args.jobs)
     constants.update(sqd=1, skd=1, svd=1)

@@ -368,18 +368,17 @@ def case_channel_stats_in_chunks():
             assert torch.equal(x, y)
 
 
-def case_rounding_ties_to_even():
+def check_rounding_ties(device):
     """Values on exact rounding ties: INT8 (x.5) and FP8 (midpoints of the e4m3 grid, normal
-    and subnormal, both signs) round half-to-even like torch.round and torch's FP8 cast."""
-    _fresh_seed()
-    _poison_allocations()
+    and subnormal, both signs) round half-to-even like torch.round and torch's FP8 cast (on the
+    GPU, V's conversion is the hardware's; in the interpreter, a rounding in float32 first)."""
     from sparge.kernels.layout import fp8_v_natural
     from sparge.kernels.prepass import prepare_qkv
     from sparge.quant import quantize_qkv
 
-    # Q block with amax 127 -> scale 1: entries k + 0.5 are exact ties.
+    # Q block with amax 127 -> scale 1: entries k + 0.5 are exact ties, every one of them here.
     ties = torch.arange(-126, 126, dtype=torch.float32) + 0.5
-    q = ties[torch.randperm(ties.numel())][:128].reshape(1, 1, 2, 64).repeat(1, 1, 32, 1)
+    q = ties[torch.randperm(ties.numel())].repeat(17)[:64 * 64].reshape(1, 1, 64, 64)
     q[..., 0, 0] = 127.0
     q = q.half()
     # V channel with amax 448 -> scale 1: midpoints between neighbouring e4m3 values.
@@ -388,16 +387,23 @@ def case_rounding_ties_to_even():
     col = torch.cat([mids, -mids, torch.tensor([448.0, -0.0, 0.0, -2.0 ** -10])])
     v = col[torch.randperm(col.numel())][:, None].repeat(1, 64)
     v[0] = 448.0
-    v = v.reshape(1, 1, -1, 64)
+    v = v.reshape(1, 1, -1, 64).half().float()
     length = v.shape[2]
-    k = torch.randn(1, 1, length, 64)
-    got, _, _ = prepare_qkv(q, k.half(), v.half().float(), block_q=64, block_k=64,
+    k = torch.randn(1, 1, length, 64).half()
+    got, _, _ = prepare_qkv(q.to(device), k.to(device), v.to(device), block_q=64, block_k=64,
                             mode="int8_fp8", with_stats=False)
-    ref = quantize_qkv(q, k.half(), v.half().float(), block_q=64, block_k=64, mode="int8_fp8")
-    assert torch.equal(got.q, ref.q)
-    assert torch.equal(fp8_v_natural(got.v, length).view(torch.uint8), ref.v.view(torch.uint8))
+    ref = quantize_qkv(q, k, v, block_q=64, block_k=64, mode="int8_fp8")
+    assert torch.equal(got.q.cpu(), ref.q)
+    assert torch.equal(fp8_v_natural(got.v, length).cpu().view(torch.uint8),
+                       ref.v.view(torch.uint8))
     # and the ties were real: half of them went down
-    assert torch.equal(got.q.float(), torch.round(q.float()))
+    assert torch.equal(got.q.cpu().float(), torch.round(q.float()))
+
+
+def case_rounding_ties_to_even():
+    _fresh_seed()
+    _poison_allocations()
+    check_rounding_ties("cpu")
 
 
 def check_division_by_reciprocal(device, per_scale):
@@ -719,6 +725,14 @@ def test_mask_table_gpu(monkeypatch):
         lq, lk = 4096 + 77, 8192 + 5
         blocks = torch.rand(2, 4, num_blocks(lq, 64), num_blocks(lk, 128), device="cuda") < 0.3
         check_mask_table(SparseMask(blocks, 64, 128, lq, lk, causal))
+
+
+@pytest.mark.gpu
+@gpu
+def test_rounding_ties_gpu(monkeypatch):
+    _fresh_seed()
+    _poison_allocations(monkeypatch)
+    check_rounding_ties("cuda")
 
 
 @pytest.mark.gpu

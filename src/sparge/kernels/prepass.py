@@ -196,9 +196,10 @@ def _load_part(x_base, sxl, mu, row0, L, D, R: tl.constexpr, DP: tl.constexpr,
     x = tl.load(x_base + rows * sxl, mask=m, other=0.0).to(tl.float32)
     if SMOOTH:
         if MU_IN_MEMORY:
-            x = tl.where(m, x - tl.load(mu + cols, mask=cols < D, other=0.0)[None, :], 0.0)
-        else:
-            x = tl.where(m, x - mu[None, :], 0.0)
+            mu = tl.load(mu + cols, mask=cols < D, other=0.0)
+        # x - mu in the rows of x (one FMA: x + (-mu) * 1 is x - mu rounded once), zeros past L
+        # (0 + (-mu) * 0); mu is zero past D
+        x = tl.fma(-mu[None, :], (rows < L).to(tl.float32), x)
     return x, rows, m
 
 
@@ -310,12 +311,18 @@ def _v_job(
         out_ptr, scale_ptr,  # float8_e4m3fn (B, H, D, LP) K-major, float32 (B, H, D) (if FP8)
         part_ptr, n_chunks,  # float32 (B, H, n_chunks, D) channel abs-maxima (if FP8)
         job, H, L, LP, D, per_head, tiles,
-        VT: tl.constexpr, DP: tl.constexpr, LOG_NC: tl.constexpr, FP8: tl.constexpr):
+        VT: tl.constexpr, DP: tl.constexpr, LOG_NC: tl.constexpr, FP8: tl.constexpr,
+        ROUND_FP8: tl.constexpr):
     """Program ``job`` of the V job: ``tiles`` consecutive tiles of VT rows of one (batch, head).
 
     FP8: the channel scales, then the tiles in FP8, K-major, each row in its slot (see
     :mod:`sparge.kernels.layout`); rows in [L, LP) are zeros. Else the tiles cast to float16
-    into a contiguous (B, H, L, D) ``out_ptr`` (the tiles cover [0, L))."""
+    into a contiguous (B, H, L, D) ``out_ptr`` (the tiles cover [0, L)).
+
+    The FP8 conversion is the GPU's own (round to nearest even, as PyTorch's), unless ROUND_FP8
+    (the interpreter, whose conversion rounds some values wrongly): the values are then rounded
+    to the e4m3 grid in float32 first, which makes the conversion exact. The tile is converted
+    before it is transposed, so that the transposition moves bytes rather than floats."""
     bh = job // per_head
     b = bh // H
     h = bh % H
@@ -344,10 +351,12 @@ def _v_job(
             rows = t * VT + tl.arange(0, VT)
             x = tl.load(v_base + rows.to(tl.int64)[:, None] * svl,
                         mask=(rows < L)[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-            y = round_to_e4m3(divide(x, scale[None, :], inv_scale[None, :], fast))
+            y = divide(x, scale[None, :], inv_scale[None, :], fast)
+            if ROUND_FP8:
+                y = round_to_e4m3(y)
             # K-major, the keys reordered into their slots in registers (tiles start at multiples of
             # 16): the tile's slots are its rows' positions, so that the stores stay contiguous
-            tl.store(out_base + rows[None, :], to_pv_order(tl.trans(y)).to(tl.float8e4nv),
+            tl.store(out_base + rows[None, :], to_pv_order(tl.trans(y.to(tl.float8e4nv))),
                      mask=(rows < LP)[None, :] & cmask[:, None])
 
 
@@ -364,7 +373,8 @@ def _quantize_kernel(
         VT: tl.constexpr, DP: tl.constexpr,
         LOG_NC: tl.constexpr, QUANT: tl.constexpr, STATS: tl.constexpr,
         K_SCALE_MAX: tl.constexpr, K_MEAN_GIVEN: tl.constexpr, V_FP8: tl.constexpr,
-        HAS_M: tl.constexpr, HAS_Q: tl.constexpr, HAS_K: tl.constexpr, HAS_V: tl.constexpr):
+        ROUND_FP8: tl.constexpr, HAS_M: tl.constexpr, HAS_Q: tl.constexpr, HAS_K: tl.constexpr,
+        HAS_V: tl.constexpr):
     """One grid, four jobs (see :func:`_block_job`, :func:`_v_job`): K's channel mean finished
     for a later launch (one program per (batch, head), into ``kmu_ptr`` (B, HK, D)), K blocks,
     V tiles, then Q blocks (the shortest programs, to fill the tail). A job left out (HAS_*
@@ -386,7 +396,7 @@ def _quantize_kernel(
         if HAS_V:
             _v_job(v_ptr, svb, svh, svl, svd, v8_ptr, v_scale_ptr, vmax_ptr, n_chunks,
                    pid - m_jobs - k_jobs, HK, LK, LP, D, v_per_head, v_tiles, VT, DP, LOG_NC,
-                   V_FP8)
+                   V_FP8, ROUND_FP8)
     elif HAS_Q:
         _block_job(q_ptr, sqb, sqh, sql, sqd, q8_ptr, q_scale_ptr, q_mean_ptr, q_sim_ptr,
                    q_ptr, n_chunks, q_ptr, q_ptr, pid - m_jobs - k_jobs - v_jobs, HQ, LQ, D,
@@ -464,15 +474,16 @@ def _block_outputs(x: torch.Tensor, block: int, quant: bool, stats: bool) -> _Bl
 
 
 def _constants(shape: _LaunchShape, dim: int, block_q: int, block_k: int, *, quant: bool,
-               stats: bool, k_scale_max: bool, k_mean_given: bool, v_fp8: bool, has_m: bool,
-               has_q: bool, has_k: bool, has_v: bool) -> dict:
-    """The compile-time constants of one ``_quantize_kernel`` launch of this shape."""
+               stats: bool, k_scale_max: bool, k_mean_given: bool, v_fp8: bool, round_fp8: bool,
+               has_m: bool, has_q: bool, has_k: bool, has_v: bool) -> dict:
+    """The compile-time constants of one ``_quantize_kernel`` launch of this shape
+    (``round_fp8``: FP8 values rounded in float32 before the conversion, for the interpreter)."""
     dp = _dim_pad(dim)
     tile_rows = shape.tile_elems // dp
     return dict(BQ=block_q, BK=block_k, RQ=min(block_q, tile_rows), RK=min(block_k, tile_rows),
                 VT=tile_rows, DP=dp, LOG_NC=_max_chunks(dp).bit_length() - 1, QUANT=quant,
                 STATS=stats, K_SCALE_MAX=k_scale_max, K_MEAN_GIVEN=k_mean_given, V_FP8=v_fp8,
-                HAS_M=has_m, HAS_Q=has_q, HAS_K=has_k, HAS_V=has_v)
+                ROUND_FP8=round_fp8, HAS_M=has_m, HAS_Q=has_q, HAS_K=has_k, HAS_V=has_v)
 
 
 def _quantize(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | None,
@@ -589,7 +600,8 @@ def _launch(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | No
         q_per_head or 1, k_per_head or 1, v_per_head or 1, q_blocks, k_blocks, v_tiles,
         **_constants(shape, dim, block_q, block_k, quant=quant, stats=stats,
                      k_scale_max=quant and k_scale_max is not None,
-                     k_mean_given=ksum is None, v_fp8=v_fp8, has_m=run_m, has_q=q is not None,
+                     k_mean_given=ksum is None, v_fp8=v_fp8, round_fp8=dev.type != "cuda",
+                     has_m=run_m, has_q=q is not None,
                      has_k=run_k, has_v=v is not None),
         num_warps=shape.num_warps,
         enable_fp_fusion=True,  # as measured; Triton 3.10 stops contracting by default

@@ -2,10 +2,10 @@
 
 Each rounds exactly as PyTorch does in :mod:`sparge.quant` (the specification): quotients are the
 IEEE ones (``div_rn``, or :func:`divide`'s correction steps, which give the same bits), rounding
-to integers is half-to-even through the 1.5 * 2^23 trick (exact for |x| < 2^22), and values meant
-for FP8 are rounded to the e4m3 grid in float32 first, so that the conversion itself is exact on
-every backend (the Triton interpreter's own float -> fp8 rounding differs from PyTorch's on some
-values).
+to integers is half-to-even through the 1.5 * 2^23 trick (exact for |x| < 2^22), and FP8 values
+come from the GPU's own conversion (round to nearest even, as PyTorch's) or, in the Triton
+interpreter, whose float -> fp8 conversion rounds some values wrongly, from
+:func:`round_to_e4m3` first, which makes the conversion exact.
 """
 
 from __future__ import annotations
@@ -89,10 +89,22 @@ def divide(x, scale, r, fast):
 
 @triton.jit
 def to_int8(x, scale, r):
-    """float32 x quantized with the scalar ``scale`` (r = :func:`reciprocal` (scale)):
-    round(x / scale) clamped to [-127, 127], as int8."""
-    y = rint(divide(x, scale, r, r > 0))
-    return tl.minimum(tl.maximum(y, -_INT8_MAX), _INT8_MAX).to(tl.int8)
+    """float32 x quantized with the scalar ``scale`` = int8_scale(amax) of a block whose
+    magnitudes are at most amax (r = :func:`reciprocal` (scale)): round(x / scale) clamped to
+    [-127, 127], as int8.
+
+    The rounding's first step, t = RN(x / scale + 1.5 * 2^23), holds the integer n in its float
+    bits (0x4B400000 + n), whose low byte is n as int8: the bits are truncated, with no
+    float-to-integer conversion (a quarter-rate instruction on recent GPUs). For scales of the
+    fast range (r > 0) the clamp is left out: such a scale is a normal float, within 2^-24 of
+    amax / 127, so |x / scale| <= 127 (1 + 2^-23), which rounds to 127 at most.
+    """
+    if r > 0:
+        t = divide(x, scale, r, True) + RINT_MAGIC
+    else:
+        t = divide(x, scale, r, False) + RINT_MAGIC
+        t = tl.minimum(tl.maximum(t, RINT_MAGIC - _INT8_MAX), RINT_MAGIC + _INT8_MAX)
+    return t.to(tl.int32, bitcast=True).to(tl.int8)
 
 
 @triton.jit
