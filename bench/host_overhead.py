@@ -5,8 +5,11 @@
 Times each entry point with CUDA events (median of do_bench) and with a host clock around calls
 issued back to back. ``--breakdown`` also times each step of a call on its own (the pre-pass, the
 attention launch, the selection, the lookup table, the torch operations between them) at a length
-short enough (L256) that the GPU never holds the host back, and ``--profile`` prints cProfile's
-top functions by own and by cumulative time for ``sparse_attn``, causal and not.
+short enough (L256) that the GPU never holds the host back, ``--split`` divides a
+``sparse_attn`` call at L256 into its kernel launches (each timed through the library's launcher,
+its cache key alone and the compiled kernel called directly) and the rest (the call with every
+launch left out), and ``--profile`` prints cProfile's top functions by own and by cumulative time
+for ``sparse_attn``, causal and not.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import triton
 import triton.language as tl
 
 import sparge
+from sparge.kernels import launcher
 from sparge.kernels.attention import block_table, launch
 from sparge.kernels.prepass import prepare_qkv
 from sparge.kernels.select import select_blocks_gpu
@@ -101,12 +105,57 @@ def steps(q, k, v) -> dict:
     }
 
 
+def launch_times(run, kernel, grid, args, meta) -> tuple[float, float, float]:
+    """Host microseconds of one recorded launch: through ``run`` (the library's launcher), its
+    cache key alone, and the compiled kernel called directly."""
+    handle, constexprs = launcher._CACHE[launcher._key(kernel, args, meta)]
+    full = (*grid, 1, 1)[:3]
+    return (host_us(lambda: run(kernel, grid, *args, **meta)),
+            host_us(lambda: launcher._key(kernel, args, meta)),
+            host_us(lambda: handle[full](*args, *constexprs)))
+
+
+def split_launches(q, k, v, causal: bool) -> None:
+    """``sparse_attn``'s host time: each launch on its own, and the call without launches."""
+    def call():
+        return sparge.sparse_attn(q, k, v, is_causal=causal)
+
+    call()
+    print(f"\nsparse_attn{' causal' if causal else ''}, L{q.shape[2]}: {host_us(call):.1f} us "
+          "per call")
+    seen, run = [], launcher.run
+
+    def recording(kernel, grid, *args, **meta):
+        seen.append((kernel, grid, args, meta))
+        return run(kernel, grid, *args, **meta)
+
+    launcher.run = recording
+    try:
+        call()
+    finally:
+        launcher.run = run
+    totals = [0.0, 0.0, 0.0]
+    for kernel, grid, args, meta in seen:
+        times = launch_times(run, kernel, grid, args, meta)
+        totals = [t + u for t, u in zip(totals, times, strict=True)]
+        print(f"  {kernel.fn.__name__:24s} {len(args):3d} arguments: launcher {times[0]:6.1f} us, "
+              f"its key {times[1]:5.1f}, the compiled kernel called directly {times[2]:6.1f}")
+    print(f"  all launches: launcher {totals[0]:.1f} us (keys {totals[1]:.1f}, compiled kernels "
+          f"{totals[2]:.1f})")
+    launcher.run = lambda *args, **meta: None
+    try:
+        print(f"  the call with every launch left out: {host_us(call):.1f} us")
+    finally:
+        launcher.run = run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--heads", type=int, default=24)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--breakdown", action="store_true")
+    parser.add_argument("--split", action="store_true")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
 
@@ -133,6 +182,10 @@ def main() -> None:
                 print(f"{name:28s} failed: {type(error).__name__}: {error}")
                 continue
             print(f"{name:28s} host {host_us(fn):8.1f} us")
+    if args.split:
+        q, k, v, _ = inputs(256)
+        for causal in (False, True):
+            split_launches(q, k, v, causal)
     if args.profile:
         for name, causal in (("sparse_attn", False), ("sparse_attn causal", True)):
             profile = cProfile.Profile()
