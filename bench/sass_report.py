@@ -83,10 +83,12 @@ def compile_quantize(args) -> tuple[triton.compiler.CompiledKernel, str]:
     shape = prepass._launch_shape(args.stats, args.stats and "V" in args.jobs
                                   and any(j in args.jobs for j in "QK"))
     block_q, block_k = args.block_m, args.block_n
+    v_fp8 = args.arch >= 89  # FP8 V where the GPU has FP8 tensor cores, else its float16 cast
     # one-warp statistics programs take K's channel mean finished by the launch before
     constants = prepass._constants(shape, args.dim, block_q, block_k, quant=True,
                                    stats=args.stats, k_scale_max="K" in args.jobs,
-                                   k_mean_given=shape.num_warps == 1, v_fp8=True, round_fp8=False,
+                                   k_mean_given=shape.num_warps == 1, v_fp8=v_fp8,
+                                   round_fp8=False,
                                    has_m="M" in args.jobs, has_q="Q" in args.jobs,
                                    has_k="K" in args.jobs, has_v="V" in args.jobs)
     constants.update(sqd=1, skd=1, svd=1)
@@ -99,7 +101,7 @@ def compile_quantize(args) -> tuple[triton.compiler.CompiledKernel, str]:
         elif n in ("q8_ptr", "k8_ptr"):
             signature[n] = "*i8"
         elif n == "v8_ptr":
-            signature[n] = "*fp8e4nv"
+            signature[n] = "*fp8e4nv" if v_fp8 else "*fp16"
         elif n.endswith("_ptr"):
             signature[n] = "*fp32"
         else:

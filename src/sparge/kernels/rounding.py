@@ -23,12 +23,6 @@ _SAFE_MAX = tl.constexpr(2.0 ** 90)
 
 
 @triton.jit
-def rint(x):
-    """Round float32 to the nearest integer, ties to even (exact for |x| < 2^22)."""
-    return (x + RINT_MAGIC) - RINT_MAGIC
-
-
-@triton.jit
 def _safe_scale(amax, QMAX: tl.constexpr):
     """amax / QMAX (IEEE), 1 where amax is 0: ``sparge.quant._safe_scale``."""
     return tl.where(amax > 0, tl.math.div_rn(amax, QMAX), 1.0)
@@ -126,5 +120,5 @@ def round_to_e4m3(y):
     return r_bits.to(tl.float32, bitcast=True)
 
 
-__all__ = ["RINT_MAGIC", "divide", "fp8_scale", "int8_scale", "reciprocal", "rint", "round_to_e4m3",
+__all__ = ["RINT_MAGIC", "divide", "fp8_scale", "int8_scale", "reciprocal", "round_to_e4m3",
            "to_int8"]
