@@ -406,6 +406,34 @@ def case_rounding_ties_to_even():
     check_rounding_ties("cpu")
 
 
+def check_extreme_scales(device):
+    """INT8 blocks whose scales leave the fast range of :func:`sparge.kernels.rounding.divide`
+    ([2^-90, 2^90]): tiny and huge magnitudes, and subnormal scales, whose rounding lets
+    quotients pass 127.5 before the clamp. float32 inputs; no zero values (where a scale
+    underflows to zero, 0 / 0 is NaN, whose INT8 value no specification fixes)."""
+    from sparge.kernels.prepass import prepare_qkv
+    from sparge.quant import quantize_int8_per_block
+
+    magnitudes = [1.0, 1e-30, 1e30, 1e-39]
+    x = torch.randn(1, 1, 64 * len(magnitudes), 16)
+    x = x.sign() * (x.abs() + 0.1)
+    # and a block of subnormals k * 2^-149, 1 <= |k| <= 180: its scale, 180 / 127 units rounded,
+    # is one unit, so its quotients reach 180
+    units = torch.randint(1, 181, (1, 1, 64, 16)) * (torch.randint(0, 2, (1, 1, 64, 16)) * 2 - 1)
+    units[0, 0, 0, 0] = 180
+    q = torch.cat([b * m for b, m in zip(x.split(64, dim=2), magnitudes, strict=True)]
+                  + [units.float() * 2.0 ** -149], dim=2)
+    k, v = (torch.randn_like(q) for _ in range(2))
+    got, _, _ = prepare_qkv(q.to(device), k.to(device), v.to(device), block_q=64, block_k=64,
+                            mode="int8_fp8", with_stats=False)
+    values, scales = quantize_int8_per_block(q, 64)
+    assert torch.equal(got.q_scale.cpu(), scales)
+    assert torch.equal(got.q.cpu(), values)
+    # the cases were real: scales below 2^-90 and above 2^90, and a block the clamp saturates
+    assert scales.min() < 2.0 ** -90 and scales.max() > 2.0 ** 90
+    assert (q[:, :, 256:] / scales[..., 4]).abs().max() > 127.5
+
+
 def check_division_by_reciprocal(device, per_scale):
     """sparge.kernels.rounding.divide (one reciprocal per scale, two correction FMAs per element)
     against IEEE division, bit for bit, on values built to sit at and next to the callers'
@@ -475,6 +503,12 @@ def check_division_by_reciprocal(device, per_scale):
         assert torch.equal(torch.round(got_q[tiny]), torch.round(want[tiny]))
         assert torch.equal(got_q[tiny].to(FP8_DTYPE).view(torch.uint8),
                            want[tiny].to(FP8_DTYPE).view(torch.uint8))
+
+
+def case_extreme_scales():
+    _fresh_seed()
+    _poison_allocations()
+    check_extreme_scales("cpu")
 
 
 def case_division_by_reciprocal_is_ieee():
@@ -733,6 +767,14 @@ def test_rounding_ties_gpu(monkeypatch):
     _fresh_seed()
     _poison_allocations(monkeypatch)
     check_rounding_ties("cuda")
+
+
+@pytest.mark.gpu
+@gpu
+def test_extreme_scales_gpu(monkeypatch):
+    _fresh_seed()
+    _poison_allocations(monkeypatch)
+    check_extreme_scales("cuda")
 
 
 @pytest.mark.gpu
