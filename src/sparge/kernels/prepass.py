@@ -186,14 +186,16 @@ def _channel_mean(part_ptr, n_chunks, L, D, LOG_NC: tl.constexpr, DP: tl.constex
 
 @triton.jit
 def _load_part(x_base, sxl, mu, row0, L, D, R: tl.constexpr, DP: tl.constexpr,
-               SMOOTH: tl.constexpr, MU_IN_MEMORY: tl.constexpr):
+               SMOOTH: tl.constexpr, MU_IN_MEMORY: tl.constexpr, EVICT: tl.constexpr):
     """Rows [row0, row0 + R) of x: float32 (R, DP), less the channel mean mu when SMOOTH, zero
     outside x; with their row indices (R, 1) and the mask. mu is float32 (DP,), or with
-    MU_IN_MEMORY a pointer to its D floats, loaded again for every part (from cache)."""
+    MU_IN_MEMORY a pointer to its D floats, loaded again for every part (from cache). EVICT is
+    the load's cache eviction policy ("evict_last" for rows read again soon, "evict_first"
+    for rows read for the last time)."""
     cols = tl.arange(0, DP)
     rows = (row0 + tl.arange(0, R)).to(tl.int64)[:, None]
     m = (rows < L) & (cols < D)[None, :]
-    x = tl.load(x_base + rows * sxl, mask=m, other=0.0).to(tl.float32)
+    x = tl.load(x_base + rows * sxl, mask=m, other=0.0, eviction_policy=EVICT).to(tl.float32)
     if SMOOTH:
         if MU_IN_MEMORY:
             mu = tl.load(mu + cols, mask=cols < D, other=0.0)
@@ -249,7 +251,8 @@ def _block_job(
 
     A tile holds R rows. A block of more rows (S = BLOCK / R parts) is read twice, part by part:
     once for its amax and column sums, once (from cache) to quantize it and sum its row
-    directions, so that registers hold one part at a time.
+    directions, so that registers hold one part at a time. The first reads ask the cache to keep
+    the rows, the second reads them in reverse order, the part read last first.
     """
     S: tl.constexpr = BLOCK // R
     bh = job // per_head
@@ -268,7 +271,8 @@ def _block_job(
     for blk in range(first, tl.minimum(first + blocks, n_blocks)):
         row0 = blk * BLOCK
         if S == 1:
-            x, rows, m = _load_part(x_base, sxl, mu, row0, L, D, R, DP, SMOOTH, MEAN_GIVEN)
+            x, rows, m = _load_part(x_base, sxl, mu, row0, L, D, R, DP, SMOOTH, MEAN_GIVEN,
+                                    "evict_first")
             amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
             col_sum = tl.sum(x, axis=0)
             scale = int8_scale(amax)
@@ -279,23 +283,24 @@ def _block_job(
             col_sum = tl.zeros((DP,), tl.float32)
             for part in range(S):  # not unrolled: one part in registers at a time
                 x, rows, m = _load_part(x_base, sxl, mu, row0 + part * R, L, D, R, DP, SMOOTH,
-                                        MEAN_GIVEN)
+                                        MEAN_GIVEN, "evict_last")
                 amax = tl.maximum(amax, tl.max(tl.max(tl.abs(x), axis=1), axis=0))
                 col_sum += tl.sum(x, axis=0)
             scale = int8_scale(amax)
             inv_scale = reciprocal(scale)
             unit_sum = tl.zeros((DP,), tl.float32)
-            for part in range(S):
+            for part in range(S - 1, -1, -1):  # the parts read last first: likelier in cache
                 x, rows, m = _load_part(x_base, sxl, mu, row0 + part * R, L, D, R, DP, SMOOTH,
-                                        MEAN_GIVEN)
+                                        MEAN_GIVEN, "evict_first")
                 unit_sum += _finish_part(x, rows, m, scale, inv_scale, xq_base, D, QUANT, STATS)
         stat_row = bh * n_blocks + blk
         if STATS:
-            count = tl.minimum(L - row0, BLOCK).to(tl.float32)
-            u = tl.math.div_rn(unit_sum, count)
+            # one IEEE reciprocal per block, not a division per channel: exact for full blocks
+            # (a power of two rows), within an ulp and a half of the quotient for the last
+            inv_count = tl.math.div_rn(1.0, tl.minimum(L - row0, BLOCK).to(tl.float32))
+            u = unit_sum * inv_count
             sim = tl.minimum(tl.maximum(tl.sum(u * u, axis=0), 0.0), 1.0)
-            tl.store(mean_ptr + stat_row * D + cols, tl.math.div_rn(col_sum, count),
-                     mask=cols < D)
+            tl.store(mean_ptr + stat_row * D + cols, col_sum * inv_count, mask=cols < D)
             tl.store(sim_ptr + stat_row, sim)
         if QUANT:
             tl.store(scale_ptr + stat_row, scale)
