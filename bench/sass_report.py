@@ -39,7 +39,7 @@ prepass = importlib.import_module("sparge.kernels.prepass")
 
 POINTERS = {"Q": "*i8", "K": "*i8", "V": "*fp8e4nv", "Out": "*bf16", "QS": "*fp32", "KS": "*fp32",
             "KSMax": "*fp32", "VS": "*fp32", "Lam": "*fp32", "Counts": "*i32", "NFull": "*i32",
-            "Indices": "*i32"}
+            "Indices": "*i32", "Addresses": "*i64"}
 UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_od", "stride_vn", "group")
 
 
@@ -49,7 +49,8 @@ def compile_kernel(args) -> triton.compiler.CompiledKernel:
     constants = dict(HEAD_DIM=args.dim, BLOCK_M=args.block_m, BLOCK_N=args.block_n,
                      BLOCK_Q=args.block_m, MODE=0, CAUSAL=args.causal,
                      SPARSE=args.sparse, PV_SKIP=False, EVEN_D=True, IEEE_DOT=False,
-                     ROUND_FP8=False, FAST_CVT=True, FOLD=not args.no_fold, TMA=not args.no_tma)
+                     ROUND_FP8=False, FAST_CVT=True, FOLD=not args.no_fold, TMA=not args.no_tma,
+                     INDIRECT=False)
     if args.no_tma:
         constants.update(KDesc=None, VDesc=None)
     constants.update({n: 1 for n in UNIT_STRIDES})
@@ -102,6 +103,8 @@ def compile_quantize(args) -> tuple[triton.compiler.CompiledKernel, str]:
             signature[n] = "*i8"
         elif n == "v8_ptr":
             signature[n] = "*fp8e4nv" if v_fp8 else "*fp16"
+        elif n == "addresses":
+            signature[n] = "*i64"
         elif n.endswith("_ptr"):
             signature[n] = "*fp32"
         else:

@@ -23,7 +23,7 @@ _CACHE: dict[tuple, torch.Tensor] = {}
 _DEFAULT_STREAMS: dict[int, int] = {}
 
 
-def _current_stream(index: int) -> int:
+def current_stream(index: int) -> int:
     """The current stream's handle on device ``index`` (the raw query Triton's launcher uses
     too, without building a ``torch.cuda.Stream``)."""
     raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
@@ -49,7 +49,7 @@ def device_constant(key: tuple, device: torch.device,
             or torch.cuda.is_current_stream_capturing():
         return make()
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if _current_stream(index) != _default_stream(index):
+    if current_stream(index) != _default_stream(index):
         return make()
     full_key = (key, index)
     value = _CACHE.get(full_key)
@@ -60,4 +60,4 @@ def device_constant(key: tuple, device: torch.device,
     return value
 
 
-__all__ = ["MAX_ENTRIES", "device_constant"]
+__all__ = ["MAX_ENTRIES", "current_stream", "device_constant"]

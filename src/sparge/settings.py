@@ -35,9 +35,12 @@ AUTOTUNE = Switch("SPARGE_AUTOTUNE", True,
                   "time the attention kernel's configurations on a shape's first call")
 LAUNCH_CACHE = Switch("SPARGE_LAUNCH_CACHE", True,
                       "call compiled kernels directly after their first launch")
+CUDA_GRAPHS = Switch("SPARGE_CUDA_GRAPHS", True,
+                     "replay repeated short calls as CUDA graphs (sparse_attn, quantized_attn)")
 PV_TILE_SKIP = Switch("SPARGE_PV_TILE_SKIP", False,
                       "leave out the P.V product of tiles whose rows all skip")
 
-SWITCHES = (INTERPRET, AUTOTUNE, LAUNCH_CACHE, PV_TILE_SKIP)
+SWITCHES = (INTERPRET, AUTOTUNE, LAUNCH_CACHE, CUDA_GRAPHS, PV_TILE_SKIP)
 
-__all__ = ["AUTOTUNE", "INTERPRET", "LAUNCH_CACHE", "PV_TILE_SKIP", "SWITCHES", "Switch"]
+__all__ = ["AUTOTUNE", "CUDA_GRAPHS", "INTERPRET", "LAUNCH_CACHE", "PV_TILE_SKIP", "SWITCHES",
+           "Switch"]

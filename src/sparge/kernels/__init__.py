@@ -44,18 +44,23 @@ def _tile_skip_enabled() -> bool:
 # ------------------------------------------------------------------------------ the contract
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: SparseMask | None,
               selection: Selection | None, block_q: int, block_k: int, causal: bool,
-              scale: float, pv_threshold: torch.Tensor, mode: str,
-              out: torch.Tensor) -> SparseMask | None:
+              scale: float, pv_threshold: torch.Tensor, mode: str, out: torch.Tensor,
+              addresses: torch.Tensor | None = None) -> SparseMask | None:
     """Attention into ``out`` (B, Hq, Lq, D), any strides, in its dtype.
 
     q (B, Hq, Lq, D), k and v (B, Hk, Lk, D) in layout HND, any strides. With ``mask``, the blocks
     it keeps (its ``causal`` flag decides causal masking); with ``selection``, the predicted mask,
     which is returned; with neither, every (causally valid) block without a lookup table.
     ``pv_threshold`` float32 (Hq,) on the device; ``mode`` ``"int8_fp8"``, ``"int8_fp16"`` or
-    ``"none"``.
+    ``"none"``. ``addresses``, for a call replayed as a CUDA graph: an int64 device buffer with
+    the addresses of q, k, v and out in the slots of :mod:`sparge.kernels.graphs`, where the
+    kernels then read and write (the tensors give only their shapes, strides and dtypes);
+    quantized modes without a given mask only.
     """
     if mask is not None and selection is not None:
         raise ValueError("give mask or selection, not both")
+    if addresses is not None and (mode == EXACT or mask is not None):
+        raise ValueError("addresses are read by the quantized modes without a given mask only")
     q_len, k_len = q.shape[2], k.shape[2]
     table = None
     if mask is not None:
@@ -67,7 +72,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: Sparse
         quant = None
     else:
         quant, q_stats, k_stats = prepare_qkv(q, k, v, block_q=block_q, block_k=block_k,
-                                              mode=mode, with_stats=selection is not None)
+                                              mode=mode, with_stats=selection is not None,
+                                              addresses=addresses)
         if selection is not None:
             # the selection's programs write the lookup table too (one launch)
             mask, (indices, counts, n_full) = select_with_table(
@@ -84,7 +90,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: Sparse
                         k_scale=quant.k_scale, v_scale=quant.v_scale,
                         k_scale_max=quant.k_scale_max)
     launch(**operands, out=out, table=table, block_q=block_q, block_k=block_k, causal=causal,
-           scale=scale, pv_threshold=pv_threshold, mode=mode, pv_skip=_tile_skip_enabled())
+           scale=scale, pv_threshold=pv_threshold, mode=mode, pv_skip=_tile_skip_enabled(),
+           addresses=addresses)
     return mask
 
 

@@ -69,6 +69,8 @@ from ..backend import capability_of
 from ..mask import SparseMask, num_blocks
 from ..quant import EXACT, P_FP8_SCALE, PV_FP8, PV_FP16
 from . import launcher
+from .graphs import OUT as SLOT_OUT
+from .graphs import caller_pointer
 from .launcher import cdiv, next_pow2
 from .layout import to_pv_order
 from .rounding import RINT_MAGIC, round_to_e4m3
@@ -375,7 +377,7 @@ def _accumulate_pv(acc, p, v, MODE: tl.constexpr, IEEE_DOT: tl.constexpr):
 
 @triton.jit
 def _sparse_attn_fwd(
-        Q, K, V, Out, QS, KS, KSMax, VS, Lam, Counts, NFull, Indices, KDesc, VDesc,
+        Q, K, V, Out, QS, KS, KSMax, VS, Lam, Counts, NFull, Indices, KDesc, VDesc, Addresses,
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
@@ -391,7 +393,7 @@ def _sparse_attn_fwd(
         BLOCK_Q: tl.constexpr, MODE: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
         PV_SKIP: tl.constexpr, EVEN_D: tl.constexpr, IEEE_DOT: tl.constexpr,
         ROUND_FP8: tl.constexpr, FAST_CVT: tl.constexpr, FOLD: tl.constexpr,
-        TMA: tl.constexpr):
+        TMA: tl.constexpr, INDIRECT: tl.constexpr):
     """One program: BLOCK_M query rows of one (batch, query head).
 
     Q (B, Hq, Lq, D) int8 (or float for MODE 2); K (B, Hk, Lk, D) int8 / float; V float16 or
@@ -402,7 +404,8 @@ def _sparse_attn_fwd(
     each head's KS (read with FOLD); VS (B, Hk, D).
     Lam (Hq,) float32. Counts, NFull (B, Hq, nQ) int32 and Indices (B, Hq, nQ, nK) int32 when
     SPARSE. KDesc, VDesc: tensor descriptors of K's and V's 2-D views when TMA (see
-    :func:`_load_kt`, :func:`_load_v`), else None.
+    :func:`_load_kt`, :func:`_load_v`), else None. With INDIRECT, Out gives only the type: the
+    output's address is in the int64 Addresses (:mod:`sparge.kernels.graphs`).
     Grid: (cdiv(Lq, BLOCK_M), B * Hq), heaviest causal tiles first.
     """
     n_tiles = tl.num_programs(0)
@@ -500,6 +503,8 @@ def _sparse_attn_fwd(
                      other=0.0)
         o = o * vs[None, :]
     o = tl.where(has_keys[:, None], o, 0.0)
+    if INDIRECT:
+        Out = caller_pointer(Addresses, SLOT_OUT, Out)
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om \
         + offs_d[None, :] * stride_od
     tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -594,7 +599,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tens
            v_scale: torch.Tensor | None, table: BlockTable | None, block_q: int, block_k: int,
            causal: bool, scale: float, pv_threshold: torch.Tensor, mode: str,
            pv_skip: bool = False, config: KernelConfig | None = None,
-           k_scale_max: torch.Tensor | None = None):
+           k_scale_max: torch.Tensor | None = None, addresses: torch.Tensor | None = None):
     """Run the attention kernel, writing ``out`` (B, Hq, Lq, D) in place.
 
     Args:
@@ -613,6 +618,9 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tens
         config: force a launch configuration (no autotuning).
         k_scale_max: float32 (B, Hk), each head's largest K scale, if the pre-pass gives it
             (else it is computed here).
+        addresses: int64 device buffer holding the output's address in slot ``OUT`` of
+            :mod:`sparge.kernels.graphs`, where the kernel then writes (``out`` gives only its
+            shape, strides and dtype).
 
     Returns Triton's handle of the launched kernel (``n_regs``, ``n_spills``, ``asm``).
     """
@@ -666,6 +674,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tens
         return launcher.run(
             _sparse_attn_fwd, grid,
             q, k, v, out, qs, ks, ks_max, vs, lam, counts, n_full, indices, k_desc, v_desc,
+            out if addresses is None else addresses,
             *q.stride(), *k.stride(), *v_strides, *out.stride(),
             *qs.stride(), *ks.stride(), *ks_max.stride(), *vs.stride(),
             *counts.stride(), *indices.stride()[:3],
@@ -674,7 +683,8 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tens
             MODE=mode_id, CAUSAL=causal, SPARSE=table is not None, PV_SKIP=pv_skip,
             EVEN_D=dim == head_dim, IEEE_DOT=q.dtype == torch.float32,
             ROUND_FP8=device.type != "cuda", FAST_CVT=fast_cvt, FOLD=fold,
-            TMA=descriptors is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            TMA=descriptors is not None, INDIRECT=addresses is not None,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             enable_fp_fusion=True, **caps)
 
     if config is None:

@@ -21,12 +21,38 @@ from typing import Optional
 
 import torch
 
+from .._constants import current_stream
 from ..mask import SparseMask
 from ..predict import Selection, per_head
+from ..quant import PV_FP8, PV_FP16
+from . import graphs
 
 
 def _hnd(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x if layout == "HND" else x.transpose(1, 2)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+            pv_threshold: torch.Tensor, sim_threshold: torch.Tensor | None,
+            rule: torch.Tensor | None, blocks: torch.Tensor | None, rule_is_topk: bool,
+            attention_sink: bool, causal: bool, scale: float, block_q: int, block_k: int,
+            mode: str, layout: str, addresses: torch.Tensor | None = None) -> None:
+    """Attention through :func:`sparge.kernels.attention` into ``out`` (q's shape and layout);
+    ``addresses`` as that function takes them."""
+    from .. import kernels  # the package's entry point (imported late: it imports this module)
+
+    qh, kh, vh = _hnd(q, layout), _hnd(k, layout), _hnd(v, layout)
+    selection = mask = None
+    if sim_threshold is not None:
+        if rule is None:
+            raise ValueError("a selection needs its rule threshold (CDF or top-k)")
+        selection = Selection(sim_threshold, None if rule_is_topk else rule,
+                              rule if rule_is_topk else None, attention_sink)
+    elif blocks is not None:
+        mask = SparseMask(blocks, block_q, block_k, qh.shape[2], kh.shape[2], causal)
+    kernels.attention(qh, kh, vh, mask=mask, selection=selection, block_q=block_q,
+                      block_k=block_k, causal=causal, scale=scale, pv_threshold=pv_threshold,
+                      mode=mode, out=_hnd(out, layout), addresses=addresses)
 
 
 def _sparse_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -39,21 +65,9 @@ def _sparse_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            out_dtype: torch.dtype) -> torch.Tensor:
     """Attention through :func:`sparge.kernels.attention`; returns the output in the layout of q
     (``"HND"`` (B, Hq, Lq, D) or ``"NHD"`` (B, Lq, Hq, D)), contiguous, of dtype ``out_dtype``."""
-    from .. import kernels  # the package's entry point (imported late: it imports this module)
-
-    qh, kh, vh = _hnd(q, layout), _hnd(k, layout), _hnd(v, layout)
     out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
-    selection = mask = None
-    if sim_threshold is not None:
-        if rule is None:
-            raise ValueError("a selection needs its rule threshold (CDF or top-k)")
-        selection = Selection(sim_threshold, None if rule_is_topk else rule,
-                              rule if rule_is_topk else None, attention_sink)
-    elif blocks is not None:
-        mask = SparseMask(blocks, block_q, block_k, qh.shape[2], kh.shape[2], causal)
-    kernels.attention(qh, kh, vh, mask=mask, selection=selection, block_q=block_q, block_k=block_k,
-              causal=causal, scale=scale, pv_threshold=pv_threshold, mode=mode,
-              out=_hnd(out, layout))
+    _attend(q, k, v, out, pv_threshold, sim_threshold, rule, blocks, rule_is_topk,
+            attention_sink, causal, scale, block_q, block_k, mode, layout)
     return out
 
 
@@ -79,7 +93,8 @@ def sparse_attention_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
     Under ``torch.compile`` the call goes through the registered operator; in eager mode it calls
     the same implementation directly, since the operator's dispatch costs about a millisecond of
     host time per call (measured on an H200 with torch 2.11), more than the whole kernel at short
-    lengths. CUDA graph capture works either way.
+    lengths. Repeated eager calls that :func:`_replayable` accepts replay a CUDA graph
+    (:mod:`sparge.kernels.graphs`). CUDA graph capture by the caller works either way.
     """
     heads_q = _hnd(q, layout).shape[1]
 
@@ -90,15 +105,53 @@ def sparse_attention_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
     topk = sink = False
     if selection is not None:
         topk = selection.topk is not None
-        sim = on_device(selection.sim_threshold)
-        rule = on_device(selection.topk if topk else selection.cdf_threshold)
+        sim = selection.sim_threshold
+        rule = selection.topk if topk else selection.cdf_threshold
         sink = selection.attention_sink
     if mask is not None:
         causal, block_q, block_k = mask.causal, mask.block_q, mask.block_k
-    op = sparse_attention if torch.compiler.is_compiling() else _sparse_attention_impl
-    return op(q, k, v, on_device(pv_threshold), sim, rule,
-                            mask.blocks if mask is not None else None, topk, sink, causal,
-                            float(scale), block_q, block_k, mode, layout, out_dtype)
+    flags = (topk, sink, causal, float(scale), block_q, block_k, mode, layout)
+    if torch.compiler.is_compiling():
+        return sparse_attention(q, k, v, on_device(pv_threshold), on_device(sim), on_device(rule),
+                                None if mask is None else mask.blocks, *flags, out_dtype)
+    if mask is None and _replayable(q, k, v, _hnd(k, layout).shape[2], mode,
+                                    (pv_threshold, sim, rule)):
+        out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
+
+        def call(addresses: torch.Tensor | None) -> None:
+            # the thresholds are made inside: a captured graph owns its fills
+            _attend(q, k, v, out, on_device(pv_threshold), on_device(sim), on_device(rule),
+                    None, *flags, addresses=addresses)
+
+        index = q.device.index
+        key = (index, current_stream(index), *_layout_key(q), *_layout_key(k), *_layout_key(v),
+               out_dtype, pv_threshold, sim, rule, *flags)
+        graphs.run(key, (q, k, v, out), call)
+        return out
+    return _sparse_attention_impl(q, k, v, on_device(pv_threshold), on_device(sim),
+                                  on_device(rule), None if mask is None else mask.blocks, *flags,
+                                  out_dtype)
+
+
+def _layout_key(x: torch.Tensor) -> tuple:
+    return x.shape, x.stride(), x.dtype
+
+
+def _replayable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_len: int, mode: str,
+                thresholds: tuple) -> bool:
+    """Whether an eager call without a given mask may be replayed as a CUDA graph: on a GPU, not
+    during the caller's own capture, in a quantized mode that reads q, k and v only in the
+    pre-pass (not a float16 V in ``int8_fp16`` mode, which the attention kernel reads as it is),
+    every threshold a number (a tensor's values could change between calls), the inputs 16-byte
+    aligned, and B * Hq * Lq * Lk * D at most :data:`sparge.kernels.graphs.MAX_WORK`."""
+    if not graphs.enabled() or not q.is_cuda or mode not in (PV_FP8, PV_FP16):
+        return False
+    if mode == PV_FP16 and v.dtype == torch.float16:
+        return False
+    if any(isinstance(t, torch.Tensor) for t in thresholds):
+        return False
+    return (q.numel() * k_len <= graphs.MAX_WORK and graphs.aligned(q, k, v)
+            and not torch.cuda.is_current_stream_capturing())
 
 
 __all__ = ["sparse_attention", "sparse_attention_call"]

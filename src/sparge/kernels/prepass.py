@@ -55,6 +55,10 @@ from ..mask import num_blocks
 from ..predict import BlockStats
 from ..quant import FP8_DTYPE, PV_FP8, PV_FP16, QuantizedQKV
 from . import launcher
+from .graphs import K as SLOT_K
+from .graphs import Q as SLOT_Q
+from .graphs import V as SLOT_V
+from .graphs import caller_pointer
 from .launcher import cdiv, next_pow2
 from .layout import to_pv_order
 from .rounding import divide, fp8_scale, int8_scale, reciprocal, round_to_e4m3, to_int8
@@ -122,13 +126,20 @@ def _channel_stats_kernel(
         v_ptr, svb, svh, svl, svd,  # (B, H, L, D), any strides (if V_MAX)
         ksum_ptr, vmax_ptr,  # float32 (B, H, n_chunks, D) contiguous partials
         kmax_ptr,  # float32 (B, H): zeroed here for the quantization kernel (if ZERO_KMAX)
+        addresses,  # int64: K's and V's addresses in slots K and V (if INDIRECT)
         H, L, D, chunk, n_chunks,
         ROWS: tl.constexpr, DP: tl.constexpr, V_MAX: tl.constexpr, ZERO_KMAX: tl.constexpr,
-        STAGES: tl.constexpr):
+        STAGES: tl.constexpr, INDIRECT: tl.constexpr):
     """Partials of tokens [c * chunk, (c + 1) * chunk) of one (batch, head), c = program_id(0):
     K channel sums (each row slot of a (ROWS, DP) tile adds its tokens in order, then the slots
     are added up) and, if V_MAX, V channel abs-maxima. If ZERO_KMAX, program c = 0 also zeroes
-    the head's largest K scale, which the K programs of the quantization kernel then raise."""
+    the head's largest K scale, which the K programs of the quantization kernel then raise.
+    With INDIRECT, k_ptr and v_ptr only give the types; the addresses come from ``addresses``
+    (:mod:`sparge.kernels.graphs`)."""
+    if INDIRECT:
+        k_ptr = caller_pointer(addresses, SLOT_K, k_ptr)
+        if V_MAX:
+            v_ptr = caller_pointer(addresses, SLOT_V, v_ptr)
     c = tl.program_id(0)
     bh = tl.program_id(1)
     if ZERO_KMAX:
@@ -371,6 +382,7 @@ def _quantize_kernel(
         k_ptr, skb, skh, skl, skd, k8_ptr, k_scale_ptr, k_mean_ptr, k_sim_ptr, ksum_ptr,
         k_scale_max_ptr, kmu_ptr,
         v_ptr, svb, svh, svl, svd, v8_ptr, v_scale_ptr, vmax_ptr,
+        addresses,  # int64: Q's, K's and V's addresses in slots Q, K and V (if INDIRECT)
         n_chunks, HQ, HK, LQ, LK, LP, D,
         m_jobs, k_jobs, v_jobs,  # programs [0, m_jobs) finish K's mean, then K, V, the rest Q
         q_per_head, k_per_head, v_per_head, q_blocks, k_blocks, v_tiles,
@@ -379,11 +391,19 @@ def _quantize_kernel(
         LOG_NC: tl.constexpr, QUANT: tl.constexpr, STATS: tl.constexpr,
         K_SCALE_MAX: tl.constexpr, K_MEAN_GIVEN: tl.constexpr, V_FP8: tl.constexpr,
         ROUND_FP8: tl.constexpr, HAS_M: tl.constexpr, HAS_Q: tl.constexpr, HAS_K: tl.constexpr,
-        HAS_V: tl.constexpr):
+        HAS_V: tl.constexpr, INDIRECT: tl.constexpr):
     """One grid, four jobs (see :func:`_block_job`, :func:`_v_job`): K's channel mean finished
     for a later launch (one program per (batch, head), into ``kmu_ptr`` (B, HK, D)), K blocks,
     V tiles, then Q blocks (the shortest programs, to fill the tail). A job left out (HAS_*
-    false, no programs) is not compiled; its pointers are placeholders."""
+    false, no programs) is not compiled; its pointers are placeholders. With INDIRECT, q_ptr,
+    k_ptr and v_ptr only give the types; the addresses come from ``addresses``."""
+    if INDIRECT:
+        if HAS_Q:
+            q_ptr = caller_pointer(addresses, SLOT_Q, q_ptr)
+        if HAS_K:
+            k_ptr = caller_pointer(addresses, SLOT_K, k_ptr)
+        if HAS_V:
+            v_ptr = caller_pointer(addresses, SLOT_V, v_ptr)
     pid = tl.program_id(0)
     if pid < m_jobs:
         if HAS_M:
@@ -436,11 +456,13 @@ def _chunking(length: int, heads: int, dim_pad: int,
 
 
 def _channel_stats(k: torch.Tensor, v: torch.Tensor | None,
-                   k_scale_max: torch.Tensor | None = None
+                   k_scale_max: torch.Tensor | None = None,
+                   addresses: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunk partials of k, v (B, H, L, D), any strides: K channel sums and (if v is given) V
     channel abs-maxima, float32 (B, H, n_chunks, D) each; zeroes ``k_scale_max`` (B, H) if
-    given. One launch."""
+    given. One launch; with ``addresses`` (:mod:`sparge.kernels.graphs`) it reads k and v at
+    the addresses found there, k and v giving only their shapes, strides and dtypes."""
     batch, heads, length, dim = k.shape
     dp = _dim_pad(dim)
     chunk, n = _chunking(length, batch * heads, dp)
@@ -451,9 +473,11 @@ def _channel_stats(k: torch.Tensor, v: torch.Tensor | None,
     launcher.run(
         _channel_stats_kernel, (n, batch * heads),
         k, *k.stride(), vv, *vv.stride(), ksum, ksum if vmax is None else vmax,
-        ksum if k_scale_max is None else k_scale_max, heads, length, dim, chunk, n,
+        ksum if k_scale_max is None else k_scale_max, ksum if addresses is None else addresses,
+        heads, length, dim, chunk, n,
         ROWS=min(_CHUNK_ROWS, _STATS_TILE_ELEMS // dp), DP=dp, V_MAX=v is not None,
-        ZERO_KMAX=k_scale_max is not None, STAGES=_STATS_STAGES, num_warps=4,
+        ZERO_KMAX=k_scale_max is not None, STAGES=_STATS_STAGES,
+        INDIRECT=addresses is not None, num_warps=4,
         enable_fp_fusion=True)  # as measured; Triton 3.10 stops contracting by default
     return ksum, vmax
 
@@ -480,7 +504,8 @@ def _block_outputs(x: torch.Tensor, block: int, quant: bool, stats: bool) -> _Bl
 
 def _constants(shape: _LaunchShape, dim: int, block_q: int, block_k: int, *, quant: bool,
                stats: bool, k_scale_max: bool, k_mean_given: bool, v_fp8: bool, round_fp8: bool,
-               has_m: bool, has_q: bool, has_k: bool, has_v: bool) -> dict:
+               has_m: bool, has_q: bool, has_k: bool, has_v: bool,
+               indirect: bool = False) -> dict:
     """The compile-time constants of one ``_quantize_kernel`` launch of this shape
     (``round_fp8``: FP8 values rounded in float32 before the conversion, for the interpreter)."""
     dp = _dim_pad(dim)
@@ -488,13 +513,14 @@ def _constants(shape: _LaunchShape, dim: int, block_q: int, block_k: int, *, qua
     return dict(BQ=block_q, BK=block_k, RQ=min(block_q, tile_rows), RK=min(block_k, tile_rows),
                 VT=tile_rows, DP=dp, LOG_NC=_max_chunks(dp).bit_length() - 1, QUANT=quant,
                 STATS=stats, K_SCALE_MAX=k_scale_max, K_MEAN_GIVEN=k_mean_given, V_FP8=v_fp8,
-                ROUND_FP8=round_fp8, HAS_M=has_m, HAS_Q=has_q, HAS_K=has_k, HAS_V=has_v)
+                ROUND_FP8=round_fp8, HAS_M=has_m, HAS_Q=has_q, HAS_K=has_k, HAS_V=has_v,
+                INDIRECT=indirect)
 
 
 def _quantize(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | None,
               ksum: torch.Tensor | None, vmax: torch.Tensor | None, *, block_q: int,
               block_k: int, quant: bool, stats: bool, k_scale_max: torch.Tensor | None = None,
-              v_fp8: bool = True
+              v_fp8: bool = True, addresses: torch.Tensor | None = None
               ) -> tuple[_Blocks | None, _Blocks | None,
                          tuple[torch.Tensor, torch.Tensor | None] | None]:
     """Quantization (and statistics) of the tensors given, in one launch of
@@ -508,12 +534,13 @@ def _quantize(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | 
     largest K scale.
 
     With the statistics, Q and K run in one-warp programs (see ``_WITH_STATS``) unless a V
-    smaller than ``_SPLIT_MIN_ELEMS`` elements shares their launch. Those programs neither run
+    smaller than ``_SPLIT_MIN_ELEMS`` elements shares their launch. With ``addresses``, q, k and v
+    are read at the addresses found there (see :func:`_channel_stats`). Those programs neither run
     V's job (slow there) nor combine K's partial sums (a 64 x 128 tile of partials takes a
     one-warp program's registers): the launch before them finishes K's channel mean, with V's
     job if V is given.
     """
-    args = dict(block_q=block_q, block_k=block_k, quant=quant, v_fp8=v_fp8)
+    args = dict(block_q=block_q, block_k=block_k, quant=quant, v_fp8=v_fp8, addresses=addresses)
     one_warp = stats and (q is not None or k is not None) and (
         v is None or v.numel() >= _SPLIT_MIN_ELEMS)
     mean_first = k is not None and ksum is not None
@@ -534,7 +561,8 @@ def _quantize(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | 
 def _launch(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | None,
             ksum: torch.Tensor | None, vmax: torch.Tensor | None,
             k_mean: torch.Tensor | None, *, jobs: str, block_q: int, block_k: int, quant: bool,
-            stats: bool, k_scale_max: torch.Tensor | None = None, v_fp8: bool = True
+            stats: bool, k_scale_max: torch.Tensor | None = None, v_fp8: bool = True,
+            addresses: torch.Tensor | None = None
             ) -> tuple[_Blocks | None, _Blocks | None,
                        tuple[torch.Tensor, torch.Tensor | None] | None]:
     """One launch of ``_quantize_kernel``: of the ``jobs`` (letters of "MQKV") whose tensors are
@@ -601,13 +629,14 @@ def _launch(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | No
         _quantize_kernel, (m_jobs + k_jobs + v_jobs + q_jobs,),
         *block_args(q, q_out), *block_args(k, k_out), given if ksum is None else ksum,
         given if k_scale_max is None else k_scale_max, given if k_mean is None else k_mean,
-        *v_args, n_chunks, heads_q, heads_k, q_len, k_len, padded, dim, m_jobs, k_jobs, v_jobs,
+        *v_args, given if addresses is None else addresses,
+        n_chunks, heads_q, heads_k, q_len, k_len, padded, dim, m_jobs, k_jobs, v_jobs,
         q_per_head or 1, k_per_head or 1, v_per_head or 1, q_blocks, k_blocks, v_tiles,
         **_constants(shape, dim, block_q, block_k, quant=quant, stats=stats,
                      k_scale_max=quant and k_scale_max is not None,
                      k_mean_given=ksum is None, v_fp8=v_fp8, round_fp8=dev.type != "cuda",
                      has_m=run_m, has_q=q is not None,
-                     has_k=run_k, has_v=v is not None),
+                     has_k=run_k, has_v=v is not None, indirect=addresses is not None),
         num_warps=shape.num_warps,
         enable_fp_fusion=True,  # as measured; Triton 3.10 stops contracting by default
         **({} if shape.maxnreg is None else {"maxnreg": shape.maxnreg}))
@@ -643,7 +672,7 @@ def block_stats_gpu(x: torch.Tensor, block: int, *, smooth: bool = False) -> Blo
 
 
 def prepare_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_q: int, block_k: int,
-                mode: str, with_stats: bool
+                mode: str, with_stats: bool, addresses: torch.Tensor | None = None
                 ) -> tuple[QuantizedQKV, BlockStats | None, BlockStats | None]:
     """Quantize Q, smoothed K and V for the attention kernel, with the predictor's statistics.
 
@@ -656,6 +685,10 @@ def prepare_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_q: i
         block_q, block_k: rows per quantization (and statistics) block, powers of two.
         mode: ``"int8_fp8"`` (V in FP8 e4m3, K-major) or ``"int8_fp16"`` (V in FP16).
         with_stats: also return the block statistics of Q and of the smoothed K.
+        addresses: int64 device buffer holding the addresses of q, k and v in the slots of
+            :mod:`sparge.kernels.graphs`, where the kernels then read them (q, k and v give only
+            their shapes, strides and dtypes); not with a float16 V in ``int8_fp16`` mode, which
+            is returned as it is.
 
     Returns:
         ``(quantized, q_stats, k_stats)``. ``quantized.q``/``.k`` are contiguous int8 (B, H, L, D)
@@ -674,11 +707,14 @@ def prepare_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_q: i
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     fp8 = mode == PV_FP8
     v_job = v if fp8 or v.dtype != torch.float16 else None  # float16 V is used as it is
+    if v_job is None and addresses is not None:
+        raise ValueError("a float16 V in int8_fp16 mode is used as it is: it cannot be read "
+                         "through addresses")
     k_scale_max = _alloc(k.shape[0], k.shape[1], dtype=torch.float32, device=k.device)
-    ksum, vmax = _channel_stats(k, v if fp8 else None, k_scale_max)
+    ksum, vmax = _channel_stats(k, v if fp8 else None, k_scale_max, addresses)
     q_out, k_out, v_out = _quantize(q, k, v_job, ksum, vmax, block_q=block_q, block_k=block_k,
                                     quant=True, stats=with_stats, k_scale_max=k_scale_max,
-                                    v_fp8=fp8)
+                                    v_fp8=fp8, addresses=addresses)
     v_q, v_scale = v_out if v_job is not None else (v, None)
     quantized = QuantizedQKV(q_out.values, q_out.scales, k_out.values, k_out.scales, v_q, v_scale,
                              k_scale_max)

@@ -1,0 +1,149 @@
+"""Calls replayed as CUDA graphs, where the host would otherwise set the pace.
+
+An eager call of the pipeline issues four or five kernel launches and a few dozen tensor
+operations: 0.4 to 0.8 ms of host time on H100 machines (``bench/host_overhead.py``), more than
+the GPU needs below about L8192, so at those lengths a call runs at the speed of its Python. A
+CUDA graph replays the same launches for the host cost of one.
+
+A graph replays its kernels with the arguments of its capture, but a caller's q, k, v and output
+are new tensors on every call. The kernels that touch them therefore read their addresses, when
+compiled with ``INDIRECT``, from a small int64 device buffer (:func:`caller_pointer`, slots
+:data:`Q`, :data:`K`, :data:`V`, :data:`OUT`); every other tensor of the call (the quantized
+copies, statistics, thresholds, the mask and its lookup table) is the graph's own, in its private
+memory pool. A key naming everything the launches depend on (shapes, strides, dtypes, device,
+stream, arguments) selects the graph:
+
+1. the first call of a key runs eagerly (compiling and tuning its kernels);
+2. the second runs eagerly with ``INDIRECT`` kernels, then captures itself into a graph;
+3. later calls write their tensors' addresses into the graph's buffer and replay it.
+
+At most :data:`MAX_GRAPHS` keys are remembered (the oldest is dropped first, with its graph and
+its memory), for calls of at most :data:`MAX_WORK`. ``SPARGE_CUDA_GRAPHS=0`` turns replay off.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import settings
+
+# the slots of the address buffer (constexpr: the kernels read them)
+Q, K, V, OUT = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
+MAX_GRAPHS = 8
+# B * Hq * Lq * Lk * D of the largest call replayed (L8192 at H32, D128): beyond it a call's GPU
+# time hides its host time, and a graph would hold the call's quantized copies for good
+MAX_WORK = 2 ** 38
+
+
+@triton.jit
+def caller_pointer(addresses, slot: tl.constexpr, like):
+    """The address in int64 ``addresses[slot]`` as a pointer of ``like``'s type, 16-byte aligned
+    (:func:`aligned` checks it before a graph is used)."""
+    address = tl.load(addresses + slot)
+    return tl.multiple_of(address.to(like.dtype, bitcast=True), 16)
+
+
+@dataclass(frozen=True)
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    addresses: torch.Tensor  # int64 (4,) on the device, read by the graph's kernels
+
+
+_SEEN = "seen"  # the key's first call ran eagerly
+_EAGER = "eager"  # the key's capture failed: it runs eagerly from then on
+_GRAPHS: dict[tuple, _Graph | str] = {}
+
+
+def enabled() -> bool:
+    return settings.CUDA_GRAPHS.enabled()
+
+
+def aligned(*tensors: torch.Tensor) -> bool:
+    """Whether every tensor's address is a multiple of 16 bytes (as :func:`caller_pointer`
+    promises the compiler)."""
+    return all(t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def _addresses(tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+
+
+def address_buffer(tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """int64 (len(tensors),) on the tensors' device: their addresses, slot i for tensors[i]."""
+    return _addresses(tensors).to(tensors[0].device)
+
+
+def run(key: tuple, tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        call: Callable[[torch.Tensor | None], None]) -> None:
+    """Run ``call`` eagerly or as a replay of its graph (see the module docstring).
+
+    ``tensors`` are the caller's (q, k, v, out) in slot order, all on one CUDA device and
+    16-byte aligned. ``call(None)`` must compute the whole call with ordinary kernels;
+    ``call(addresses)`` the same with ``INDIRECT`` kernels reading those tensors' addresses from
+    ``addresses``, using nothing of the caller's tensors but their addresses and making every
+    other tensor it uses itself. ``key`` must name everything ``call`` depends on but the four
+    addresses, the current stream included.
+    """
+    entry = _GRAPHS.get(key)
+    if entry is None:
+        if len(_GRAPHS) >= MAX_GRAPHS:
+            del _GRAPHS[next(iter(_GRAPHS))]  # the oldest, with its graph
+        _GRAPHS[key] = _SEEN
+        call(None)
+    elif entry is _SEEN:
+        addresses = address_buffer(tensors)
+        try:
+            call(addresses)  # compiles the INDIRECT kernels outside the capture
+        except Exception as error:  # noqa: BLE001 - the ordinary kernels still serve
+            _GRAPHS[key] = _EAGER
+            warnings.warn(f"sparge: kernels reading addresses failed ({type(error).__name__}: "
+                          f"{error}); this call signature runs eagerly from now on",
+                          RuntimeWarning, stacklevel=3)
+            call(None)
+            return
+        _GRAPHS[key] = _capture(call, addresses)
+    elif entry is _EAGER:
+        call(None)
+    else:
+        # from pageable memory: the copy is staged before copy_ returns
+        entry.addresses.copy_(_addresses(tensors), non_blocking=True)
+        entry.graph.replay()
+
+
+def _capture(call: Callable[[torch.Tensor | None], None], addresses: torch.Tensor
+             ) -> _Graph | str:
+    """``call(addresses)`` captured into a graph with a memory pool of its own, on a side stream
+    (a capture may not run on the default stream); ``_EAGER`` if the capture fails."""
+    caller = torch.cuda.current_stream(addresses.device)
+    side = torch.cuda.Stream(addresses.device)
+    side.wait_stream(caller)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.stream(side):
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                call(addresses)
+            finally:
+                graph.capture_end()
+    except RuntimeError as error:
+        warnings.warn(f"sparge: capturing a CUDA graph failed ({error}); this call signature "
+                      "runs eagerly from now on", RuntimeWarning, stacklevel=3)
+        return _EAGER
+    finally:
+        caller.wait_stream(side)
+    return _Graph(graph, addresses)
+
+
+def clear() -> None:
+    """Forget every key and release the graphs' memory."""
+    _GRAPHS.clear()
+
+
+__all__ = ["K", "MAX_GRAPHS", "MAX_WORK", "OUT", "Q", "V", "address_buffer", "aligned",
+           "caller_pointer", "clear", "enabled", "run"]

@@ -1,0 +1,374 @@
+"""Calls replayed as CUDA graphs (:mod:`sparge.kernels.graphs`).
+
+- The ``INDIRECT`` kernels, on the CPU through Triton's interpreter (in a child process, as in
+  ``test_kernels_prepass.py``): given the addresses of the real q, k, v and output, they read and
+  write there and nowhere else. The tensors handed to them as arguments are NaN-filled
+  stand-ins, so a kernel that read one would return NaN; the outputs equal the ordinary
+  kernels' bit for bit (the same arithmetic).
+- The replay bookkeeping, on the CPU with the capture stubbed: which call runs eagerly, which
+  captures, which replays, and what is forgotten.
+- On the GPU (marked ``gpu``): repeated public calls on fresh inputs give, bit for bit, what the
+  same calls give with replay turned off, and which calls replay.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.abspath(__file__)
+SRC = os.path.join(os.path.dirname(os.path.dirname(HERE)), "src")
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _interpreted(name: str) -> None:
+    """Run ``name()`` of this module in a fresh process under the Triton interpreter."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
+    code = ("import importlib.util\n"
+            f"spec = importlib.util.spec_from_file_location('graphs_cases', {HERE!r})\n"
+            "mod = importlib.util.module_from_spec(spec)\n"
+            "spec.loader.exec_module(mod)\n"
+            f"mod.{name}()\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout}\n{proc.stderr}"
+
+
+def _stand_in(x: torch.Tensor) -> torch.Tensor:
+    """A NaN-filled tensor of x's shape, strides and dtype."""
+    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype).fill_(float("nan"))
+
+
+def _bits(x: torch.Tensor | None) -> torch.Tensor | None:
+    if x is None or x.dtype.itemsize != 1 or not x.dtype.is_floating_point:
+        return x
+    return x.view(torch.uint8)
+
+
+def _assert_same(a, b) -> None:
+    for name in ("q", "q_scale", "k", "k_scale", "v", "v_scale", "k_scale_max"):
+        x, y = _bits(getattr(a, name)), _bits(getattr(b, name))
+        assert (x is None and y is None) or torch.equal(x, y), name
+
+
+# ------------------------------------------------------------------------ interpreter cases
+def case_indirect_prepass():
+    from sparge.kernels import graphs
+    from sparge.kernels.prepass import prepare_qkv
+
+    print(f"random seed: {torch.seed()}")
+    # NHD views (strided), GQA, partial last blocks
+    q = torch.randn(1, 150, 4, 32).transpose(1, 2)
+    k = (torch.randn(1, 200, 2, 32) + 3 * torch.randn(1, 1, 2, 32)).transpose(1, 2)
+    v = torch.randn(1, 200, 2, 32).transpose(1, 2)
+    for mode, v_in in (("int8_fp8", v), ("int8_fp16", v.float())):
+        for stats in (False, True):
+            direct, q_stats, k_stats = prepare_qkv(q, k, v_in, block_q=64, block_k=128,
+                                                   mode=mode, with_stats=stats)
+            addresses = graphs.address_buffer((q, k, v_in, q))
+            read, q_read, k_read = prepare_qkv(
+                _stand_in(q), _stand_in(k), _stand_in(v_in), block_q=64, block_k=128,
+                mode=mode, with_stats=stats, addresses=addresses)
+            _assert_same(direct, read)
+            for ours, theirs in ((q_stats, q_read), (k_stats, k_read)):
+                if stats:
+                    assert torch.equal(ours.mean, theirs.mean)
+                    assert torch.equal(ours.similarity, theirs.similarity)
+                else:
+                    assert ours is None and theirs is None
+
+
+def case_indirect_pipeline():
+    """The whole pipeline (pre-pass, selection, attention) writes the addressed output only."""
+    from sparge import kernels
+    from sparge.kernels import graphs
+    from sparge.predict import Selection, per_head
+
+    print(f"random seed: {torch.seed()}")
+    b, hq, hk, length, d = 1, 2, 1, 200, 64
+    q, k, v = (torch.randn(b, h, length, d) for h in (hq, hk, hk))
+    selection = Selection(-1.0, 0.6)
+    lam = per_head(50.0, hq, q.device)
+    for mode in ("int8_fp16", "int8_fp8"):
+        for causal in (False, True):
+            kw = dict(mask=None, selection=selection, block_q=64, block_k=64, causal=causal,
+                      scale=d ** -0.5, pv_threshold=lam, mode=mode)
+            direct = torch.full_like(q, float("nan"))
+            mask = kernels.attention(q, k, v, out=direct, **kw)
+            out, stand_in_out = torch.full_like(q, float("nan")), torch.full_like(q, float("nan"))
+            read_mask = kernels.attention(
+                _stand_in(q), _stand_in(k), _stand_in(v), out=stand_in_out,
+                addresses=graphs.address_buffer((q, k, v, out)), **kw)
+            assert torch.equal(mask.blocks, read_mask.blocks)
+            assert 0 < mask.blocks.float().mean() < 1  # the selection kept some blocks
+            assert torch.equal(out, direct)
+            assert stand_in_out.isnan().all()  # never written
+
+
+CPU_CASES = sorted(name for name in dict(globals()) if name.startswith("case_"))
+
+
+@pytest.mark.parametrize("case", CPU_CASES)
+def test_interpreted(case):
+    pytest.importorskip("triton")
+    _interpreted(case)
+
+
+def test_addresses_refused_where_unread():
+    """Paths that read a caller's tensor through an argument refuse an address buffer."""
+    pytest.importorskip("triton")
+    from sparge import kernels
+    from sparge.kernels.prepass import prepare_qkv
+    from sparge.predict import per_head
+
+    q = k = v = torch.randn(1, 1, 64, 16, dtype=torch.float16)
+    addresses = torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(ValueError, match="float16 V"):
+        prepare_qkv(q, k, v, block_q=64, block_k=64, mode="int8_fp16", with_stats=False,
+                    addresses=addresses)
+    with pytest.raises(ValueError, match="without a given mask"):
+        kernels.attention(q, k, v, mask=None, selection=None, block_q=64, block_k=64,
+                          causal=False, scale=0.25, pv_threshold=per_head(50.0, 1, q.device),
+                          mode="none", out=torch.empty_like(q), addresses=addresses)
+
+
+# ------------------------------------------------------------------------ bookkeeping
+class _FakeGraph:
+    def __init__(self, log):
+        self.log = log
+
+    def replay(self):
+        self.log.append("replay")
+
+
+@pytest.fixture
+def stubbed_capture(monkeypatch):
+    """graphs.run with the capture replaced by a recording stand-in; returns the log."""
+    pytest.importorskip("triton")
+    from sparge.kernels import graphs
+
+    log = []
+
+    def capture(call, addresses):
+        log.append("capture")
+        return graphs._Graph(_FakeGraph(log), addresses)
+
+    monkeypatch.setattr(graphs, "_capture", capture)
+    monkeypatch.setattr(graphs, "_GRAPHS", {})
+    return log
+
+
+def _tensors():
+    return tuple(torch.empty(4) for _ in range(4))
+
+
+def test_first_call_eager_second_captures_then_replays(stubbed_capture):
+    from sparge.kernels import graphs
+
+    log = stubbed_capture
+
+    def call(addresses):
+        log.append("eager" if addresses is None else ("indirect", addresses.tolist()))
+
+    first, second, third = _tensors(), _tensors(), _tensors()
+    graphs.run("key", first, call)
+    assert log == ["eager"]
+    graphs.run("key", second, call)
+    assert log[1:] == [("indirect", [t.data_ptr() for t in second]), "capture"]
+    graphs.run("key", third, call)
+    assert log[3:] == ["replay"]
+    # the replay reads the third call's addresses
+    assert graphs._GRAPHS["key"].addresses.tolist() == [t.data_ptr() for t in third]
+
+
+def test_failed_capture_stays_eager(stubbed_capture, monkeypatch):
+    from sparge.kernels import graphs
+
+    monkeypatch.setattr(graphs, "_capture", lambda call, addresses: graphs._EAGER)
+    calls = []
+    for _ in range(4):
+        graphs.run("key", _tensors(), calls.append)
+    assert calls[0] is None and calls[2:] == [None, None]  # the second ran indirect, then eager
+    assert calls[1] is not None
+
+
+def test_failing_indirect_kernels_fall_back(stubbed_capture):
+    """If the address-reading call fails, the call runs eagerly, now and from then on."""
+    from sparge.kernels import graphs
+
+    log = []
+
+    def call(addresses):
+        if addresses is not None:
+            raise RuntimeError("no such kernel")
+        log.append("eager")
+
+    graphs.run("key", _tensors(), call)
+    with pytest.warns(RuntimeWarning, match="no such kernel"):
+        graphs.run("key", _tensors(), call)
+    graphs.run("key", _tensors(), call)
+    assert log == ["eager"] * 3 and "capture" not in stubbed_capture
+
+
+def test_oldest_key_forgotten(stubbed_capture):
+    from sparge.kernels import graphs
+
+    for key in range(graphs.MAX_GRAPHS + 1):
+        graphs.run(key, _tensors(), lambda addresses: None)
+    assert 0 not in graphs._GRAPHS and len(graphs._GRAPHS) == graphs.MAX_GRAPHS
+    graphs.clear()
+    assert not graphs._GRAPHS
+
+
+def test_cpu_calls_never_replay(monkeypatch):
+    """The public API on CPU tensors (the reference path) does not reach the replay."""
+    pytest.importorskip("triton")
+    import sparge
+    from sparge.kernels import graphs
+
+    monkeypatch.setattr(graphs, "run", lambda *a: pytest.fail("replayed on the CPU"))
+    q = torch.randn(1, 2, 64, 16)
+    sparge.sparse_attn(q, q, q)
+
+
+# ------------------------------------------------------------------------ GPU
+def _replays(monkeypatch) -> list:
+    """Record the graph replays of every later call."""
+    from sparge.kernels import graphs
+
+    seen = []
+    replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay",
+                        lambda self: (seen.append(self), replay(self))[1])
+    monkeypatch.setattr(graphs, "_GRAPHS", {})
+    return seen
+
+
+def _eager(monkeypatch, fn):
+    """fn() with replay turned off."""
+    with monkeypatch.context() as m:
+        m.setenv("SPARGE_CUDA_GRAPHS", "0")
+        return fn()
+
+
+# entry point and its arguments
+CALLS = {
+    "sparse_attn": ("sparse_attn", dict(sim_threshold=0.5)),
+    "sparse_attn causal topk sink": ("sparse_attn", dict(topk=0.3, is_causal=True,
+                                                        attention_sink=True)),
+    "sparse_attn int8_fp16": ("sparse_attn", dict(quant="int8_fp16", pv_threshold=4.0)),
+    "quantized_attn": ("quantized_attn", {}),
+    "quantized_attn causal float32 out": ("quantized_attn", dict(is_causal=True,
+                                                                 out_dtype=torch.float32)),
+}
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("name", list(CALLS))
+@pytest.mark.parametrize("shape", [(1, 8, 2, 2000, 2000, 128, "HND"),
+                                   (2, 4, 4, 777, 1500, 64, "NHD")])
+def test_replay_equals_eager_gpu(name, shape, monkeypatch):
+    """Four calls on fresh inputs (the previous inputs freed): the first runs eagerly, the second
+    captures, the last two replay; each equals the call with replay off, bit for bit."""
+    import sparge
+
+    print(f"random seed: {torch.seed()}")
+    b, hq, hk, lq, lk, d, layout = shape
+    entry, kwargs = CALLS[name]
+    fn = getattr(sparge, entry)
+    replays = _replays(monkeypatch)
+
+    def sizes(heads, length):
+        return (b, heads, length, d) if layout == "HND" else (b, length, heads, d)
+
+    for i in range(4):
+        q = torch.randn(sizes(hq, lq), device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(sizes(hk, lk), device="cuda", dtype=torch.bfloat16) + 2
+        v = torch.randn(sizes(hk, lk), device="cuda", dtype=torch.bfloat16)
+        out = fn(q, k, v, layout=layout, **kwargs)
+        assert len(replays) == max(0, i - 1)
+        expected = _eager(monkeypatch, lambda q=q, k=k, v=v: fn(q, k, v, layout=layout,
+                                                                  **kwargs))
+        assert torch.isfinite(out).all()
+        assert torch.equal(out, expected), f"call {i}"
+        del q, k, v
+
+
+@pytest.mark.gpu
+@gpu
+def test_calls_that_never_replay_gpu(monkeypatch):
+    """Tensor thresholds, a float16 V for FP16 P.V, a given mask, unaligned inputs, long calls
+    and calls inside the caller's own capture run eagerly every time."""
+    import sparge
+    from sparge.kernels import graphs
+
+    replays = _replays(monkeypatch)
+    q, k, v = (torch.randn(1, 4, 1024, 64, device="cuda", dtype=torch.float16) for _ in range(3))
+    unaligned = torch.randn(1 * 4 * 1024 * 64 + 1, device="cuda", dtype=torch.float16)[1:]
+    calls = [
+        lambda: sparge.sparse_attn(q, k, v, cdf_threshold=torch.full((4,), 0.9, device="cuda")),
+        lambda: sparge.sparse_attn(q, k, v, quant="int8_fp16"),
+        lambda: sparge.block_sparse_attn(q, k, v, torch.ones(1, 1, 16, 8, dtype=torch.bool,
+                                                              device="cuda"),
+                                         block_q=64, block_k=128),
+        lambda: sparge.quantized_attn(unaligned.view(1, 4, 1024, 64), k, v),
+    ]
+    for call in calls:
+        for _ in range(3):
+            call()
+    monkeypatch.setattr(graphs, "MAX_WORK", 1)
+    for _ in range(3):
+        sparge.quantized_attn(q, k, v)
+    assert replays == [] and graphs._GRAPHS == {}
+
+
+@pytest.mark.gpu
+@gpu
+def test_streams_have_graphs_of_their_own_gpu(monkeypatch):
+    import sparge
+    from sparge.kernels import graphs
+
+    replays = _replays(monkeypatch)
+    q, k, v = (torch.randn(1, 4, 1024, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    outs = [sparge.sparse_attn(q, k, v) for _ in range(3)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        outs += [sparge.sparse_attn(q, k, v) for _ in range(3)]
+    torch.cuda.current_stream().wait_stream(side)
+    assert len(replays) == 2 and replays[0] is not replays[1]
+    assert len(graphs._GRAPHS) == 2
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
+
+
+@pytest.mark.gpu
+@gpu
+def test_inside_callers_capture_gpu(monkeypatch):
+    """A call captured by the caller's own CUDA graph runs the ordinary kernels into it."""
+    import sparge
+
+    replays = _replays(monkeypatch)
+    q, k, v = (torch.randn(1, 4, 1024, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # warm-up: this library's own graph replays once here
+            sparge.sparse_attn(q, k, v)
+    torch.cuda.current_stream().wait_stream(side)
+    assert len(replays) == 1
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = sparge.sparse_attn(q, k, v)
+    for t in (q, k, v):
+        t.copy_(torch.randn_like(t))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, _eager(monkeypatch, lambda: sparge.sparse_attn(q, k, v)))
