@@ -372,3 +372,27 @@ def test_inside_callers_capture_gpu(monkeypatch):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, _eager(monkeypatch, lambda: sparge.sparse_attn(q, k, v)))
+
+
+@pytest.mark.gpu
+@gpu
+def test_replay_does_not_wait_for_the_gpu(monkeypatch):
+    """Writing the addresses and replaying never synchronises: a replayed call returns while
+    the GPU is still busy with work queued before it."""
+    import time
+
+    import sparge
+
+    replays = _replays(monkeypatch)
+    q, k, v = (torch.randn(1, 4, 1024, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    for _ in range(3):
+        sparge.sparse_attn(q, k, v)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # about a second of GPU clock cycles, queued first
+    start = time.perf_counter()
+    sparge.sparse_attn(q, k, v)
+    host = time.perf_counter() - start
+    busy = not torch.cuda.current_stream().query()
+    torch.cuda.synchronize()
+    assert len(replays) == 2
+    assert busy and host < 0.1
