@@ -2,8 +2,31 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+SRC = os.path.join(os.path.dirname(TESTS), "src")
+
+
+def run_interpreted(path: str, name: str) -> None:
+    """Run the function ``name`` of the test module at ``path`` in a fresh Python process under
+    Triton's interpreter: TRITON_INTERPRET must be set before Triton is imported and must not
+    leak into other test modules. Fails with the child's output if the function raises."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join((SRC, TESTS, env.get("PYTHONPATH", "")))
+    code = ("import importlib.util\n"
+            f"spec = importlib.util.spec_from_file_location('interpreted_cases', {path!r})\n"
+            "mod = importlib.util.module_from_spec(spec)\n"
+            "spec.loader.exec_module(mod)\n"
+            f"mod.{name}()\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout}\n{proc.stderr}"
 
 
 def rel_l1(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -14,30 +14,20 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from conftest import run_interpreted
+
 HERE = os.path.abspath(__file__)
-SRC = os.path.join(os.path.dirname(os.path.dirname(HERE)), "src")
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def _interpreted(name: str) -> None:
     """Run ``name()`` of this module in a fresh process under the Triton interpreter."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
-    code = ("import importlib.util\n"
-            f"spec = importlib.util.spec_from_file_location('graphs_cases', {HERE!r})\n"
-            "mod = importlib.util.module_from_spec(spec)\n"
-            "spec.loader.exec_module(mod)\n"
-            f"mod.{name}()\n")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout}\n{proc.stderr}"
+    run_interpreted(HERE, name)
 
 
 def _stand_in(x: torch.Tensor) -> torch.Tensor:
