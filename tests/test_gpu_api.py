@@ -63,3 +63,31 @@ def test_sparse_attn_replays_under_compile_reduce_overhead():
         got = run(q, k, v).clone()  # a replay overwrites the previous output
         torch.testing.assert_close(got, layer(q, k, v), rtol=0, atol=0)
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_tensors_on_another_gpu_than_the_current_one():
+    """A model spread over GPUs calls with tensors on a GPU that is not the current device:
+    every entry point runs there and gives what it gives with that GPU current."""
+    gen = torch.Generator(device="cuda:1").manual_seed(torch.seed() % 2**31)
+    q, k, v = (torch.randn(1, 4, 2000, 64, generator=gen, device="cuda:1",
+                           dtype=torch.bfloat16) for _ in range(3))
+    mask = torch.rand(1, 4, 32, 16, generator=gen, device="cuda:1") < 0.5
+    calls = {
+        "sparse_attn": lambda: sparge.sparse_attn(q, k, v, is_causal=True),
+        "sparse_attn, tensor thresholds": lambda: sparge.sparse_attn(
+            q, k, v, topk=torch.full((4,), 0.3, device="cuda:1")),
+        "quantized_attn": lambda: sparge.quantized_attn(q, k, v),
+        "block_sparse_attn": lambda: sparge.block_sparse_attn(q, k, v, mask, block_q=64,
+                                                              block_k=128),
+        "predict_mask": lambda: sparge.predict_mask(q, k).blocks,
+    }
+    for name, call in calls.items():
+        with torch.cuda.device(1):
+            expected = call()
+        torch.cuda.set_device(0)
+        for _ in range(3):  # the replayed calls too
+            got = call()
+            assert got.device == q.device, name
+            assert torch.equal(got, expected), name

@@ -13,6 +13,8 @@ The pre-pass (statistics + quantization) and the block selection come from
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .. import settings
@@ -24,10 +26,20 @@ from .prepass import prepare_qkv
 from .select import predict_mask_gpu, select_with_table
 
 
+def _current(device: torch.device) -> contextlib.AbstractContextManager:
+    """``device`` made the current CUDA device for the block, where it is not: Triton launches
+    on the current device, and a model spread over GPUs calls with tensors on any of them."""
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def predict_mask(q: torch.Tensor, k: torch.Tensor, selection: Selection, *, block_q: int,
                  block_k: int, causal: bool) -> SparseMask:
     """The predicted block mask for q (B, Hq, Lq, D), k (B, Hk, Lk, D) (layout HND)."""
-    return predict_mask_gpu(q, k, selection, block_q=block_q, block_k=block_k, causal=causal)
+    with _current(q.device):
+        return predict_mask_gpu(q, k, selection, block_q=block_q, block_k=block_k,
+                                causal=causal)
 
 
 def _tile_skip_enabled() -> bool:
@@ -57,6 +69,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: Sparse
     kernels then read and write (the tensors give only their shapes, strides and dtypes);
     quantized modes without a given mask only.
     """
+    with _current(q.device):
+        return _attention(q, k, v, mask=mask, selection=selection, block_q=block_q,
+                          block_k=block_k, causal=causal, scale=scale,
+                          pv_threshold=pv_threshold, mode=mode, out=out, addresses=addresses)
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: SparseMask | None,
+               selection: Selection | None, block_q: int, block_k: int, causal: bool,
+               scale: float, pv_threshold: torch.Tensor, mode: str, out: torch.Tensor,
+               addresses: torch.Tensor | None) -> SparseMask | None:
     if mask is not None and selection is not None:
         raise ValueError("give mask or selection, not both")
     if addresses is not None and (mode == EXACT or mask is not None):
