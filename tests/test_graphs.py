@@ -206,14 +206,21 @@ def test_failing_indirect_kernels_fall_back(stubbed_capture):
     assert log == ["eager"] * 3 and "capture" not in stubbed_capture
 
 
-def test_oldest_key_forgotten(stubbed_capture):
+def test_oldest_key_forgotten(stubbed_capture, monkeypatch):
+    """Past MAX_GRAPHS keys the oldest goes; a graph only after the GPU has finished with it."""
     from sparge.kernels import graphs
 
-    for key in range(graphs.MAX_GRAPHS + 1):
+    waits = []
+    monkeypatch.setattr(torch.cuda, "synchronize", waits.append)
+    for _ in range(2):
+        graphs.run("captured", _tensors(), lambda addresses: None)
+    assert isinstance(graphs._GRAPHS["captured"], graphs._Graph)
+    for key in range(graphs.MAX_GRAPHS):
         graphs.run(key, _tensors(), lambda addresses: None)
-    assert 0 not in graphs._GRAPHS and len(graphs._GRAPHS) == graphs.MAX_GRAPHS
+    assert "captured" not in graphs._GRAPHS and len(graphs._GRAPHS) == graphs.MAX_GRAPHS
+    assert len(waits) == 1  # before dropping the graph
     graphs.clear()
-    assert not graphs._GRAPHS
+    assert not graphs._GRAPHS and len(waits) == 1  # nothing else held a graph
 
 
 def test_cpu_calls_never_replay(monkeypatch):

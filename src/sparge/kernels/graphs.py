@@ -93,7 +93,7 @@ def run(key: tuple, tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, tor
     entry = _GRAPHS.get(key)
     if entry is None:
         if len(_GRAPHS) >= MAX_GRAPHS:
-            del _GRAPHS[next(iter(_GRAPHS))]  # the oldest, with its graph
+            _drop(next(iter(_GRAPHS)))  # the oldest
         _GRAPHS[key] = _SEEN
         call(None)
     elif entry is _SEEN:
@@ -116,12 +116,31 @@ def run(key: tuple, tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, tor
         entry.graph.replay()
 
 
+def _drop(key: tuple) -> None:
+    """Forget ``key``; a graph is released once the GPU has finished its replays."""
+    entry = _GRAPHS.pop(key)
+    if isinstance(entry, _Graph):
+        torch.cuda.synchronize(entry.addresses.device)
+
+
+_CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """The side stream of ``device`` that captures run on: one per device, since PyTorch keeps
+    a cuBLAS workspace per stream that the pooled scores' product uses."""
+    stream = _CAPTURE_STREAMS.get(device.index)
+    if stream is None:
+        stream = _CAPTURE_STREAMS[device.index] = torch.cuda.Stream(device)
+    return stream
+
+
 def _capture(call: Callable[[torch.Tensor | None], None], addresses: torch.Tensor
              ) -> _Graph | str:
     """``call(addresses)`` captured into a graph with a memory pool of its own, on a side stream
     (a capture may not run on the default stream); ``_EAGER`` if the capture fails."""
     caller = torch.cuda.current_stream(addresses.device)
-    side = torch.cuda.Stream(addresses.device)
+    side = _capture_stream(addresses.device)
     side.wait_stream(caller)
     graph = torch.cuda.CUDAGraph()
     try:
@@ -131,9 +150,10 @@ def _capture(call: Callable[[torch.Tensor | None], None], addresses: torch.Tenso
                 call(addresses)
             finally:
                 graph.capture_end()
-    except RuntimeError as error:
-        warnings.warn(f"sparge: capturing a CUDA graph failed ({error}); this call signature "
-                      "runs eagerly from now on", RuntimeWarning, stacklevel=3)
+    except Exception as error:  # noqa: BLE001 - the eager call still serves
+        warnings.warn(f"sparge: capturing a CUDA graph failed ({type(error).__name__}: {error});"
+                      " this call signature runs eagerly from now on", RuntimeWarning,
+                      stacklevel=3)
         return _EAGER
     finally:
         caller.wait_stream(side)
@@ -141,8 +161,9 @@ def _capture(call: Callable[[torch.Tensor | None], None], addresses: torch.Tenso
 
 
 def clear() -> None:
-    """Forget every key and release the graphs' memory."""
-    _GRAPHS.clear()
+    """Forget every key and release the graphs' memory (once their replays have finished)."""
+    for key in list(_GRAPHS):
+        _drop(key)
 
 
 __all__ = ["K", "MAX_GRAPHS", "MAX_WORK", "OUT", "Q", "V", "address_buffer", "aligned",
