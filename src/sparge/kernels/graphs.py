@@ -75,8 +75,10 @@ def _addresses(tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
 
 
 def address_buffer(tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """int64 (len(tensors),) on the tensors' device: their addresses, slot i for tensors[i]."""
-    return _addresses(tensors).to(tensors[0].device)
+    """int64 (len(tensors),) on the tensors' device: their addresses, slot i for tensors[i].
+    Written without synchronising (see :func:`run`)."""
+    buffer = torch.empty(len(tensors), dtype=torch.int64, device=tensors[0].device)
+    return buffer.copy_(_addresses(tensors), non_blocking=True)
 
 
 def run(key: tuple, tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
@@ -111,7 +113,8 @@ def run(key: tuple, tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, tor
     elif entry is _EAGER:
         call(None)
     else:
-        # from pageable memory: the copy is staged before copy_ returns
+        # From pageable memory, a non-blocking copy is staged before copy_ returns and runs in
+        # stream order; a blocking one would wait for the GPU.
         entry.addresses.copy_(_addresses(tensors), non_blocking=True)
         entry.graph.replay()
 
