@@ -69,16 +69,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: Sparse
     kernels then read and write (the tensors give only their shapes, strides and dtypes);
     quantized modes without a given mask only.
     """
-    with _current(q.device):
-        return _attention(q, k, v, mask=mask, selection=selection, block_q=block_q,
-                          block_k=block_k, causal=causal, scale=scale,
-                          pv_threshold=pv_threshold, mode=mode, out=out, addresses=addresses)
-
-
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: SparseMask | None,
-               selection: Selection | None, block_q: int, block_k: int, causal: bool,
-               scale: float, pv_threshold: torch.Tensor, mode: str, out: torch.Tensor,
-               addresses: torch.Tensor | None) -> SparseMask | None:
     if mask is not None and selection is not None:
         raise ValueError("give mask or selection, not both")
     if addresses is not None and (mode == EXACT or mask is not None):
@@ -88,33 +78,35 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: Spars
     if mask is not None:
         causal = mask.causal
         block_q, block_k = mask.block_q, mask.block_k
-    if mode == EXACT:
-        if selection is not None:
-            mask = predict_mask(q, k, selection, block_q=block_q, block_k=block_k, causal=causal)
-        quant = None
-    else:
-        quant, q_stats, k_stats = prepare_qkv(q, k, v, block_q=block_q, block_k=block_k,
-                                              mode=mode, with_stats=selection is not None,
-                                              addresses=addresses)
-        if selection is not None:
-            # the selection's programs write the lookup table too (one launch)
-            mask, (indices, counts, n_full) = select_with_table(
-                q_stats, k_stats, selection, q_len=q_len, k_len=k_len, block_q=block_q,
-                block_k=block_k, causal=causal)
-            table = BlockTable(counts, n_full, indices)
+    with _current(q.device):
+        if mode == EXACT:
+            if selection is not None:
+                mask = predict_mask(q, k, selection, block_q=block_q, block_k=block_k,
+                                    causal=causal)
+            quant = None
+        else:
+            quant, q_stats, k_stats = prepare_qkv(q, k, v, block_q=block_q, block_k=block_k,
+                                                  mode=mode, with_stats=selection is not None,
+                                                  addresses=addresses)
+            if selection is not None:
+                # the selection's programs write the lookup table too (one launch)
+                mask, (indices, counts, n_full) = select_with_table(
+                    q_stats, k_stats, selection, q_len=q_len, k_len=k_len, block_q=block_q,
+                    block_k=block_k, causal=causal)
+                table = BlockTable(counts, n_full, indices)
 
-    if table is None and mask is not None:
-        table = block_table(mask)
-    if quant is None:
-        operands = dict(q=q, k=k, v=v, q_scale=None, k_scale=None, v_scale=None)
-    else:
-        operands = dict(q=quant.q, k=quant.k, v=quant.v, q_scale=quant.q_scale,
-                        k_scale=quant.k_scale, v_scale=quant.v_scale,
-                        k_scale_max=quant.k_scale_max)
-    launch(**operands, out=out, table=table, block_q=block_q, block_k=block_k, causal=causal,
-           scale=scale, pv_threshold=pv_threshold, mode=mode, pv_skip=_tile_skip_enabled(),
-           addresses=addresses)
-    return mask
+        if table is None and mask is not None:
+            table = block_table(mask)
+        if quant is None:
+            operands = dict(q=q, k=k, v=v, q_scale=None, k_scale=None, v_scale=None)
+        else:
+            operands = dict(q=quant.q, k=quant.k, v=quant.v, q_scale=quant.q_scale,
+                            k_scale=quant.k_scale, v_scale=quant.v_scale,
+                            k_scale_max=quant.k_scale_max)
+        launch(**operands, out=out, table=table, block_q=block_q, block_k=block_k,
+               causal=causal, scale=scale, pv_threshold=pv_threshold, mode=mode,
+               pv_skip=_tile_skip_enabled(), addresses=addresses)
+        return mask
 
 
 __all__ = ["BlockTable", "KernelConfig", "attention", "block_table", "launch", "predict_mask"]

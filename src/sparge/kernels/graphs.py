@@ -103,10 +103,7 @@ def run(key: tuple, tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, tor
         try:
             call(addresses)  # compiles the INDIRECT kernels outside the capture
         except Exception as error:  # noqa: BLE001 - the ordinary kernels still serve
-            _GRAPHS[key] = _EAGER
-            warnings.warn(f"sparge: kernels reading addresses failed ({type(error).__name__}: "
-                          f"{error}); this call signature runs eagerly from now on",
-                          RuntimeWarning, stacklevel=3)
+            _GRAPHS[key] = _eager_from_now("kernels reading addresses", error)
             call(None)
             return
         _GRAPHS[key] = _capture(call, addresses)
@@ -154,13 +151,18 @@ def _capture(call: Callable[[torch.Tensor | None], None], addresses: torch.Tenso
             finally:
                 graph.capture_end()
     except Exception as error:  # noqa: BLE001 - the eager call still serves
-        warnings.warn(f"sparge: capturing a CUDA graph failed ({type(error).__name__}: {error});"
-                      " this call signature runs eagerly from now on", RuntimeWarning,
-                      stacklevel=3)
-        return _EAGER
+        return _eager_from_now("capturing a CUDA graph", error)
     finally:
         caller.wait_stream(side)
     return _Graph(graph, addresses)
+
+
+def _eager_from_now(step: str, error: Exception) -> str:
+    """Warn that ``step`` failed with ``error``; returns ``_EAGER``, the entry of a key that runs
+    eagerly from then on."""
+    warnings.warn(f"sparge: {step} failed ({type(error).__name__}: {error}); this call "
+                  "signature runs eagerly from now on", RuntimeWarning, stacklevel=4)
+    return _EAGER
 
 
 def clear() -> None:
