@@ -505,6 +505,58 @@ def case_division_by_reciprocal_is_ieee():
     check_division_by_reciprocal("cpu", per_scale=1024)
 
 
+def case_interpreted_fma_rounds_once():
+    """sparge.kernels.rounding.fma under the interpreter (float64 arithmetic, for Triton versions
+    whose interpreted tl.fma rounds the product first) equals a b + c computed exactly and rounded
+    once to float32, ties to even: on random triples, on near-cancellations, and on products of
+    13-bit factors that land on float32 midpoints, nudged either way by tiny addends or not."""
+    from fractions import Fraction
+
+    import numpy as np
+    import triton
+    import triton.language as tl
+
+    from sparge.kernels.rounding import fma
+
+    globals().update(fma=fma)
+
+    @triton.jit
+    def fused(a_ptr, b_ptr, c_ptr, out_ptr, N: tl.constexpr):
+        i = tl.arange(0, N)
+        tl.store(out_ptr + i, fma(tl.load(a_ptr + i), tl.load(b_ptr + i), tl.load(c_ptr + i)))
+
+    def rounded_once(a, b, c):
+        out = []
+        for x, y, z in zip(a.tolist(), b.tolist(), c.tolist(), strict=True):
+            exact = Fraction(x) * Fraction(y) + Fraction(z)
+            near = np.float32(float(exact))
+            candidates = (np.nextafter(near, np.float32(-np.inf)), near,
+                          np.nextafter(near, np.float32(np.inf)))
+            out.append(float(min(candidates, key=lambda w: (
+                abs(Fraction(float(w)) - exact),
+                int(np.array(w, dtype=np.float32).view(np.int32)) & 1))))  # ties to even
+        return torch.tensor(out, dtype=torch.float32)
+
+    _fresh_seed()
+    n = 2048
+    a, b = torch.randn(n), torch.randn(n)
+    ka = 1 + torch.randint(0, 4096, (n,)).float() * 2.0 ** -12
+    kb = 1 + torch.randint(0, 4096, (n,)).float() * 2.0 ** -12
+    steps = torch.randint(-2, 3, (n,)).float()
+    signs = torch.randint(0, 2, (n,)).float() * 2 - 1
+    cases = {"random": (a, b, torch.randn(n)),
+             "cancellation": (a, b, -(a * b) + torch.randn(n) * 1e-6),
+             # a nudge the float64 sum holds, and one below its last bit (only TwoSum's error
+             # term then tells which way a midpoint goes)
+             "midpoints, nudged": (ka, -kb, steps * 2.0 ** -40),
+             "midpoints, nudged below float64's precision": (ka, kb * signs, steps * 2.0 ** -60),
+             "midpoints, no addend": (ka, kb, torch.zeros(n))}
+    for name, (x, y, z) in cases.items():
+        got = torch.full((n,), float("nan"))
+        fused[(1,)](x, y, z, got, N=n)
+        assert torch.equal(got, rounded_once(x, y, z)), name
+
+
 def case_fp8_v_key_slots():
     """The FP8 V buffer's key slots (sparge.kernels.layout): a permutation within each aligned
     group of 16 keys that puts the four keys a P.V operand thread holds (2q, 2q + 1, 2q + 8,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .. import settings
 from ..quant import FP8_MAX, INT8_MAX
 
 RINT_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: (x + M) - M rounds x half-to-even
@@ -20,6 +21,9 @@ _INT8_MAX = tl.constexpr(INT8_MAX)
 _FP8_MAX = tl.constexpr(FP8_MAX)
 _SAFE_MIN = tl.constexpr(2.0 ** -90)  # scales :func:`divide` handles without IEEE divisions
 _SAFE_MAX = tl.constexpr(2.0 ** 90)
+# Triton's interpreter before 3.9 computes tl.fma as a rounded product plus an addend; whether the
+# kernels run under the interpreter is decided, like here, when the module is imported
+_INTERPRETED = tl.constexpr(settings.INTERPRET.enabled())
 
 
 @triton.jit
@@ -45,6 +49,38 @@ def _negate(x):
     """-x, signed zeros included (Triton's unary minus computes 0 - x, which maps -0 to +0 on the
     GPU); compilers turn the product into a sign flip, which an FMA takes for free."""
     return x * -1.0
+
+
+@triton.jit
+def _fma_float64(a, b, c):
+    """RN(a b + c) for float32 a, b, c, in float64 arithmetic: the product is exact (24 + 24
+    bits), TwoSum gives the float64 sum s and its exact error e, and RN(s) to float32 is the
+    answer unless s lies exactly halfway between two float32 values, where e's sign decides (a
+    float64 s that is not a float32 midpoint is at least an ulp of s away from one, farther than
+    e)."""
+    p = a.to(tl.float64) * b.to(tl.float64)
+    c64 = c.to(tl.float64)
+    s = p + c64
+    t = s - p
+    err = (p - (s - t)) + (c64 - t)
+    r = s.to(tl.float32)
+    r64 = r.to(tl.float64)
+    # r's float32 neighbour on s's side: one step of the magnitude bits, up or down
+    away = (s > r64) == (r >= 0)  # s lies farther from zero than r
+    bits = r.to(tl.int32, bitcast=True)
+    other = tl.where(away, bits + 1, bits - 1).to(tl.float32, bitcast=True)
+    midpoint = (s != r64) & (s == (r64 + other.to(tl.float64)) * 0.5)
+    toward_other = (err > 0) == (other > r)
+    return tl.where(midpoint & (err != 0) & toward_other, other, r)
+
+
+@triton.jit
+def fma(a, b, c):
+    """a b + c rounded once (float32): the GPU's FMA, or under the interpreter
+    :func:`_fma_float64`, which its own tl.fma is not in every Triton version."""
+    if _INTERPRETED:
+        return _fma_float64(a, b, c)
+    return tl.fma(a, b, c)
 
 
 @triton.jit
@@ -74,8 +110,8 @@ def divide(x, scale, r, fast):
     if fast:
         # the remainder as -(scale q - x): the same value, but a zero x keeps its sign
         q = x * r
-        q = tl.fma(_negate(tl.fma(scale, q, _negate(x))), r, q)
-        q = tl.fma(_negate(tl.fma(scale, q, _negate(x))), r, q)
+        q = fma(_negate(fma(scale, q, _negate(x))), r, q)
+        q = fma(_negate(fma(scale, q, _negate(x))), r, q)
     else:
         q = tl.math.div_rn(x, scale)
     return q
