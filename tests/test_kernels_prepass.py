@@ -5,7 +5,9 @@ CPU tests run the Triton kernels through the interpreter. TRITON_INTERPRET must 
 Triton is imported and must not leak into other test modules, so each CPU case runs in a fresh
 Python process (``_interpreted``). The interpreter's bf16 is wrong and its float -> fp8 conversion
 differs from PyTorch's; the kernels round to the e4m3 grid themselves, so FP8 V is compared bit
-for bit here, and bf16 only on the GPU. GPU tests are marked ``gpu`` and skipped without CUDA.
+for bit here, and bf16 only on the GPU. Before Triton 3.9 its tl.fma rounds the product first; the
+kernels' FMA (``sparge.kernels.rounding.fma``) is exact under the interpreter on every version.
+GPU tests are marked ``gpu`` and skipped without CUDA.
 
 Outputs are poisoned before the kernels write them (NaN, int8 -128, which quantization never
 produces, int32 garbage), so "equal to the reference" also proves every element was written.

@@ -1,7 +1,8 @@
 """Rounding and quantization steps shared by the pre-pass and the attention kernel.
 
 Each rounds exactly as PyTorch does in :mod:`sparge.quant` (the specification): quotients are the
-IEEE ones (``div_rn``, or :func:`divide`'s correction steps, which give the same bits), rounding
+IEEE ones (``div_rn``, or :func:`divide`'s correction steps, which give the same bits; their
+FMAs round once under the interpreter too, see :func:`fma`), rounding
 to integers is half-to-even through the 1.5 * 2^23 trick (exact for |x| < 2^22), and FP8 values
 come from the GPU's own conversion (round to nearest even, as PyTorch's) or, in the Triton
 interpreter, whose float -> fp8 conversion rounds some values wrongly, from
