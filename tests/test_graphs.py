@@ -101,6 +101,38 @@ def case_indirect_pipeline():
             assert stand_in_out.isnan().all()  # never written
 
 
+def case_indirect_block_mask():
+    """With a given mask, the lookup-table kernel reads the addressed blocks: the stand-in mask
+    handed to it as an argument is the addressed one's complement."""
+    from sparge import kernels
+    from sparge.kernels import graphs
+    from sparge.mask import SparseMask
+    from sparge.predict import per_head
+
+    print(f"random seed: {torch.seed()}")
+    b, hq, hk, length, d = 1, 2, 1, 200, 32
+    q, k, v = (torch.randn(b, h, length, d) for h in (hq, hk, hk))
+    lam = per_head(50.0, hq, q.device)
+    for causal in (False, True):
+        blocks = torch.rand(1, hq, 4, 2) < 0.6
+        blocks[:, :, 1] = torch.tensor([True, False])
+        blocks[:, :, 2] = False  # query rows 128-191 keep no block: zeros
+        mask = SparseMask(blocks, 64, 128, length, length, causal).expand(b, hq)
+        stand_in_mask = SparseMask._of_valid_blocks(~mask.blocks, 64, 128, length, length,
+                                                    causal)
+        kw = dict(selection=None, block_q=64, block_k=128, causal=causal, scale=d ** -0.5,
+                  pv_threshold=lam, mode="int8_fp8")
+        direct = torch.full_like(q, float("nan"))
+        kernels.attention(q, k, v, mask=mask, out=direct, **kw)
+        out, stand_in_out = torch.full_like(q, float("nan")), torch.full_like(q, float("nan"))
+        kernels.attention(_stand_in(q), _stand_in(k), _stand_in(v), mask=stand_in_mask,
+                          out=stand_in_out,
+                          addresses=graphs.address_buffer((q, k, v, out, mask.blocks)), **kw)
+        assert torch.equal(out, direct)
+        assert stand_in_out.isnan().all()  # never written
+        assert (direct[:, :, 128:192] == 0).all() and direct[:, :, 64:128].abs().sum() > 0
+
+
 CPU_CASES = sorted(name for name in dict(globals()) if name.startswith("case_"))
 
 
@@ -115,6 +147,7 @@ def test_addresses_refused_where_unread():
     pytest.importorskip("triton")
     from sparge import kernels
     from sparge.kernels.prepass import prepare_qkv
+    from sparge.mask import SparseMask
     from sparge.predict import per_head
 
     q = k = v = torch.randn(1, 1, 64, 16, dtype=torch.float16)
@@ -122,10 +155,14 @@ def test_addresses_refused_where_unread():
     with pytest.raises(ValueError, match="float16 V"):
         prepare_qkv(q, k, v, block_q=64, block_k=64, mode="int8_fp16", with_stats=False,
                     addresses=addresses)
-    with pytest.raises(ValueError, match="without a given mask"):
-        kernels.attention(q, k, v, mask=None, selection=None, block_q=64, block_k=64,
-                          causal=False, scale=0.25, pv_threshold=per_head(50.0, 1, q.device),
-                          mode="none", out=torch.empty_like(q), addresses=addresses)
+    kw = dict(selection=None, block_q=64, block_k=64, causal=False, scale=0.25,
+              pv_threshold=per_head(50.0, 1, q.device), out=torch.empty_like(q),
+              addresses=addresses)
+    with pytest.raises(ValueError, match="quantized modes only"):
+        kernels.attention(q, k, v, mask=None, mode="none", **kw)
+    mask = SparseMask.full(1, 1, 64, 64, 64, 64)
+    with pytest.raises(ValueError, match="slot"):  # a buffer of four addresses has no mask
+        kernels.attention(q, k, v, mask=mask, mode="int8_fp8", **kw)
 
 
 # ------------------------------------------------------------------------ bookkeeping
@@ -263,7 +300,23 @@ CALLS = {
     "quantized_attn": ("quantized_attn", {}),
     "quantized_attn causal float32 out": ("quantized_attn", dict(is_causal=True,
                                                                  out_dtype=torch.float32)),
+    # a fresh random block mask on every call (see _call_args)
+    "block_sparse_attn": ("block_sparse_attn", dict(block_q=64, block_k=128)),
+    "block_sparse_attn causal int8_fp16 heads broadcast": (
+        "block_sparse_attn", dict(block_q=128, block_k=64, is_causal=True, quant="int8_fp16",
+                                  one_head_mask=True)),
 }
+
+
+def _call_args(entry: str, kwargs: dict, b: int, hq: int, lq: int, lk: int) -> tuple:
+    """The positional and keyword arguments after q, k and v: for ``block_sparse_attn`` a fresh
+    block mask tensor, about 60 % kept, of one head if ``one_head_mask``."""
+    kwargs = dict(kwargs)
+    if entry != "block_sparse_attn":
+        return (), kwargs
+    heads = 1 if kwargs.pop("one_head_mask", False) else hq
+    n_q, n_k = -(-lq // kwargs["block_q"]), -(-lk // kwargs["block_k"])
+    return (torch.rand(b, heads, n_q, n_k, device="cuda") < 0.6,), kwargs
 
 
 @pytest.mark.gpu
@@ -289,20 +342,21 @@ def test_replay_equals_eager_gpu(name, shape, monkeypatch):
         q = torch.randn(sizes(hq, lq), device="cuda", dtype=torch.bfloat16)
         k = torch.randn(sizes(hk, lk), device="cuda", dtype=torch.bfloat16) + 2
         v = torch.randn(sizes(hk, lk), device="cuda", dtype=torch.bfloat16)
-        out = fn(q, k, v, layout=layout, **kwargs)
+        args, kw = _call_args(entry, kwargs, b, hq, lq, lk)
+        out = fn(q, k, v, *args, layout=layout, **kw)
         assert len(replays) == max(0, i - 1)
-        expected = _eager(monkeypatch, lambda q=q, k=k, v=v: fn(q, k, v, layout=layout,
-                                                                  **kwargs))
+        expected = _eager(monkeypatch, lambda inputs=(q, k, v, *args), kw=kw: fn(
+            *inputs, layout=layout, **kw))
         assert torch.isfinite(out).all()
         assert torch.equal(out, expected), f"call {i}"
-        del q, k, v
+        del q, k, v, args
 
 
 @pytest.mark.gpu
 @gpu
 def test_calls_that_never_replay_gpu(monkeypatch):
-    """Tensor thresholds, a float16 V for FP16 P.V, a given mask, unaligned inputs, long calls
-    and calls inside the caller's own capture run eagerly every time."""
+    """Tensor thresholds, a float16 V for FP16 P.V, unaligned inputs or masks, long calls and
+    calls inside the caller's own capture run eagerly every time."""
     import sparge
     from sparge.kernels import graphs
 
@@ -312,8 +366,8 @@ def test_calls_that_never_replay_gpu(monkeypatch):
     calls = [
         lambda: sparge.sparse_attn(q, k, v, cdf_threshold=torch.full((4,), 0.9, device="cuda")),
         lambda: sparge.sparse_attn(q, k, v, quant="int8_fp16"),
-        lambda: sparge.block_sparse_attn(q, k, v, torch.ones(1, 1, 16, 8, dtype=torch.bool,
-                                                              device="cuda"),
+        lambda: sparge.block_sparse_attn(q, k, v, torch.ones(1 + 16 * 8, dtype=torch.bool,
+                                                              device="cuda")[1:].view(1, 1, 16, 8),
                                          block_q=64, block_k=128),
         lambda: sparge.quantized_attn(unaligned.view(1, 4, 1024, 64), k, v),
     ]

@@ -84,6 +84,16 @@ def test_expand_broadcasts_batch_and_heads():
         SparseMask.full(2, 1, 100, 100, 64, 64).expand(3, 8)
 
 
+def test_expand_is_a_view_of_the_causal_blocks():
+    """Expanding views the (causally valid) blocks: nothing is copied or recomputed."""
+    blocks = torch.rand(1, 2, 4, 3) < 0.7
+    mask = SparseMask(blocks, 64, 128, 250, 300, causal=True)
+    wide = mask.expand(3, 2)
+    assert wide.causal and wide.blocks.data_ptr() == mask.blocks.data_ptr()
+    assert torch.equal(wide.blocks, mask.blocks.expand(3, 2, 4, 3))
+    assert mask.expand(1, 2) is mask
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(blocks=torch.ones(1, 1, 2, 2, dtype=torch.int8)), "bool"),
     (dict(blocks=torch.ones(2, 2, dtype=torch.bool)), "4-D"),

@@ -162,7 +162,8 @@ def as_sparse_mask(mask: SparseMask | torch.Tensor, *, batch: int, heads: int, q
         if mask.dim() != 4:
             raise ValueError(f"a block-mask tensor must be 4-D (B, H, nQ, nK), got shape "
                              f"{tuple(mask.shape)}")
-        mask = SparseMask(mask != 0, block_q, block_k, q_len, k_len, causal)
+        blocks = mask if mask.dtype == torch.bool else mask != 0
+        mask = SparseMask(blocks, block_q, block_k, q_len, k_len, causal)
     elif isinstance(mask, SparseMask):
         given, own = (block_q, block_k), (mask.block_q, mask.block_k)
         if any(g is not None and g != m for g, m in zip(given, own, strict=True)):

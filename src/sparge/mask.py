@@ -80,11 +80,12 @@ class SparseMask:
 
     # ----------------------------------------------------------------------------- construction
     @classmethod
-    def _of_kernel_output(cls, blocks: torch.Tensor, block_q: int, block_k: int, q_len: int,
-                          k_len: int, causal: bool) -> SparseMask:
-        """A mask around ``blocks`` as a kernel of this package wrote them: of the right dtype
-        and shape, causally invalid blocks already False. Nothing is checked and nothing runs on
-        the device (the causal AND of the constructor is a kernel launch and its host time)."""
+    def _of_valid_blocks(cls, blocks: torch.Tensor, block_q: int, block_k: int, q_len: int,
+                         k_len: int, causal: bool) -> SparseMask:
+        """A mask around ``blocks`` known to be valid (a kernel of this package wrote them, or
+        they are another mask's): of the right dtype and shape, causally invalid blocks already
+        False. Nothing is checked and nothing runs on the device (the causal AND of the
+        constructor is a kernel launch and its host time)."""
         mask = object.__new__(cls)
         for name, value in (("blocks", blocks), ("block_q", block_q), ("block_k", block_k),
                             ("q_len", q_len), ("k_len", k_len), ("causal", causal)):
@@ -212,8 +213,12 @@ class SparseMask:
         if (b not in (1, batch)) or (h not in (1, heads)):
             raise ValueError(f"cannot broadcast a mask for (B={b}, H={h}) to "
                              f"(B={batch}, H={heads})")
-        blocks = self.blocks.expand(batch, heads, *self.shape[2:])
-        return SparseMask(blocks, self.block_q, self.block_k, self.q_len, self.k_len, self.causal)
+        if (b, h) == (batch, heads):
+            return self
+        # a view of blocks that are causally valid already: no second AND on the device
+        return SparseMask._of_valid_blocks(self.blocks.expand(batch, heads, *self.shape[2:]),
+                                            self.block_q, self.block_k, self.q_len, self.k_len,
+                                            self.causal)
 
     def __repr__(self) -> str:
         b, h, n_q, n_k = self.shape

@@ -22,6 +22,7 @@ from ..mask import SparseMask
 from ..predict import Selection
 from ..quant import EXACT
 from .attention import BlockTable, KernelConfig, block_table, launch
+from .graphs import MASK
 from .prepass import prepare_qkv
 from .select import predict_mask_gpu, select_with_table
 
@@ -65,14 +66,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: Sparse
     which is returned; with neither, every (causally valid) block without a lookup table.
     ``pv_threshold`` float32 (Hq,) on the device; ``mode`` ``"int8_fp8"``, ``"int8_fp16"`` or
     ``"none"``. ``addresses``, for a call replayed as a CUDA graph: an int64 device buffer with
-    the addresses of q, k, v and out in the slots of :mod:`sparge.kernels.graphs`, where the
-    kernels then read and write (the tensors give only their shapes, strides and dtypes);
-    quantized modes without a given mask only.
+    the addresses of q, k, v, out and, with ``mask``, the mask's blocks in the slots of
+    :mod:`sparge.kernels.graphs`, where the kernels then read and write (the tensors give only
+    their shapes, strides and dtypes); quantized modes only.
     """
     if mask is not None and selection is not None:
         raise ValueError("give mask or selection, not both")
-    if addresses is not None and (mode == EXACT or mask is not None):
-        raise ValueError("addresses are read by the quantized modes without a given mask only")
+    if addresses is not None and mode == EXACT:
+        raise ValueError("addresses are read by the quantized modes only")
+    if addresses is not None and mask is not None and addresses.numel() <= MASK:
+        raise ValueError("a mask read through addresses needs its slot in the buffer")
     q_len, k_len = q.shape[2], k.shape[2]
     table = None
     if mask is not None:
@@ -96,7 +99,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: Sparse
                 table = BlockTable(counts, n_full, indices)
 
         if table is None and mask is not None:
-            table = block_table(mask)
+            table = block_table(mask, addresses)
         if quant is None:
             operands = dict(q=q, k=k, v=v, q_scale=None, k_scale=None, v_scale=None)
         else:

@@ -527,10 +527,11 @@ class BlockTable:
     indices: torch.Tensor
 
 
-def block_table(mask: SparseMask) -> BlockTable:
+def block_table(mask: SparseMask, addresses: torch.Tensor | None = None) -> BlockTable:
     """Build the kernel's lookup table from a mask, on the mask's device, without host sync (one
-    kernel launch)."""
-    indices, counts, n_full = mask_table(mask)
+    kernel launch); with ``addresses``, reading the blocks at the address in slot ``MASK`` of
+    :mod:`sparge.kernels.graphs`."""
+    indices, counts, n_full = mask_table(mask, addresses)
     return BlockTable(counts, n_full, indices)
 
 

@@ -8,10 +8,11 @@ CUDA graph replays the same launches for the host cost of one.
 A graph replays its kernels with the arguments of its capture, but a caller's q, k, v and output
 are new tensors on every call. The kernels that touch them therefore read their addresses, when
 compiled with ``INDIRECT``, from a small int64 device buffer (:func:`caller_pointer`, slots
-:data:`Q`, :data:`K`, :data:`V`, :data:`OUT`); every other tensor of the call (the quantized
-copies, statistics, thresholds, the mask and its lookup table) is the graph's own, in its private
-memory pool. A key naming everything the launches depend on (shapes, strides, dtypes, device,
-stream, arguments) selects the graph:
+:data:`Q`, :data:`K`, :data:`V`, :data:`OUT`, and :data:`MASK` for a caller's block mask, which
+the lookup-table kernel reads); every other tensor of the call (the quantized copies,
+statistics, thresholds, the predicted mask and the lookup table) is the graph's own, in its
+private memory pool. A key naming everything the launches depend on (shapes, strides, dtypes,
+device, stream, arguments) selects the graph:
 
 1. the first call of a key runs eagerly (compiling and tuning its kernels);
 2. the second runs eagerly with ``INDIRECT`` kernels, then captures itself into a graph;
@@ -34,7 +35,8 @@ import triton.language as tl
 from .. import settings
 
 # the slots of the address buffer (constexpr: the kernels read them)
-Q, K, V, OUT = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
+Q, K, V, OUT, MASK = (tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3),
+                      tl.constexpr(4))
 MAX_GRAPHS = 8
 # B * Hq * Lq * Lk * D of the largest call replayed (L8192 at H32, D128): beyond it a call's GPU
 # time hides its host time, and a graph would hold the call's quantized copies for good
@@ -52,7 +54,7 @@ def caller_pointer(addresses, slot: tl.constexpr, like):
 @dataclass(frozen=True)
 class _Graph:
     graph: torch.cuda.CUDAGraph
-    addresses: torch.Tensor  # int64 (4,) on the device, read by the graph's kernels
+    addresses: torch.Tensor  # int64 (4 or 5,) on the device, read by the graph's kernels
 
 
 _SEEN = "seen"  # the key's first call ran eagerly
@@ -81,16 +83,16 @@ def address_buffer(tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return buffer.copy_(_addresses(tensors), non_blocking=True)
 
 
-def run(key: tuple, tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+def run(key: tuple, tensors: tuple[torch.Tensor, ...],
         call: Callable[[torch.Tensor | None], None]) -> None:
     """Run ``call`` eagerly or as a replay of its graph (see the module docstring).
 
-    ``tensors`` are the caller's (q, k, v, out) in slot order, all on one CUDA device and
-    16-byte aligned. ``call(None)`` must compute the whole call with ordinary kernels;
-    ``call(addresses)`` the same with ``INDIRECT`` kernels reading those tensors' addresses from
-    ``addresses``, using nothing of the caller's tensors but their addresses and making every
-    other tensor it uses itself. ``key`` must name everything ``call`` depends on but the four
-    addresses, the current stream included.
+    ``tensors`` are the caller's (q, k, v, out), or (q, k, v, out, mask blocks), in slot order,
+    all on one CUDA device and 16-byte aligned. ``call(None)`` must compute the whole call with
+    ordinary kernels; ``call(addresses)`` the same with ``INDIRECT`` kernels reading those
+    tensors' addresses from ``addresses``, using nothing of the caller's tensors but their
+    addresses and making every other tensor it uses itself. ``key`` must name everything
+    ``call`` depends on but the addresses, the current stream included.
     """
     entry = _GRAPHS.get(key)
     if entry is None:
@@ -171,5 +173,5 @@ def clear() -> None:
         _drop(key)
 
 
-__all__ = ["K", "MAX_GRAPHS", "MAX_WORK", "OUT", "Q", "V", "address_buffer", "aligned",
+__all__ = ["K", "MASK", "MAX_GRAPHS", "MAX_WORK", "OUT", "Q", "V", "address_buffer", "aligned",
            "caller_pointer", "clear", "enabled", "run"]

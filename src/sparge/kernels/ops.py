@@ -38,7 +38,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor
             attention_sink: bool, causal: bool, scale: float, block_q: int, block_k: int,
             mode: str, layout: str, addresses: torch.Tensor | None = None) -> None:
     """Attention through :func:`sparge.kernels.attention` into ``out`` (q's shape and layout);
-    ``addresses`` as that function takes them."""
+    ``addresses`` as that function takes them. ``blocks`` must be causally valid when
+    ``addresses`` are given (a :class:`SparseMask`'s are): the mask is then read, not ANDed."""
     from .. import kernels  # the package's entry point (imported late: it imports this module)
 
     qh, kh, vh = _hnd(q, layout), _hnd(k, layout), _hnd(v, layout)
@@ -49,7 +50,9 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor
         selection = Selection(sim_threshold, None if rule_is_topk else rule,
                               rule if rule_is_topk else None, attention_sink)
     elif blocks is not None:
-        mask = SparseMask(blocks, block_q, block_k, qh.shape[2], kh.shape[2], causal)
+        sizes = (block_q, block_k, qh.shape[2], kh.shape[2], causal)
+        mask = (SparseMask(blocks, *sizes) if addresses is None
+                else SparseMask._of_valid_blocks(blocks, *sizes))
     kernels.attention(qh, kh, vh, mask=mask, selection=selection, block_q=block_q,
                       block_k=block_k, causal=causal, scale=scale, pv_threshold=pv_threshold,
                       mode=mode, out=_hnd(out, layout), addresses=addresses)
@@ -114,19 +117,21 @@ def sparse_attention_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
     if torch.compiler.is_compiling():
         return sparse_attention(q, k, v, on_device(pv_threshold), on_device(sim), on_device(rule),
                                 None if mask is None else mask.blocks, *flags, out_dtype)
-    if mask is None and _replayable(q, k, v, _hnd(k, layout).shape[2], mode,
-                                    (pv_threshold, sim, rule)):
+    blocks = None if mask is None else mask.blocks
+    if _replayable(q, k, v, blocks, _hnd(k, layout).shape[2], mode, (pv_threshold, sim, rule)):
         out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
 
         def call(addresses: torch.Tensor | None) -> None:
             # the thresholds are made inside: a captured graph owns its fills
             _attend(q, k, v, out, on_device(pv_threshold), on_device(sim), on_device(rule),
-                    None, *flags, addresses=addresses)
+                    blocks, *flags, addresses=addresses)
 
         index = q.device.index
+        tensors = (q, k, v, out) if blocks is None else (q, k, v, out, blocks)
         key = (index, current_stream(index), *_layout_key(q), *_layout_key(k), *_layout_key(v),
-               out_dtype, pv_threshold, sim, rule, *flags)
-        graphs.run(key, (q, k, v, out), call)
+               None if blocks is None else _layout_key(blocks), out_dtype, pv_threshold, sim,
+               rule, *flags)
+        graphs.run(key, tensors, call)
         return out
     return _sparse_attention_impl(q, k, v, on_device(pv_threshold), on_device(sim),
                                   on_device(rule), None if mask is None else mask.blocks, *flags,
@@ -137,20 +142,21 @@ def _layout_key(x: torch.Tensor) -> tuple:
     return x.shape, x.stride(), x.dtype
 
 
-def _replayable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_len: int, mode: str,
-                thresholds: tuple) -> bool:
-    """Whether an eager call without a given mask may be replayed as a CUDA graph: on a GPU, not
-    during the caller's own capture, in a quantized mode that reads q, k and v only in the
-    pre-pass (not a float16 V in ``int8_fp16`` mode, which the attention kernel reads as it is),
-    every threshold a number (a tensor's values could change between calls), the inputs 16-byte
-    aligned, and B * Hq * Lq * Lk * D at most :data:`sparge.kernels.graphs.MAX_WORK`."""
+def _replayable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor | None,
+                k_len: int, mode: str, thresholds: tuple) -> bool:
+    """Whether an eager call may be replayed as a CUDA graph: on a GPU, not during the caller's
+    own capture, in a quantized mode that reads q, k and v only in the pre-pass (not a float16 V
+    in ``int8_fp16`` mode, which the attention kernel reads as it is), every threshold a number
+    (a tensor's values could change between calls), the inputs and a given mask's ``blocks``
+    16-byte aligned, and B * Hq * Lq * Lk * D at most :data:`sparge.kernels.graphs.MAX_WORK`."""
     if not graphs.enabled() or not q.is_cuda or mode not in (PV_FP8, PV_FP16):
         return False
     if mode == PV_FP16 and v.dtype == torch.float16:
         return False
     if any(isinstance(t, torch.Tensor) for t in thresholds):
         return False
-    return (q.numel() * k_len <= graphs.MAX_WORK and graphs.aligned(q, k, v)
+    given = () if blocks is None else (blocks,)
+    return (q.numel() * k_len <= graphs.MAX_WORK and graphs.aligned(q, k, v, *given)
             and not torch.cuda.is_current_stream_capturing())
 
 

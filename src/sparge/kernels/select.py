@@ -18,6 +18,8 @@ import triton.language as tl
 from ..mask import SparseMask
 from ..predict import BlockStats, Selection, per_head, pooled_scores, select_blocks
 from . import launcher
+from .graphs import MASK as SLOT_MASK
+from .graphs import caller_pointer
 from .launcher import next_pow2
 from .prepass import block_stats_gpu
 
@@ -182,7 +184,7 @@ def _select(q_stats: BlockStats, k_stats: BlockStats, selection: Selection, q_le
         NKP=nkp, TOPK=topk, CAUSAL=causal, SINK=selection.attention_sink, TABLE=table,
         num_warps=_warps_per_row(nkp))
     # the programs drop causally invalid blocks themselves (the tests compare these very bits)
-    mask = SparseMask._of_kernel_output(blocks, block_q, block_k, q_len, k_len, causal)
+    mask = SparseMask._of_valid_blocks(blocks, block_q, block_k, q_len, k_len, causal)
     return mask, (lut, counts, n_full) if table else None
 
 
@@ -200,13 +202,17 @@ def _max_combine(a, b):
 def _lut_kernel(blocks_ptr, sbb, sbh, sbq, sbk,  # uint8 (B, H, nQ, nK), any strides
                 lut_ptr, counts_ptr,  # int32 (B, H, nQ, nK) and (B, H, nQ), contiguous
                 n_full_ptr,  # int32 (B, H, nQ), contiguous (if N_FULL)
+                addresses,  # int64: the blocks' address in slot SLOT_MASK (if INDIRECT)
                 H, NQ, NK, full_blocks, block_q, block_k,
                 NKP: tl.constexpr, DELTA: tl.constexpr, N_FULL: tl.constexpr,
-                CAUSAL: tl.constexpr):
+                CAUSAL: tl.constexpr, INDIRECT: tl.constexpr):
     """One row of the table: kept key-block indices in ascending order, delta-encoded when DELTA
     (upstream's format) or absolute, zero after the last; and the row's count. With N_FULL also
     how many kept blocks lie below ``full_blocks`` (the whole key blocks) and, when CAUSAL,
-    wholly before the query block's first row."""
+    wholly before the query block's first row. With INDIRECT, blocks_ptr gives only the type;
+    the blocks are read at the address in ``addresses``."""
+    if INDIRECT:
+        blocks_ptr = caller_pointer(addresses, SLOT_MASK, blocks_ptr)
     row = tl.program_id(0)  # flat (b, h, i)
     i = row % NQ
     bh = row // NQ
@@ -223,9 +229,12 @@ def _lut_kernel(blocks_ptr, sbb, sbh, sbq, sbk,  # uint8 (B, H, nQ, nK), any str
                      full_blocks, block_q, block_k, N_FULL, CAUSAL)
 
 
-def _lookup_table(blocks: torch.Tensor, delta: bool, mask: SparseMask | None
+def _lookup_table(blocks: torch.Tensor, delta: bool, mask: SparseMask | None,
+                  addresses: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One launch of ``_lut_kernel``: ``(lut, counts, n_full)``, n_full only for a ``mask``."""
+    """One launch of ``_lut_kernel``: ``(lut, counts, n_full)``, n_full only for a ``mask``.
+    With ``addresses`` (:mod:`sparge.kernels.graphs`) the blocks are read at the address in
+    slot ``MASK``, ``blocks`` giving only their shape and strides."""
     if blocks.dim() != 4:
         raise ValueError(f"blocks must be 4-D (B, H, nQ, nK), got shape {tuple(blocks.shape)}")
     if blocks.dtype == torch.bool:
@@ -242,9 +251,10 @@ def _lookup_table(blocks: torch.Tensor, delta: bool, mask: SparseMask | None
     full_blocks, block_q, block_k = ((0, 1, 1) if mask is None else
                                      (mask.k_len // mask.block_k, mask.block_q, mask.block_k))
     launcher.run(_lut_kernel, (rows,), blocks, *blocks.stride(), lut, counts,
-                 counts if n_full is None else n_full, heads, n_q, n_k, full_blocks,
+                 counts if n_full is None else n_full,
+                 counts if addresses is None else addresses, heads, n_q, n_k, full_blocks,
                  block_q, block_k, NKP=nkp, DELTA=delta, N_FULL=mask is not None,
-                 CAUSAL=mask is not None and mask.causal,
+                 CAUSAL=mask is not None and mask.causal, INDIRECT=addresses is not None,
                  num_warps=_warps_per_row(nkp))
     return lut, counts, n_full
 
@@ -267,12 +277,14 @@ def block_map_to_lut(blocks: torch.Tensor, *,
     return lut, counts
 
 
-def mask_table(mask: SparseMask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def mask_table(mask: SparseMask, addresses: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The attention kernel's lookup table of ``mask``, in one launch: ``(indices, counts,
     n_full)``, the first two as :func:`block_map_to_lut` with absolute indices, and n_full int32
     (B, H, nQ) the number of kept blocks that need no element mask: whole key blocks (below
-    ``k_len // block_k``) that, under causal masking, end before the query block's first row."""
-    return _lookup_table(mask.blocks, False, mask)
+    ``k_len // block_k``) that, under causal masking, end before the query block's first row.
+    With ``addresses``, the mask's blocks are read at the address in its slot ``MASK``."""
+    return _lookup_table(mask.blocks, False, mask, addresses)
 
 
 __all__ = ["block_map_to_lut", "mask_table", "predict_mask_gpu", "select_blocks_gpu",
