@@ -206,6 +206,33 @@ def bench(fn_for_set, n_sets: int, warmup: int, rep: int) -> float:
     return triton.testing.do_bench(step, warmup=warmup, rep=rep, return_mode="median")
 
 
+def graphed(fn_for_set: Callable[[int], torch.Tensor], n_sets: int
+            ) -> Callable[[int], torch.Tensor]:
+    """``fn_for_set`` with set i's call captured once into a CUDA graph and replayed: what the
+    GPU spends on the call's kernels, without the host time of launching them (after one eager
+    warm-up call per set, which tunes and compiles outside the capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    captured = []
+    with torch.cuda.stream(side):
+        for i in range(n_sets):
+            fn_for_set(i)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=side):
+                result = fn_for_set(i)
+            captured.append((graph, result))
+    torch.cuda.current_stream().wait_stream(side)
+
+    def replay(i: int) -> torch.Tensor:
+        graph, result = captured[i]
+        graph.replay()
+        return result
+
+    # the graphs read the tensors that fn_for_set holds (inputs, tables): keep them alive
+    replay.captured_from = fn_for_set
+    return replay
+
+
 def card_name() -> str:
     name = torch.cuda.get_device_name()
     return re.sub(r"[^A-Za-z0-9]+", "-", name.replace("NVIDIA", "")).strip("-")
@@ -304,7 +331,7 @@ def run_shape(args, b: int, h: int, length: int, d: int, causal: bool, meta: dic
                              causal=causal, scale=scale, pv_threshold=lam, mode=args.mode,
                              pv_skip=args.tile_skip)
             return out
-        return fn
+        return fn if args.eager_kernel else graphed(fn, args.sets)
 
     timed("sparge dense int8/fp8 kernel", kernel_fn(None), 0.0, exact_dense)
     timed("sparge quantized_attn (quant + kernel)",
@@ -350,6 +377,8 @@ def run_shape(args, b: int, h: int, length: int, d: int, causal: bool, meta: dic
     for data_name, data in (("random", sets), ("local", local_sets)):
         pair = pipeline_pair(data, causal=causal, mode=args.mode, pv_threshold=lam, out=out,
                              pv_skip=args.tile_skip)
+        if not args.eager_kernel:
+            pair.kernel = graphed(pair.kernel, args.sets)
         exact = exact_dense if data is sets else exact_rows(*data[0], rows_idx, None, causal,
                                                             scale)
         timed(f"sparge sparse_attn pipeline, {data_name} data", pair.pipeline, pair.sparsity(),
@@ -374,7 +403,12 @@ def markdown(rows: list[Row], meta: dict) -> str:
              "rel_l1 on sampled rows against float64 attention (on the same mask for the fixed-"
              "mask rows, dense otherwise). x cuDNN divides the time of SDPA's cuDNN backend, "
              "timed right after each row (its ms in the last column: the clock drifts over a "
-             "run), by the row's time.", ""]
+             "run), by the row's time. "
+             + ("Kernel rows time the launch as called, host time included."
+                if meta.get("eager_kernel") else
+                "Kernel rows (the kernel alone on pre-quantized inputs) replay a CUDA graph of "
+                "the launch: the kernel's GPU time; the public calls run as a caller runs them."),
+             ""]
     shapes = sorted({(r.Lq, r.D, r.causal) for r in rows})
     for lq, d, causal in shapes:
         lines += [f"## L{lq} D{d} {'causal' if causal else 'non-causal'}", "",
@@ -421,6 +455,9 @@ def main() -> None:
     parser.add_argument("--rep", type=int, default=100, help="do_bench measuring time, ms")
     parser.add_argument("--mode", default="auto", help="sparge quantization mode")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
+    parser.add_argument("--eager-kernel", action="store_true",
+                        help="time the kernel rows as launched, host time included (by "
+                        "default they replay a CUDA graph of the launch: the kernel's GPU time)")
     parser.add_argument("--tile-skip", action="store_true",
                         help="kernel rows with the tile-level P.V skip branch on")
     parser.add_argument("--flex-shapes", default="all",
@@ -442,7 +479,7 @@ def main() -> None:
 
     meta = {"card": card_name(), "torch": torch.__version__, "triton": triton.__version__,
             "cuda": torch.version.cuda, "date": dt.date.today().isoformat(),
-            "host": platform.node(), "sets": args.sets}
+            "host": platform.node(), "sets": args.sets, "eager_kernel": args.eager_kernel}
     shapes = parse_shapes(args.shapes, [int(x) for x in args.lengths.split(",")],
                           [int(x) for x in args.dims.split(",")],
                           [x == "1" for x in args.causal.split(",")])

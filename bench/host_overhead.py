@@ -56,6 +56,8 @@ def end_to_end(q, k, v, mask) -> dict:
     return {
         "quantized_attn": lambda: sparge.quantized_attn(q, k, v),
         "block_sparse_attn 90%": lambda: sparge.block_sparse_attn(q, k, v, mask),
+        "block_sparse_attn 90% causal": lambda: sparge.block_sparse_attn(q, k, v, mask,
+                                                                         is_causal=True),
         "sparse_attn": lambda: sparge.sparse_attn(q, k, v),
         "sparse_attn causal": lambda: sparge.sparse_attn(q, k, v, is_causal=True),
         "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
