@@ -85,15 +85,22 @@ class Selection:
             raise ValueError("give exactly one of cdf_threshold and topk")
 
 
-def pooled_scores(q_stats: BlockStats, k_stats: BlockStats) -> torch.Tensor:
-    """float32 (B, Hq, nQ, nK): each query block's mean against each key block's mean, over
-    sqrt(D); query head h reads key head h // (Hq / Hk)."""
-    heads_q, dim = q_stats.mean.shape[1], q_stats.mean.shape[3]
-    heads_k = k_stats.mean.shape[1]
+def pooled_products(q_stats: BlockStats, k_stats: BlockStats) -> torch.Tensor:
+    """float32 (B, Hq, nQ, nK): each query block's mean dotted with each key block's mean;
+    query head h reads key head h // (Hq / Hk)."""
+    heads_q, heads_k = q_stats.mean.shape[1], k_stats.mean.shape[1]
     k_mean = k_stats.mean
     if heads_q != heads_k:
         k_mean = k_mean.repeat_interleave(heads_q // heads_k, dim=1)
-    return q_stats.mean @ k_mean.transpose(-1, -2) / math.sqrt(dim)
+    return q_stats.mean @ k_mean.transpose(-1, -2)
+
+
+def pooled_scores(q_stats: BlockStats, k_stats: BlockStats) -> torch.Tensor:
+    """float32 (B, Hq, nQ, nK): :func:`pooled_products` over sqrt(D), sqrt(D) rounded to
+    float32 and the quotient an IEEE float32 division on every device (CUDA would divide by a
+    Python number through its reciprocal; the selection kernel divides as here)."""
+    products = pooled_products(q_stats, k_stats)
+    return products / torch.full_like(products, math.sqrt(q_stats.mean.shape[3]))
 
 
 def select_blocks(q_stats: BlockStats, k_stats: BlockStats, selection: Selection, *, q_len: int,

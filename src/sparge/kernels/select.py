@@ -11,12 +11,14 @@ query block).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from ..mask import SparseMask
-from ..predict import BlockStats, Selection, per_head, pooled_scores, select_blocks
+from ..predict import BlockStats, Selection, per_head, pooled_products, select_blocks
 from . import launcher
 from .graphs import MASK as SLOT_MASK
 from .graphs import caller_pointer
@@ -70,11 +72,12 @@ def _store_table_row(kept, j, value, row, i, NK, lut_ptr, counts_ptr, n_full_ptr
 
 
 @triton.jit
-def _select_kernel(scores_ptr,  # float32 (B, Hq, nQ, nK) contiguous: pooled scores
+def _select_kernel(products_ptr,  # float32 (B, Hq, nQ, nK) contiguous: pooled products
                    q_sim_ptr, k_sim_ptr,  # float32 (B, Hq, nQ), (B, Hk, nK) contiguous
                    sim_thr_ptr, rule_ptr,  # float32 (Hq,): similarity threshold, CDF / top-k
                    out_ptr,  # uint8 (B, Hq, nQ, nK) contiguous
                    lut_ptr, counts_ptr, n_full_ptr,  # the lookup table (if TABLE)
+                   sqrt_d,  # float32 sqrt(D): the products over it are the pooled scores
                    HQ, GROUP, NQ, NK, q_len, block_q, block_k, full_blocks,
                    NKP: tl.constexpr, TOPK: tl.constexpr, CAUSAL: tl.constexpr,
                    SINK: tl.constexpr, TABLE: tl.constexpr):
@@ -82,9 +85,11 @@ def _select_kernel(scores_ptr,  # float32 (B, Hq, nQ, nK) contiguous: pooled sco
     :func:`sparge.predict.select_blocks` chooses them; with TABLE also that row of the attention
     kernel's lookup table (as :func:`mask_table` builds it).
 
-    The sort is of 64-bit keys, the probability's bits above the complemented block index, so
-    that equal probabilities rank by ascending index, as the reference's stable sort ranks them,
-    and the kept blocks are exactly those whose key is at least the ``keep``-th largest.
+    The reference ranks blocks by a stable sort: by probability, equal probabilities by
+    ascending index, and keeps the first ``keep``. Here the probabilities alone are sorted (the
+    cumulative sum of equal values does not depend on their order); the kept blocks are those
+    above the ``keep``-th largest probability and, of the blocks equal to it, the first ones by
+    index, as many as ``keep`` leaves.
     """
     i = tl.program_id(0)
     bh = tl.program_id(1)
@@ -99,25 +104,28 @@ def _select_kernel(scores_ptr,  # float32 (B, Hq, nQ, nK) contiguous: pooled sco
         last_q = tl.minimum((i + 1) * block_q, q_len) - 1
         allowed = allowed & (j * block_k <= last_q)
     row = (bh.to(tl.int64) * NQ + i) * NK
-    s = tl.where(allowed, tl.load(scores_ptr + row + j, mask=inb, other=0.0), float("-inf"))
+    s = tl.math.div_rn(tl.load(products_ptr + row + j, mask=inb, other=0.0), sqrt_d)
+    s = tl.where(allowed, s, float("-inf"))
     m = tl.max(s, 0)
     e = tl.where(allowed, tl.exp(s - tl.where(m > float("-inf"), m, 0.0)), 0.0)
     z = tl.sum(e, 0)
     p = tl.where(z > 0, tl.math.div_rn(e, tl.where(z > 0, z, 1.0)), 0.0)
 
-    key = (p.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (NKP - 1 - j).to(tl.int64)
-    ranked = tl.sort(key, 0, descending=True)  # padding (p = 0, the smallest keys) ranks last
+    ranked = tl.sort(p, 0, descending=True)
     if TOPK:
         keep = tl.floor(tl.load(rule_ptr + h) * NK).to(tl.int32)
     else:
-        ranked_p = (ranked >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-        within = (tl.cumsum(ranked_p, 0) <= tl.load(rule_ptr + h)) & inb
+        within = (tl.cumsum(ranked, 0) <= tl.load(rule_ptr + h)) & inb
         keep = tl.sum(within.to(tl.int32), 0)
     keep = tl.maximum(keep, 1)
-    cut = tl.sum(tl.where(j == keep - 1, ranked, 0), 0)  # the keep-th largest key
+    cut = tl.sum(tl.where(j == keep - 1, ranked, 0.0), 0)  # the keep-th largest probability
+    above = p > cut
+    tied = p == cut  # padding (p = 0, the largest indices) ranks last among zeros
+    tie_rank = tl.cumsum(tied.to(tl.int32), 0)  # 1, 2, ... by ascending index
+    ranked_in = above | (tied & (tie_rank <= keep - tl.sum(above.to(tl.int32), 0)))
     q_similar = (tl.load(q_sim_ptr + bh.to(tl.int64) * NQ + i) > thr).to(tl.int32)
     # dissimilar blocks are forced on
-    chosen = (key >= cut) | ~k_similar | ((tl.zeros_like(j) + q_similar) == 0)
+    chosen = ranked_in | ~k_similar | ((tl.zeros_like(j) + q_similar) == 0)
     if SINK:
         chosen = chosen | (j == 0)
     if CAUSAL:
@@ -134,9 +142,10 @@ def select_blocks_gpu(q_stats: BlockStats, k_stats: BlockStats, selection: Selec
     """:func:`sparge.predict.select_blocks` with one Triton program per query block after the
     pooled scores' matrix product: softmax, sort, cumulative sum and forced blocks in registers.
 
-    The pooled scores are the reference's own (:func:`sparge.predict.pooled_scores`); the
-    softmax and the cumulative sum add in another order, so a block whose cumulative
-    probability lies within float32 rounding of the CDF threshold may differ from the reference.
+    The pooled products are the reference's own (:func:`sparge.predict.pooled_products`), and
+    the kernel divides them by sqrt(D) as the reference does; the softmax and the cumulative sum
+    add in another order, so a block whose cumulative probability lies within float32 rounding
+    of the CDF threshold may differ from the reference.
     Rows longer than 4096 key blocks take the reference's path. No host synchronisation.
     """
     return _select(q_stats, k_stats, selection, q_len, k_len, block_q, block_k, causal,
@@ -165,7 +174,7 @@ def _select(q_stats: BlockStats, k_stats: BlockStats, selection: Selection, q_le
         return select_blocks(q_stats, k_stats, selection, q_len=q_len, k_len=k_len,
                              block_q=block_q, block_k=block_k, causal=causal), None
     device = q_stats.mean.device
-    scores = pooled_scores(q_stats, k_stats).contiguous()
+    products = pooled_products(q_stats, k_stats).contiguous()
     topk = selection.topk is not None
     rule = per_head(selection.topk if topk else selection.cdf_threshold, heads_q, device)
     sim_thr = per_head(selection.sim_threshold, heads_q, device)
@@ -178,8 +187,9 @@ def _select(q_stats: BlockStats, k_stats: BlockStats, selection: Selection, q_le
     nkp = max(16, next_pow2(n_k))
     launcher.run(
         _select_kernel, (n_q, batch * heads_q),
-        scores, q_stats.similarity.contiguous(), k_stats.similarity.contiguous(), sim_thr, rule,
-        blocks.view(torch.uint8), lut, counts, n_full, heads_q, heads_q // heads_k, n_q, n_k,
+        products, q_stats.similarity.contiguous(), k_stats.similarity.contiguous(), sim_thr,
+        rule, blocks.view(torch.uint8), lut, counts, n_full,
+        math.sqrt(q_stats.mean.shape[3]), heads_q, heads_q // heads_k, n_q, n_k,
         q_len, block_q, block_k, k_len // block_k,
         NKP=nkp, TOPK=topk, CAUSAL=causal, SINK=selection.attention_sink, TABLE=table,
         num_warps=_warps_per_row(nkp))
