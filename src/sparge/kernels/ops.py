@@ -114,10 +114,10 @@ def sparse_attention_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
     if mask is not None:
         causal, block_q, block_k = mask.causal, mask.block_q, mask.block_k
     flags = (topk, sink, causal, float(scale), block_q, block_k, mode, layout)
+    blocks = None if mask is None else mask.blocks
     if torch.compiler.is_compiling():
         return sparse_attention(q, k, v, on_device(pv_threshold), on_device(sim), on_device(rule),
-                                None if mask is None else mask.blocks, *flags, out_dtype)
-    blocks = None if mask is None else mask.blocks
+                                blocks, *flags, out_dtype)
     if _replayable(q, k, v, blocks, _hnd(k, layout).shape[2], mode, (pv_threshold, sim, rule)):
         out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
 
@@ -134,8 +134,7 @@ def sparse_attention_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
         graphs.run(key, tensors, call)
         return out
     return _sparse_attention_impl(q, k, v, on_device(pv_threshold), on_device(sim),
-                                  on_device(rule), None if mask is None else mask.blocks, *flags,
-                                  out_dtype)
+                                  on_device(rule), blocks, *flags, out_dtype)
 
 
 def _layout_key(x: torch.Tensor) -> tuple:
