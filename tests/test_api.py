@@ -8,6 +8,8 @@ from torch.nn.functional import scaled_dot_product_attention as sdpa
 
 import sparge
 from conftest import exact_attention, rel_l1
+from sparge import _inputs
+from sparge._inputs import check_threshold
 
 
 def qkv(rng, b=1, hq=4, hk=2, lq=300, lk=300, d=64, dtype=torch.float32):
@@ -150,6 +152,87 @@ def test_bad_input_raises_a_clear_error(rng, call, error, match):
     q, k, v = qkv(rng)
     with pytest.raises(error, match=match):
         call(q, k, v)
+
+
+@pytest.fixture
+def readbacks(monkeypatch) -> list[torch.Tensor]:
+    """The tensors whose values check_threshold reads back to the host, in order."""
+    seen: list[torch.Tensor] = []
+    read_back = _inputs._read_back
+
+    def counted(value: torch.Tensor) -> list[float]:
+        seen.append(value)
+        return read_back(value)
+
+    monkeypatch.setattr(_inputs, "_read_back", counted)
+    return seen
+
+
+def _check_topk(value: torch.Tensor) -> None:
+    check_threshold("topk", value, 4, low=0.0, high=1.0, low_open=True)
+
+
+def test_a_tensor_threshold_is_read_back_once(rng, readbacks):
+    q, k, v = qkv(rng, lq=128, lk=128)
+    topk = 0.1 + 0.9 * torch.rand(4, generator=rng)
+    pv = 50.0 * torch.rand(4, generator=rng)
+    for _ in range(3):
+        sparge.sparse_attn(q, k, v, topk=topk, sim_threshold=-1.0, pv_threshold=pv)
+    assert len(readbacks) == 2 and readbacks[0] is topk and readbacks[1] is pv
+
+
+@pytest.mark.parametrize("write", ["index", "fill_", "through a view"])
+def test_a_threshold_modified_in_place_is_checked_again(rng, write):
+    q, k, v = qkv(rng, lq=128, lk=128)
+    sim = 2.0 * torch.rand(4, generator=rng) - 1.0
+    sparge.sparse_attn(q, k, v, sim_threshold=sim)
+    head = int(torch.randint(4, (1,), generator=rng))
+    if write == "index":
+        sim[head] = math.nan
+    elif write == "fill_":
+        sim.fill_(math.nan)
+    else:
+        sim.view(2, 2)[head // 2, head % 2] = math.nan
+    for _ in range(2):  # a tensor that failed is not remembered
+        with pytest.raises(ValueError, match="sim_threshold must not be NaN"):
+            sparge.sparse_attn(q, k, v, sim_threshold=sim)
+    sim.fill_(0.5)
+    sparge.sparse_attn(q, k, v, sim_threshold=sim)
+
+
+def test_another_tensor_or_another_check_reads_back_again(rng, readbacks):
+    values = 0.1 + 0.9 * torch.rand(4, generator=rng)
+    a, b = values.clone(), values.clone()
+    for t in (a, b, a, b):
+        _check_topk(t)
+    assert [id(t) for t in readbacks] == [id(a), id(b)]
+    # the same tensor under other rules: valid as a similarity threshold, not as a fraction
+    sim = -torch.rand(4, generator=rng)
+    check_threshold("sim_threshold", sim, 4)
+    with pytest.raises(ValueError, match="topk must be > 0"):
+        _check_topk(sim)
+
+
+def test_an_inference_tensor_is_read_back_on_every_call(rng, readbacks):
+    with torch.inference_mode():  # such a tensor has no version counter
+        topk = 0.1 + 0.9 * torch.rand(4, generator=rng)
+    for _ in range(2):
+        _check_topk(topk)
+    assert len(readbacks) == 2
+
+
+def test_a_new_tensor_at_a_dead_tensors_address_is_read_back(rng):
+    for _ in range(100):
+        valid = 0.1 + 0.9 * torch.rand(4, generator=rng)
+        _check_topk(valid)
+        old_id = id(valid)
+        del valid
+        bad = torch.full((4,), math.nan)  # same id, version and check as the dead tensor
+        if id(bad) == old_id:
+            with pytest.raises(ValueError, match="topk must not be NaN"):
+                _check_topk(bad)
+            return
+    pytest.skip("no tensor reused a dead tensor's id in 100 tries")
 
 
 def test_explicit_triton_backend_without_gpu_says_why(rng, monkeypatch):

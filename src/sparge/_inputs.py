@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import weakref
+from collections import OrderedDict
 
 import torch
 
@@ -92,20 +94,38 @@ def resolve_scale(scale: float | None, head_dim: int) -> float:
     return float(scale)
 
 
+# Tensor thresholds whose values passed a check: (id, check parameters) -> (weak reference,
+# version counter at the check). Oldest entries go first; dead tensors' entries simply age out.
+_CHECKED: OrderedDict[tuple, tuple[weakref.ref, int]] = OrderedDict()
+_CHECKED_MAX = 1024
+
+
+def _read_back(value: torch.Tensor) -> list[float]:
+    """A tensor's values on the host (on a GPU, this waits for the device)."""
+    return [float(x) for x in value.detach().double().cpu().reshape(-1)]
+
+
 def check_threshold(name: str, value: Threshold | None, heads: int, *, low: float | None = None,
                     high: float | None = None, low_open: bool = False,
                     allow_inf: bool = False) -> None:
     """A hyperparameter is a real number or a (heads,) tensor, not NaN, within [low, high].
 
     Numbers are checked in plain Python (no tensor is made, so this costs no device work and
-    traces under ``torch.compile``). A tensor's values are read back and checked too, except
-    during CUDA graph capture or compilation, where reading it back is impossible.
+    traces under ``torch.compile``). A tensor's values are read back and checked the first time
+    the tensor object is seen, and again whenever it has been modified in place through PyTorch
+    operations since it passed (its version counter, shared with its views, has changed); until
+    then a tensor that passed is not read back again, so repeated calls with the same tensor do
+    not synchronise with the device. Writes that bypass the version counter (through ``.data``,
+    or by custom kernels) are not seen. Inference tensors (made under ``torch.inference_mode``)
+    have no version counter and are read back on every call. Nothing is read back during CUDA
+    graph capture or compilation, where reading back is impossible.
     """
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
         raise TypeError(f"{name} must be a float or a tensor of shape ({heads},), "
                         f"got {type(value).__name__}")
+    key = None
     if isinstance(value, torch.Tensor):
         if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != heads):
             raise ValueError(f"{name} must be a scalar or have shape ({heads},) (one per query "
@@ -113,7 +133,12 @@ def check_threshold(name: str, value: Threshold | None, heads: int, *, low: floa
         if torch.compiler.is_compiling() or (value.is_cuda
                                              and torch.cuda.is_current_stream_capturing()):
             return
-        values = [float(x) for x in value.detach().double().cpu().reshape(-1)]
+        if not value.is_inference():
+            key = (id(value), name, heads, low, high, low_open, allow_inf)
+            seen = _CHECKED.get(key)
+            if seen is not None and seen[0]() is value and seen[1] == value._version:
+                return
+        values = _read_back(value)
     else:
         values = [float(value)]
     if any(math.isnan(x) for x in values):
@@ -125,6 +150,11 @@ def check_threshold(name: str, value: Threshold | None, heads: int, *, low: floa
         raise ValueError(f"{name} must be {bound}, got {value!r}")
     if high is not None and any(x > high for x in values):
         raise ValueError(f"{name} must be <= {high}, got {value!r}")
+    if key is not None:
+        _CHECKED.pop(key, None)
+        _CHECKED[key] = (weakref.ref(value), value._version)
+        if len(_CHECKED) > _CHECKED_MAX:
+            _CHECKED.popitem(last=False)
 
 
 def check_selection(sim_threshold: Threshold, cdf_threshold: Threshold | None,
