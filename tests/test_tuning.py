@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparge import predict_mask, sparse_attn
+from sparge import _inputs, predict_mask, sparse_attn
 from sparge.tuning import (
     ErrorBudgetAttention,
     SparseAttentionMeansim,
@@ -265,3 +265,69 @@ def test_upstream_signature_and_refusals():
     out, sparsity = topk(q, k, v, tune_mode=True, return_sparsity=True)
     assert topk.topk is not None and 0 <= sparsity <= 1
     assert "topk" in topk.inference_args()
+
+
+# ------------------------------------------------------------------------------- inference args
+def _quick_tuned(rng: torch.Generator) -> SparseAttentionMeansim:
+    """A module tuned on fresh inputs in under a second (coarse search, PV not tuned)."""
+    module = SparseAttentionMeansim(granularity=1, tune_pv=False, cdf_tol=1.0, quant="none")
+    module(*local_qkv(int(torch.randint(10**6, (1,), generator=rng)), length=256),
+           tune_mode=True)
+    return module
+
+
+@pytest.mark.parametrize("inference_mode", [False, True])
+def test_inference_args_are_the_same_tensors_read_back_once(rng, monkeypatch, inference_mode):
+    module = _quick_tuned(rng)
+    readbacks: list[torch.Tensor] = []
+    read_back = _inputs._read_back
+    monkeypatch.setattr(_inputs, "_read_back", lambda t: readbacks.append(t) or read_back(t))
+    qkv = local_qkv(int(torch.randint(10**6, (1,), generator=rng)), length=256)
+    with torch.inference_mode(inference_mode):
+        args = module.inference_args()
+        assert all(value is args[key] for key, value in module.inference_args().items())
+        for _ in range(3):
+            module(*qkv)
+    assert sorted(map(id, readbacks)) == sorted(id(args[key]) for key in
+                                                ("sim_threshold", "cdf_threshold", "pv_threshold"))
+
+
+def _random_state(module: SparseAttentionMeansim, rng: torch.Generator) -> dict:
+    state = {key: value.clone() for key, value in module.state_dict().items()}
+    state.update(cdfthreshd=torch.rand(2, generator=rng),
+                 simthreshd1=2.0 * torch.rand(2, generator=rng) - 1.0,
+                 pvthreshd=50.0 * torch.rand(2, generator=rng))
+    return state
+
+
+@pytest.mark.parametrize("change", ["in place", "tuning", "load_state_dict", "assign",
+                                    "upstream loader", "new parameter", "to", "attention_sink"])
+def test_inference_args_are_made_anew_after_a_change(rng, change):
+    module = _quick_tuned(rng)
+    old = module.inference_args()
+    if change == "in place":
+        with torch.no_grad():
+            module.pvthreshd.copy_(50.0 * torch.rand(2, generator=rng))
+    elif change == "tuning":  # the module writes its parameters through .data
+        module(*local_qkv(int(torch.randint(10**6, (1,), generator=rng)), length=256),
+               tune_mode=True)
+    elif change == "load_state_dict":
+        module.load_state_dict(_random_state(module, rng))
+    elif change == "assign":
+        module.load_state_dict(_random_state(module, rng), assign=True)
+    elif change == "upstream loader":
+        load_sparse_attention_state_dict(module, _random_state(module, rng))
+    elif change == "new parameter":
+        module.simthreshd1 = nn.Parameter(torch.rand(2, generator=rng), requires_grad=False)
+    elif change == "to":  # parameters change through .data
+        module.to(torch.float64)
+    else:
+        module.attention_sink = not module.attention_sink
+    new = module.inference_args()
+    expected = {"sim_threshold": module.simthreshd1.float(),
+                "cdf_threshold": module.cdfthreshd.float().clamp(1e-6, 1.0),
+                "pv_threshold": module.pvthreshd.float()}
+    for key, value in expected.items():
+        assert new[key] is not old[key]
+        assert new[key].dtype == torch.float32 and torch.equal(new[key], value)
+    assert new["attention_sink"] == module.attention_sink

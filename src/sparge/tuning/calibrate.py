@@ -25,6 +25,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -99,6 +100,9 @@ class SparseAttentionMeansim(nn.Module):
         self.tuning_sparsity: torch.Tensor | None = None
         self.num_data_passed = 0
         self._table: dict[str, torch.Tensor] | None = None
+        # what inference_args() returns, kept while its sources are unchanged: (the parameters
+        # read, their version counters and attention_sink, the arguments)
+        self._cached_args: tuple[tuple, tuple, dict] | None = None
 
     # ----------------------------------------------------------------------------- state
     @property
@@ -120,6 +124,7 @@ class SparseAttentionMeansim(nn.Module):
         self.simthreshd2 = param(torch.zeros(head_num))
         self.pvthreshd = param(torch.full((head_num,), 20.0))
         self.topk = param(torch.full((head_num,), 0.5)) if self.rule == "topk" else None
+        self._cached_args = None
         self.tuning_sparsity = torch.zeros(head_num)
         self.num_data_passed = 0
         n = len(self.sims)
@@ -164,6 +169,7 @@ class SparseAttentionMeansim(nn.Module):
         if table and table["tau"].shape == self._table["tau"].shape:
             self._table = table
         self.num_data_passed = int(state.get("num_data_passed", torch.tensor(0)))
+        self._cached_args = None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
@@ -175,6 +181,12 @@ class SparseAttentionMeansim(nn.Module):
                 self.topk = None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        self._cached_args = None
+
+    def _apply(self, *args: Any, **kwargs: Any) -> SparseAttentionMeansim:
+        """Under ``.to()``, ``.cuda()``, ``.half()``...: parameters change through ``.data``."""
+        self._cached_args = None
+        return super()._apply(*args, **kwargs)
 
     # ----------------------------------------------------------------------------- search
     def _accurate(self, out: torch.Tensor, ref: torch.Tensor, target: float) -> torch.Tensor:
@@ -293,21 +305,44 @@ class SparseAttentionMeansim(nn.Module):
             self.topk.data.copy_(keep.to(dev))
             self.cdfthreshd.data.copy_(torch.where(sparse, 0.0, 1.0).float().to(dev))
         self.pvthreshd.data.copy_(pv.to(dev))
+        self._cached_args = None  # writes through .data leave the version counters as they were
         self.tuning_sparsity = torch.where(sparse, best_sparsity, torch.zeros_like(best_sparsity))
 
     # ----------------------------------------------------------------------------- forward
     def inference_args(self) -> dict[str, torch.Tensor | bool]:
-        """The per-head arguments :func:`sparge.sparse_attn` gets outside tune mode."""
+        """The per-head arguments :func:`sparge.sparse_attn` gets outside tune mode.
+
+        The same tensor objects on every call while their sources are unchanged, so that
+        :func:`sparge.sparse_attn` reads their values back once rather than on every call. They
+        are made anew after the module writes its parameters (tuning, loading, ``.to()``), after
+        a parameter is replaced or modified in place through PyTorch operations (its version
+        counter changes), or after ``attention_sink`` changes. Outside writes through ``.data``
+        are not seen.
+        """
         if not self.is_tuned:
             raise RuntimeError("attention hyperparameters should be tuned first")
-        args: dict[str, torch.Tensor | bool] = {
-            "sim_threshold": self.simthreshd1.detach().float(),
-            "pv_threshold": self.pvthreshd.detach().float(),
-            "attention_sink": self.attention_sink}
-        if self.topk is not None:
-            args["topk"] = self.topk.detach().float()
-        else:
-            args["cdf_threshold"] = self.cdfthreshd.detach().float().clamp(1e-6, 1.0)
+        params = (self.simthreshd1, self.pvthreshd,
+                  self.cdfthreshd if self.topk is None else self.topk)
+        if torch.compiler.is_compiling() or any(p.is_inference() for p in params):
+            return self._make_inference_args()  # tracing, or no version counter to compare
+        state = (*(p._version for p in params), self.attention_sink)
+        cached = self._cached_args
+        if (cached is None or cached[1] != state
+                or any(a is not b for a, b in zip(cached[0], params, strict=True))):
+            self._cached_args = (params, state, self._make_inference_args())
+        return dict(self._cached_args[2])
+
+    def _make_inference_args(self) -> dict[str, torch.Tensor | bool]:
+        """New arguments; never inference tensors, which ``check_threshold`` reads every call."""
+        with torch.inference_mode(False):
+            args: dict[str, torch.Tensor | bool] = {
+                "sim_threshold": self.simthreshd1.detach().float(),
+                "pv_threshold": self.pvthreshd.detach().float(),
+                "attention_sink": self.attention_sink}
+            if self.topk is not None:
+                args["topk"] = self.topk.detach().float()
+            else:
+                args["cdf_threshold"] = self.cdfthreshd.detach().float().clamp(1e-6, 1.0)
         return args
 
     @torch.no_grad()
