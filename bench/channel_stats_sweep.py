@@ -54,7 +54,7 @@ def main() -> None:
                             prepass._channel_stats_kernel[(n, HEADS)](
                                 k, *k.stride(), v, *v.stride(), ksum, vmax, ksum, ksum, HEADS,
                                 k.shape[2], k.shape[3], chunk, n, ROWS=rows, DP=k.shape[3],
-                                V_MAX=True, ZERO_KMAX=False, INDIRECT=False,
+                                V_MAX=True, ZERO_KMAX=False, INDIRECT=False, PDL=False,
                                 STAGES=stages, num_warps=warps, enable_fp_fusion=True)
                         results.append((timed(run), programs, n * HEADS, rows, warps, stages))
         results.sort()

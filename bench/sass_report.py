@@ -43,6 +43,12 @@ POINTERS = {"Q": "*i8", "K": "*i8", "V": "*fp8e4nv", "Out": "*bf16", "QS": "*fp3
 UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_od", "stride_vn", "group")
 
 
+def dependent(args) -> bool:
+    """Whether the kernel is compiled for programmatic dependent launch, as the library
+    launches it from sm90 on (``--no-pdl``: without)."""
+    return args.arch >= 90 and not args.no_pdl
+
+
 def compile_kernel(args) -> triton.compiler.CompiledKernel:
     fn = attention._sparse_attn_fwd
     names = list(fn.arg_names)
@@ -50,7 +56,7 @@ def compile_kernel(args) -> triton.compiler.CompiledKernel:
                      BLOCK_Q=args.block_m, MODE=0, CAUSAL=args.causal,
                      SPARSE=args.sparse, PV_SKIP=False, EVEN_D=True, IEEE_DOT=False,
                      ROUND_FP8=False, FAST_CVT=True, FOLD=not args.no_fold, TMA=not args.no_tma,
-                     INDIRECT=False)
+                     INDIRECT=False, PDL=dependent(args))
     if args.no_tma:
         constants.update(KDesc=None, VDesc=None)
     constants.update({n: 1 for n in UNIT_STRIDES})
@@ -69,7 +75,8 @@ def compile_kernel(args) -> triton.compiler.CompiledKernel:
                                                                              "sm_scale_log2")]
     src = ASTSource(fn, signature, constexprs={(names.index(n),): v for n, v in constants.items()},
                     attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
-    options = dict(num_warps=args.warps, num_stages=args.stages, enable_fp_fusion=True)
+    options = dict(num_warps=args.warps, num_stages=args.stages, enable_fp_fusion=True,
+                   **({"launch_pdl": True} if dependent(args) else {}))
     if args.max_registers:
         options["maxnreg"] = args.max_registers
     return triton.compile(src, target=GPUTarget("cuda", args.arch, 32), options=options)
@@ -92,7 +99,7 @@ def compile_quantize(args) -> tuple[triton.compiler.CompiledKernel, str]:
                                    round_fp8=False,
                                    has_m="M" in args.jobs, has_q="Q" in args.jobs,
                                    has_k="K" in args.jobs, has_v="V" in args.jobs)
-    constants.update(sqd=1, skd=1, svd=1)
+    constants.update(sqd=1, skd=1, svd=1, PDL=dependent(args))
     signature = {}
     for n in names:
         if n in constants:
@@ -114,7 +121,8 @@ def compile_quantize(args) -> tuple[triton.compiler.CompiledKernel, str]:
     aligned = [n for n in names if signature[n] != "constexpr" and n not in counts]
     src = ASTSource(fn, signature, constexprs={(names.index(n),): v for n, v in constants.items()},
                     attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
-    options = dict(num_warps=shape.num_warps, enable_fp_fusion=True)
+    options = dict(num_warps=shape.num_warps, enable_fp_fusion=True,
+                   **({"launch_pdl": True} if dependent(args) else {}))
     if shape.maxnreg is not None:
         options["maxnreg"] = shape.maxnreg
     kernel = triton.compile(src, target=GPUTarget("cuda", args.arch, 32), options=options)
@@ -171,6 +179,9 @@ def main() -> None:
     parser.add_argument("--no-fold", action="store_true", help="the exact exponent path")
     parser.add_argument("--no-tma", action="store_true", help="pointer loads instead of TMA")
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90")
+    parser.add_argument("--no-pdl", action="store_true",
+                        help="without programmatic dependent launch (the library uses it from "
+                             "sm90 on)")
     args = parser.parse_args()
 
     if args.kernel == "quantize":

@@ -185,3 +185,54 @@ def test_launch_cache_keeps_results_exact_across_alignments_and_shapes():
         aligned = [sparge.quantized_attn(*copies), sparge.sparse_attn(*copies)]
         for a, b, c in zip(through_triton, cached, aligned, strict=True):
             assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_dependent_launch_from_sm90_on(monkeypatch):
+    """Programmatic dependent launch: the ``PDL`` constexpr and Triton's ``launch_pdl`` option on
+    CUDA devices of compute capability 9.0 and newer, unless ``SPARGE_DEPENDENT_LAUNCH=0``;
+    never on the CPU (the interpreter) or before sm90."""
+    cuda = torch.device("cuda", 0)
+    assert launcher.dependent_launch(torch.device("cpu")) == {"PDL": False}
+    for capability, on in (((7, 5), False), ((8, 9), False), ((9, 0), True), ((12, 0), True)):
+        monkeypatch.setattr(launcher, "capability_of", lambda device, c=capability: c)
+        expected = {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+        assert launcher.dependent_launch(cuda) == expected
+        monkeypatch.setenv("SPARGE_DEPENDENT_LAUNCH", "0")
+        assert launcher.dependent_launch(cuda) == {"PDL": False}
+        monkeypatch.delenv("SPARGE_DEPENDENT_LAUNCH")
+
+
+@pytest.mark.gpu
+@gpu
+def test_dependent_launch_changes_no_bit_gpu(monkeypatch):
+    """Every kernel of the three public calls is launched as a dependent launch from sm90 on,
+    and the results equal those of ordinary launches bit for bit (eager calls: no replay)."""
+    monkeypatch.setenv("SPARGE_CUDA_GRAPHS", "0")
+    print(f"random seed: {torch.seed()}")
+    q = torch.randn(2, 8, 3000, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(2, 2, 2500, 128, device="cuda", dtype=torch.bfloat16) + 1
+    v = torch.randn(2, 2, 2500, 128, device="cuda", dtype=torch.bfloat16)
+    blocks = torch.rand(2, 8, 47, 20, device="cuda") < 0.5
+    calls = (lambda: sparge.sparse_attn(q, k, v, is_causal=True),
+             lambda: sparge.sparse_attn(q, k, v, topk=0.3, sim_threshold=0.4),
+             lambda: sparge.quantized_attn(q, k, v),
+             lambda: sparge.block_sparse_attn(q, k, v, blocks, block_q=64, block_k=128))
+    launches, run = [], launcher.run
+
+    def recording(kernel, grid, *args, **meta):
+        launches.append((kernel.fn.__name__, meta.get("launch_pdl", False)))
+        return run(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(launcher, "run", recording)
+    dependent = [call() for call in calls]
+    expected = torch.cuda.get_device_capability() >= (9, 0)
+    assert {name for name, _ in launches} >= {"_channel_stats_kernel", "_quantize_kernel",
+                                              "_products_kernel", "_select_kernel",
+                                              "_lut_kernel", "_sparse_attn_fwd"}
+    assert all(pdl == expected for _, pdl in launches), launches
+    monkeypatch.setenv("SPARGE_DEPENDENT_LAUNCH", "0")
+    launches.clear()
+    ordinary = [call() for call in calls]
+    assert not any(pdl for _, pdl in launches)
+    for a, b in zip(dependent, ordinary, strict=True):
+        assert torch.isfinite(a).all() and torch.equal(a, b)

@@ -326,7 +326,7 @@ def test_three_programs_fit_a_hopper_sm_at_d128(causal: bool, sparse: bool,
     args = argparse.Namespace(dim=128, block_m=config.block_m, block_n=128, causal=causal,
                               sparse=sparse, no_fold=False, no_tma=False,
                               warps=config.num_warps, stages=config.num_stages,
-                              max_registers=config.max_registers, arch=90)
+                              max_registers=config.max_registers, arch=90, no_pdl=False)
     kernel = compile_kernel(args)
     assert 3 * (kernel.metadata.shared + 1024) <= 228 * 1024, kernel.metadata.shared
 

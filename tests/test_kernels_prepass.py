@@ -223,6 +223,33 @@ def check_mask_table(mask, table=None):
     assert n_full.dtype == torch.int32 and torch.equal(n_full.cpu(), expected)
 
 
+def check_pooled_products(shapes, device, precision=None):
+    """The products kernel (``precision`` given) or ``pooled_products_gpu`` against float64
+    products, for (B, Hq, Hk, nQ, nK, D) shapes: every entry within 2e-5 of the sum of its
+    terms' magnitudes. A float32 sum of D <= 256 rounded terms errs by at most about
+    (D + 2) * 2^-24 of that sum (1.5e-5 at D256); three TF32 products lose about 2^-21 of
+    each term more. An indexing error (a wrong head, row or channel) is of the order of the
+    sum itself."""
+    from sparge.kernels.select import _products_launch, pooled_products_gpu
+    from sparge.predict import BlockStats
+
+    for b, hq, hk, n_q, n_k, d in shapes:
+        q_mean = torch.randn(b, hq, n_q, d, device=device) * 3
+        k_mean = torch.randn(b, hk, n_k, d, device=device) + torch.randn(b, hk, 1, d,
+                                                                        device=device)
+        if precision is None:
+            got = pooled_products_gpu(BlockStats(q_mean, None), BlockStats(k_mean, None))
+        else:
+            got = _products_launch(q_mean, k_mean, precision)
+        k_rep = k_mean.repeat_interleave(hq // hk, dim=1).double()
+        exact = q_mean.double() @ k_rep.transpose(-1, -2)
+        magnitude = q_mean.double().abs() @ k_rep.abs().transpose(-1, -2)
+        assert got.shape == exact.shape and got.dtype == torch.float32 and got.is_contiguous()
+        err = ((got.double() - exact).abs() / magnitude).max().item()
+        print(f"{(b, hq, hk, n_q, n_k, d)}: largest error {err:.2e} of the terms' magnitude")
+        assert err <= 2e-5
+
+
 def selections(heads_q, device):
     from sparge.predict import Selection
 
@@ -659,6 +686,16 @@ def check_selection_long_rows(n_k, device):
         assert torch.equal(got.blocks, ref.blocks)
 
 
+def case_pooled_products_kernel():
+    """The pooled products' kernel (IEEE float32 in the interpreter): odd block counts, GQA, a
+    head dimension that is not a power of two, one of 256 (four steps over D), and one query
+    block; its output poisoned before it writes."""
+    _fresh_seed()
+    _poison_allocations()
+    check_pooled_products([(2, 4, 2, 5, 70, 96), (1, 2, 2, 130, 9, 64), (1, 3, 1, 1, 3, 256)],
+                          "cpu", "ieee")
+
+
 def case_selection_long_rows():
     """A row of 1000 key blocks in the kernel; rows past the kernel's limit (lowered here) take
     the reference's path."""
@@ -876,6 +913,17 @@ def test_selection_gpu(causal, monkeypatch):
         q[0, 0, :bq] = 0
         for sel in selections(hq, "cuda"):
             check_selection_matches(q, k, sel, bq, bk, causal, max_diff=1e-3)
+
+
+@pytest.mark.gpu
+@gpu
+def test_pooled_products_gpu(monkeypatch):
+    """The products kernel at the pipeline's sizes (L32768 at block_q 64 and block_k 128,
+    GQA, D 64 to 256), and its shorter edge cases."""
+    _fresh_seed()
+    _poison_allocations(monkeypatch)
+    check_pooled_products([(1, 8, 2, 512, 256, 128), (2, 4, 4, 129, 33, 96),
+                           (1, 2, 1, 64, 512, 256), (1, 3, 3, 1, 1, 64)], "cuda")
 
 
 @pytest.mark.gpu

@@ -37,10 +37,13 @@ LAUNCH_CACHE = Switch("SPARGE_LAUNCH_CACHE", True,
                       "call compiled kernels directly after their first launch")
 CUDA_GRAPHS = Switch("SPARGE_CUDA_GRAPHS", True,
                      "replay repeated short calls as CUDA graphs (sparse_attn, quantized_attn)")
+DEPENDENT_LAUNCH = Switch("SPARGE_DEPENDENT_LAUNCH", True,
+                          "on sm90 and newer, schedule each kernel of a call while the one before "
+                          "it finishes (programmatic dependent launch)")
 PV_TILE_SKIP = Switch("SPARGE_PV_TILE_SKIP", False,
                       "leave out the P.V product of tiles whose rows all skip")
 
-SWITCHES = (INTERPRET, AUTOTUNE, LAUNCH_CACHE, CUDA_GRAPHS, PV_TILE_SKIP)
+SWITCHES = (INTERPRET, AUTOTUNE, LAUNCH_CACHE, CUDA_GRAPHS, DEPENDENT_LAUNCH, PV_TILE_SKIP)
 
-__all__ = ["AUTOTUNE", "CUDA_GRAPHS", "INTERPRET", "LAUNCH_CACHE", "PV_TILE_SKIP", "SWITCHES",
-           "Switch"]
+__all__ = ["AUTOTUNE", "CUDA_GRAPHS", "DEPENDENT_LAUNCH", "INTERPRET", "LAUNCH_CACHE",
+           "PV_TILE_SKIP", "SWITCHES", "Switch"]

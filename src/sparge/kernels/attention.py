@@ -71,7 +71,7 @@ from ..quant import EXACT, P_FP8_SCALE, PV_FP8, PV_FP16
 from . import launcher
 from .graphs import OUT as SLOT_OUT
 from .graphs import caller_pointer
-from .launcher import cdiv, next_pow2
+from .launcher import cdiv, next_pow2, wait_for_previous_kernel
 from .layout import to_pv_order
 from .rounding import RINT_MAGIC, round_to_e4m3
 from .select import mask_table
@@ -393,7 +393,7 @@ def _sparse_attn_fwd(
         BLOCK_Q: tl.constexpr, MODE: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
         PV_SKIP: tl.constexpr, EVEN_D: tl.constexpr, IEEE_DOT: tl.constexpr,
         ROUND_FP8: tl.constexpr, FAST_CVT: tl.constexpr, FOLD: tl.constexpr,
-        TMA: tl.constexpr, INDIRECT: tl.constexpr):
+        TMA: tl.constexpr, INDIRECT: tl.constexpr, PDL: tl.constexpr):
     """One program: BLOCK_M query rows of one (batch, query head).
 
     Q (B, Hq, Lq, D) int8 (or float for MODE 2); K (B, Hk, Lk, D) int8 / float; V float16 or
@@ -406,8 +406,10 @@ def _sparse_attn_fwd(
     SPARSE. KDesc, VDesc: tensor descriptors of K's and V's 2-D views when TMA (see
     :func:`_load_kt`, :func:`_load_v`), else None. With INDIRECT, Out gives only the type: the
     output's address is in the int64 Addresses (:mod:`sparge.kernels.graphs`).
-    Grid: (cdiv(Lq, BLOCK_M), B * Hq), heaviest causal tiles first.
+    Grid: (cdiv(Lq, BLOCK_M), B * Hq), heaviest causal tiles first. PDL: see
+    :func:`launcher.dependent_launch`.
     """
+    wait_for_previous_kernel(PDL)
     n_tiles = tl.num_programs(0)
     pid_m = n_tiles - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -685,7 +687,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tens
             EVEN_D=dim == head_dim, IEEE_DOT=q.dtype == torch.float32,
             ROUND_FP8=device.type != "cuda", FAST_CVT=fast_cvt, FOLD=fold,
             TMA=descriptors is not None, INDIRECT=addresses is not None,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **launcher.dependent_launch(device), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             enable_fp_fusion=True, **caps)
 
     if config is None:

@@ -17,6 +17,13 @@ less than the binding it saves.
 
 ``triton.cdiv`` and ``triton.next_power_of_2`` are device-side ``constexpr`` functions: on the
 host each call costs microseconds, so the host code uses :func:`cdiv` and :func:`next_pow2`.
+
+Programmatic dependent launch (sm90 and newer): each kernel of a call is launched with Triton's
+``launch_pdl`` option and compiled with ``PDL`` (:func:`dependent_launch`), so that the GPU may
+schedule its programs while the kernel before it in the stream finishes. Every such kernel
+starts with :func:`wait_for_previous_kernel`: its programs wait there until the previous kernel
+has completed and its writes are visible, before touching memory, then allow the next kernel to
+be scheduled. What overlaps is the launch and the programs' start, never their memory accesses.
 """
 
 from __future__ import annotations
@@ -25,9 +32,17 @@ import warnings
 from typing import Any
 
 import torch
+import triton
+import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .. import settings
+from ..backend import capability_of
+
+try:  # Triton 3.3 and newer
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older Triton: no dependent launches
+    gdc_launch_dependents = gdc_wait = None
 
 MAX_ENTRIES = 4096  # launches remembered (one per kernel, specialisation and shape)
 _CACHE: dict[tuple, tuple[Any, tuple]] = {}
@@ -42,6 +57,30 @@ def cdiv(a: int, b: int) -> int:
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1)."""
     return 1 << max(0, n - 1).bit_length()
+
+
+_NOT_DEPENDENT = {"PDL": False}
+_DEPENDENT = {"PDL": True, "launch_pdl": True}
+
+
+def dependent_launch(device: torch.device) -> dict[str, bool]:
+    """The launch arguments of a kernel with a ``PDL`` constexpr on ``device``: programmatic
+    dependent launch on CUDA devices of compute capability 9.0 and newer (unless
+    ``SPARGE_DEPENDENT_LAUNCH=0``), else none."""
+    if (device.type == "cuda" and gdc_wait is not None and capability_of(device) >= (9, 0)
+            and settings.DEPENDENT_LAUNCH.enabled()):
+        return _DEPENDENT
+    return _NOT_DEPENDENT
+
+
+@triton.jit
+def wait_for_previous_kernel(PDL: tl.constexpr):
+    """With PDL, the first step of a kernel launched by :func:`dependent_launch`: wait until the
+    previous kernel in the stream has completed and its writes are visible, then let the next
+    kernel's programs be scheduled (they wait in turn). Without PDL, nothing."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 def _on_gpu(first: Any) -> bool:
@@ -109,4 +148,5 @@ def run(kernel, grid: tuple[int, ...], *args: Any, **meta: Any):
     return handle
 
 
-__all__ = ["MAX_ENTRIES", "cdiv", "next_pow2", "run"]
+__all__ = ["MAX_ENTRIES", "cdiv", "dependent_launch", "next_pow2", "run",
+           "wait_for_previous_kernel"]

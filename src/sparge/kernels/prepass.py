@@ -59,7 +59,7 @@ from .graphs import K as SLOT_K
 from .graphs import Q as SLOT_Q
 from .graphs import V as SLOT_V
 from .graphs import caller_pointer
-from .launcher import cdiv, next_pow2
+from .launcher import cdiv, next_pow2, wait_for_previous_kernel
 from .layout import to_pv_order
 from .rounding import divide, fp8_scale, int8_scale, reciprocal, round_to_e4m3, to_int8
 
@@ -129,13 +129,14 @@ def _channel_stats_kernel(
         addresses,  # int64: K's and V's addresses in slots K and V (if INDIRECT)
         H, L, D, chunk, n_chunks,
         ROWS: tl.constexpr, DP: tl.constexpr, V_MAX: tl.constexpr, ZERO_KMAX: tl.constexpr,
-        STAGES: tl.constexpr, INDIRECT: tl.constexpr):
+        STAGES: tl.constexpr, INDIRECT: tl.constexpr, PDL: tl.constexpr):
     """Partials of tokens [c * chunk, (c + 1) * chunk) of one (batch, head), c = program_id(0):
     K channel sums (each row slot of a (ROWS, DP) tile adds its tokens in order, then the slots
     are added up) and, if V_MAX, V channel abs-maxima. If ZERO_KMAX, program c = 0 also zeroes
     the head's largest K scale, which the K programs of the quantization kernel then raise.
     With INDIRECT, k_ptr and v_ptr only give the types; the addresses come from ``addresses``
-    (:mod:`sparge.kernels.graphs`)."""
+    (:mod:`sparge.kernels.graphs`). PDL: see :func:`launcher.dependent_launch`."""
+    wait_for_previous_kernel(PDL)
     if INDIRECT:
         k_ptr = caller_pointer(addresses, SLOT_K, k_ptr)
         if V_MAX:
@@ -391,12 +392,14 @@ def _quantize_kernel(
         LOG_NC: tl.constexpr, QUANT: tl.constexpr, STATS: tl.constexpr,
         K_SCALE_MAX: tl.constexpr, K_MEAN_GIVEN: tl.constexpr, V_FP8: tl.constexpr,
         ROUND_FP8: tl.constexpr, HAS_M: tl.constexpr, HAS_Q: tl.constexpr, HAS_K: tl.constexpr,
-        HAS_V: tl.constexpr, INDIRECT: tl.constexpr):
+        HAS_V: tl.constexpr, INDIRECT: tl.constexpr, PDL: tl.constexpr):
     """One grid, four jobs (see :func:`_block_job`, :func:`_v_job`): K's channel mean finished
     for a later launch (one program per (batch, head), into ``kmu_ptr`` (B, HK, D)), K blocks,
     V tiles, then Q blocks (the shortest programs, to fill the tail). A job left out (HAS_*
     false, no programs) is not compiled; its pointers are placeholders. With INDIRECT, q_ptr,
-    k_ptr and v_ptr only give the types; the addresses come from ``addresses``."""
+    k_ptr and v_ptr only give the types; the addresses come from ``addresses``. PDL: see
+    :func:`launcher.dependent_launch`."""
+    wait_for_previous_kernel(PDL)
     if INDIRECT:
         if HAS_Q:
             q_ptr = caller_pointer(addresses, SLOT_Q, q_ptr)
@@ -477,7 +480,7 @@ def _channel_stats(k: torch.Tensor, v: torch.Tensor | None,
         heads, length, dim, chunk, n,
         ROWS=min(_CHUNK_ROWS, _STATS_TILE_ELEMS // dp), DP=dp, V_MAX=v is not None,
         ZERO_KMAX=k_scale_max is not None, STAGES=_STATS_STAGES,
-        INDIRECT=addresses is not None, num_warps=4,
+        INDIRECT=addresses is not None, **launcher.dependent_launch(k.device), num_warps=4,
         enable_fp_fusion=True)  # as measured; Triton 3.10 stops contracting by default
     return ksum, vmax
 
@@ -637,7 +640,7 @@ def _launch(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | No
                      k_mean_given=ksum is None, v_fp8=v_fp8, round_fp8=dev.type != "cuda",
                      has_m=run_m, has_q=q is not None,
                      has_k=run_k, has_v=v is not None, indirect=addresses is not None),
-        num_warps=shape.num_warps,
+        **launcher.dependent_launch(dev), num_warps=shape.num_warps,
         enable_fp_fusion=True,  # as measured; Triton 3.10 stops contracting by default
         **({} if shape.maxnreg is None else {"maxnreg": shape.maxnreg}))
     return q_out, k_out, v_out

@@ -17,12 +17,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backend import capability_of
 from ..mask import SparseMask
 from ..predict import BlockStats, Selection, per_head, pooled_products, select_blocks
 from . import launcher
 from .graphs import MASK as SLOT_MASK
 from .graphs import caller_pointer
-from .launcher import next_pow2
+from .launcher import cdiv, next_pow2, wait_for_previous_kernel
 from .prepass import block_stats_gpu
 
 
@@ -80,7 +81,7 @@ def _select_kernel(products_ptr,  # float32 (B, Hq, nQ, nK) contiguous: pooled p
                    sqrt_d,  # float32 sqrt(D): the products over it are the pooled scores
                    HQ, GROUP, NQ, NK, q_len, block_q, block_k, full_blocks,
                    NKP: tl.constexpr, TOPK: tl.constexpr, CAUSAL: tl.constexpr,
-                   SINK: tl.constexpr, TABLE: tl.constexpr):
+                   SINK: tl.constexpr, TABLE: tl.constexpr, PDL: tl.constexpr):
     """The kept key blocks of query block ``program_id(0)`` of one (batch, query head), as
     :func:`sparge.predict.select_blocks` chooses them; with TABLE also that row of the attention
     kernel's lookup table (as :func:`mask_table` builds it).
@@ -89,8 +90,9 @@ def _select_kernel(products_ptr,  # float32 (B, Hq, nQ, nK) contiguous: pooled p
     ascending index, and keeps the first ``keep``. Here the probabilities alone are sorted (the
     cumulative sum of equal values does not depend on their order); the kept blocks are those
     above the ``keep``-th largest probability and, of the blocks equal to it, the first ones by
-    index, as many as ``keep`` leaves.
+    index, as many as ``keep`` leaves. PDL: see :func:`launcher.dependent_launch`.
     """
+    wait_for_previous_kernel(PDL)
     i = tl.program_id(0)
     bh = tl.program_id(1)
     h = bh % HQ
@@ -174,7 +176,7 @@ def _select(q_stats: BlockStats, k_stats: BlockStats, selection: Selection, q_le
         return select_blocks(q_stats, k_stats, selection, q_len=q_len, k_len=k_len,
                              block_q=block_q, block_k=block_k, causal=causal), None
     device = q_stats.mean.device
-    products = pooled_products(q_stats, k_stats).contiguous()
+    products = pooled_products_gpu(q_stats, k_stats)
     topk = selection.topk is not None
     rule = per_head(selection.topk if topk else selection.cdf_threshold, heads_q, device)
     sim_thr = per_head(selection.sim_threshold, heads_q, device)
@@ -192,10 +194,65 @@ def _select(q_stats: BlockStats, k_stats: BlockStats, selection: Selection, q_le
         math.sqrt(q_stats.mean.shape[3]), heads_q, heads_q // heads_k, n_q, n_k,
         q_len, block_q, block_k, k_len // block_k,
         NKP=nkp, TOPK=topk, CAUSAL=causal, SINK=selection.attention_sink, TABLE=table,
-        num_warps=_warps_per_row(nkp))
+        **launcher.dependent_launch(device), num_warps=_warps_per_row(nkp))
     # the programs drop causally invalid blocks themselves (the tests compare these very bits)
     mask = SparseMask._of_valid_blocks(blocks, block_q, block_k, q_len, k_len, causal)
     return mask, (lut, counts, n_full) if table else None
+
+
+@triton.jit
+def _products_kernel(q_mean_ptr, k_mean_ptr,  # float32 (B, Hq, nQ, D), (B, Hk, nK, D) contiguous
+                     out_ptr,  # float32 (B, Hq, nQ, nK) contiguous
+                     HQ, GROUP, NQ, NK, D,
+                     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                     PRECISION: tl.constexpr, PDL: tl.constexpr):
+    """A (BM, BN) tile of the pooled products of one (batch, query head): query blocks
+    ``program_id(1)``, key blocks ``program_id(0)``, the key head h // GROUP; the dot products
+    in float32 at ``PRECISION`` (Triton's ``input_precision``), D in steps of BD. PDL: see
+    :func:`launcher.dependent_launch`."""
+    wait_for_previous_kernel(PDL)
+    bh = tl.program_id(2)
+    bk = (bh // HQ) * (HQ // GROUP) + (bh % HQ) // GROUP  # the (batch, key head) index
+    rows = (tl.program_id(1) * BM + tl.arange(0, BM))[:, None]
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    q_base = q_mean_ptr + bh.to(tl.int64) * NQ * D + rows * D
+    k_base = k_mean_ptr + bk.to(tl.int64) * NK * D + cols[:, None] * D
+    acc = tl.zeros((BM, BN), tl.float32)
+    for d0 in range(0, D, BD):
+        d = (d0 + tl.arange(0, BD))[None, :]
+        q = tl.load(q_base + d, mask=(rows < NQ) & (d < D), other=0.0)
+        k = tl.load(k_base + d, mask=(cols[:, None] < NK) & (d < D), other=0.0)
+        acc = tl.dot(q, tl.trans(k), acc, input_precision=PRECISION)
+    out = out_ptr + bh.to(tl.int64) * NQ * NK + rows * NK + cols[None, :]
+    tl.store(out, acc, mask=(rows < NQ) & (cols[None, :] < NK))
+
+
+def pooled_products_gpu(q_stats: BlockStats, k_stats: BlockStats) -> torch.Tensor:
+    """:func:`sparge.predict.pooled_products` (float32 (B, Hq, nQ, nK), contiguous), on a GPU
+    by one Triton launch: the float32 dot products on the tensor cores as three TF32 products
+    (``tf32x3``: each operand split into a TF32 value and its TF32 remainder), within a few
+    float32 ulps of the reference's; before sm80, and on the CPU, the reference's own product.
+    The query head h reads key head h // (Hq / Hk) in the kernel, without repeating K's means."""
+    if q_stats.mean.device.type != "cuda" or capability_of(q_stats.mean.device) < (8, 0):
+        return pooled_products(q_stats, k_stats).contiguous()
+    return _products_launch(q_stats.mean.contiguous(), k_stats.mean.contiguous(), "tf32x3")
+
+
+def _products_launch(q_mean: torch.Tensor, k_mean: torch.Tensor, precision: str
+                     ) -> torch.Tensor:
+    """One launch of ``_products_kernel`` on contiguous float32 means q (B, Hq, nQ, D) and
+    k (B, Hk, nK, D)."""
+    batch, heads_q, n_q, dim = q_mean.shape
+    heads_k, n_k = k_mean.shape[1:3]
+    out = _alloc(batch, heads_q, n_q, n_k, dtype=torch.float32, device=q_mean.device)
+    if out.numel() == 0:
+        return out
+    bm, bn = 64, 64
+    launcher.run(_products_kernel, (cdiv(n_k, bn), cdiv(n_q, bm), batch * heads_q),
+                 q_mean, k_mean, out, heads_q, heads_q // heads_k, n_q, n_k, dim,
+                 BM=bm, BN=bn, BD=min(64, max(16, next_pow2(dim))), PRECISION=precision,
+                 **launcher.dependent_launch(q_mean.device), num_warps=4, num_stages=2)
+    return out
 
 
 def _alloc(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -215,12 +272,14 @@ def _lut_kernel(blocks_ptr, sbb, sbh, sbq, sbk,  # uint8 (B, H, nQ, nK), any str
                 addresses,  # int64: the blocks' address in slot SLOT_MASK (if INDIRECT)
                 H, NQ, NK, full_blocks, block_q, block_k,
                 NKP: tl.constexpr, DELTA: tl.constexpr, N_FULL: tl.constexpr,
-                CAUSAL: tl.constexpr, INDIRECT: tl.constexpr):
+                CAUSAL: tl.constexpr, INDIRECT: tl.constexpr, PDL: tl.constexpr):
     """One row of the table: kept key-block indices in ascending order, delta-encoded when DELTA
     (upstream's format) or absolute, zero after the last; and the row's count. With N_FULL also
     how many kept blocks lie below ``full_blocks`` (the whole key blocks) and, when CAUSAL,
     wholly before the query block's first row. With INDIRECT, blocks_ptr gives only the type;
-    the blocks are read at the address in ``addresses``."""
+    the blocks are read at the address in ``addresses``. PDL: see
+    :func:`launcher.dependent_launch`."""
+    wait_for_previous_kernel(PDL)
     if INDIRECT:
         blocks_ptr = caller_pointer(addresses, SLOT_MASK, blocks_ptr)
     row = tl.program_id(0)  # flat (b, h, i)
@@ -265,7 +324,7 @@ def _lookup_table(blocks: torch.Tensor, delta: bool, mask: SparseMask | None,
                  counts if addresses is None else addresses, heads, n_q, n_k, full_blocks,
                  block_q, block_k, NKP=nkp, DELTA=delta, N_FULL=mask is not None,
                  CAUSAL=mask is not None and mask.causal, INDIRECT=addresses is not None,
-                 num_warps=_warps_per_row(nkp))
+                 **launcher.dependent_launch(blocks.device), num_warps=_warps_per_row(nkp))
     return lut, counts, n_full
 
 
