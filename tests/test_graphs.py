@@ -182,9 +182,9 @@ def stubbed_capture(monkeypatch):
 
     log = []
 
-    def capture(call, addresses):
+    def capture(call, addresses, values):
         log.append("capture")
-        return graphs._Graph(_FakeGraph(log), addresses)
+        return graphs._Graph(_FakeGraph(log), addresses, values)
 
     monkeypatch.setattr(graphs, "_capture", capture)
     monkeypatch.setattr(graphs, "_GRAPHS", {})
@@ -200,27 +200,36 @@ def test_first_call_eager_second_captures_then_replays(stubbed_capture):
 
     log = stubbed_capture
 
-    def call(addresses):
+    def call(addresses, values):
         log.append("eager" if addresses is None else ("indirect", addresses.tolist()))
+        seen.append(values)
 
+    seen = []
     first, second, third = _tensors(), _tensors(), _tensors()
-    graphs.run("key", first, call)
-    assert log == ["eager"]
-    graphs.run("key", second, call)
+    values = [(torch.rand(3), torch.rand(3)) for _ in range(3)]
+    graphs.run("key", first, call, values[0])
+    assert log == ["eager"] and seen[0] is values[0]
+    graphs.run("key", second, call, values[1])
     assert log[1:] == [("indirect", [t.data_ptr() for t in second]), "capture"]
-    graphs.run("key", third, call)
-    assert log[3:] == ["replay"]
-    # the replay reads the third call's addresses
+    own = graphs._GRAPHS["key"].values
+    # the graph reads its own copies of the values, not the caller's tensors
+    assert seen[1] is own and all(a is not b and torch.equal(a, b)
+                                  for a, b in zip(own, values[1], strict=True))
+    graphs.run("key", third, call, values[2])
+    assert log[3:] == ["replay"] and len(seen) == 2
+    # the replay reads the third call's addresses and values
     assert graphs._GRAPHS["key"].addresses.tolist() == [t.data_ptr() for t in third]
+    assert graphs._GRAPHS["key"].values is own
+    assert all(torch.equal(a, b) for a, b in zip(own, values[2], strict=True))
 
 
 def test_failed_capture_stays_eager(stubbed_capture, monkeypatch):
     from sparge.kernels import graphs
 
-    monkeypatch.setattr(graphs, "_capture", lambda call, addresses: graphs._EAGER)
+    monkeypatch.setattr(graphs, "_capture", lambda call, addresses, values: graphs._EAGER)
     calls = []
     for _ in range(4):
-        graphs.run("key", _tensors(), calls.append)
+        graphs.run("key", _tensors(), lambda addresses, values: calls.append(addresses))
     assert calls[0] is None and calls[2:] == [None, None]  # the second ran indirect, then eager
     assert calls[1] is not None
 
@@ -231,7 +240,7 @@ def test_failing_indirect_kernels_fall_back(stubbed_capture):
 
     log = []
 
-    def call(addresses):
+    def call(addresses, values):
         if addresses is not None:
             raise RuntimeError("no such kernel")
         log.append("eager")
@@ -250,10 +259,10 @@ def test_oldest_key_forgotten(stubbed_capture, monkeypatch):
     waits = []
     monkeypatch.setattr(torch.cuda, "synchronize", waits.append)
     for _ in range(2):
-        graphs.run("captured", _tensors(), lambda addresses: None)
+        graphs.run("captured", _tensors(), lambda addresses, values: None)
     assert isinstance(graphs._GRAPHS["captured"], graphs._Graph)
     for key in range(graphs.MAX_GRAPHS):
-        graphs.run(key, _tensors(), lambda addresses: None)
+        graphs.run(key, _tensors(), lambda addresses, values: None)
     assert "captured" not in graphs._GRAPHS and len(graphs._GRAPHS) == graphs.MAX_GRAPHS
     assert len(waits) == 1  # before dropping the graph
     graphs.clear()
@@ -297,6 +306,10 @@ CALLS = {
     "sparse_attn causal topk sink": ("sparse_attn", dict(topk=0.3, is_causal=True,
                                                         attention_sink=True)),
     "sparse_attn int8_fp16": ("sparse_attn", dict(quant="int8_fp16", pv_threshold=4.0)),
+    # fresh per-head threshold tensors on every call (see _call_args)
+    "sparse_attn tensor thresholds": ("sparse_attn", dict(tensor_thresholds="cdf")),
+    "sparse_attn causal tensor topk": ("sparse_attn", dict(tensor_thresholds="topk",
+                                                          is_causal=True)),
     "quantized_attn": ("quantized_attn", {}),
     "quantized_attn causal float32 out": ("quantized_attn", dict(is_causal=True,
                                                                  out_dtype=torch.float32)),
@@ -310,8 +323,16 @@ CALLS = {
 
 def _call_args(entry: str, kwargs: dict, b: int, hq: int, lq: int, lk: int) -> tuple:
     """The positional and keyword arguments after q, k and v: for ``block_sparse_attn`` a fresh
-    block mask tensor, about 60 % kept, of one head if ``one_head_mask``."""
+    block mask tensor, about 60 % kept, of one head if ``one_head_mask``; with
+    ``tensor_thresholds`` fresh random (Hq,) tensors for the similarity, the CDF or top-k rule
+    and the P.V threshold (a scalar tensor)."""
     kwargs = dict(kwargs)
+    rule = kwargs.pop("tensor_thresholds", None)
+    if rule is not None:
+        kwargs.update(sim_threshold=torch.rand(hq, device="cuda") - 0.2,
+                      pv_threshold=torch.rand((), device="cuda") * 10)
+        kwargs["cdf_threshold" if rule == "cdf" else "topk"] = (
+            0.3 + 0.6 * torch.rand(hq, device="cuda"))
     if entry != "block_sparse_attn":
         return (), kwargs
     heads = 1 if kwargs.pop("one_head_mask", False) else hq
@@ -355,8 +376,8 @@ def test_replay_equals_eager_gpu(name, shape, monkeypatch):
 @pytest.mark.gpu
 @gpu
 def test_calls_that_never_replay_gpu(monkeypatch):
-    """Tensor thresholds, a float16 V for FP16 P.V, unaligned inputs or masks, long calls and
-    calls inside the caller's own capture run eagerly every time."""
+    """A float16 V for FP16 P.V, unaligned inputs or masks and long calls run eagerly every
+    time."""
     import sparge
     from sparge.kernels import graphs
 
@@ -364,7 +385,6 @@ def test_calls_that_never_replay_gpu(monkeypatch):
     q, k, v = (torch.randn(1, 4, 1024, 64, device="cuda", dtype=torch.float16) for _ in range(3))
     unaligned = torch.randn(1 * 4 * 1024 * 64 + 1, device="cuda", dtype=torch.float16)[1:]
     calls = [
-        lambda: sparge.sparse_attn(q, k, v, cdf_threshold=torch.full((4,), 0.9, device="cuda")),
         lambda: sparge.sparse_attn(q, k, v, quant="int8_fp16"),
         lambda: sparge.block_sparse_attn(q, k, v, torch.ones(1 + 16 * 8, dtype=torch.bool,
                                                               device="cuda")[1:].view(1, 1, 16, 8),

@@ -11,8 +11,10 @@ compiled with ``INDIRECT``, from a small int64 device buffer (:func:`caller_poin
 :data:`Q`, :data:`K`, :data:`V`, :data:`OUT`, and :data:`MASK` for a caller's block mask, which
 the lookup-table kernel reads); every other tensor of the call (the quantized copies,
 statistics, thresholds, the predicted mask and the lookup table) is the graph's own, in its
-private memory pool. A key naming everything the launches depend on (shapes, strides, dtypes,
-device, stream, arguments) selects the graph:
+private memory pool. Thresholds given as tensors are read by value: the graph holds its own
+copies, into which each replay first copies the caller's current values (one small device
+copy each). A key naming everything the launches depend on (shapes, strides, dtypes, device,
+stream, arguments) selects the graph:
 
 1. the first call of a key runs eagerly (compiling and tuning its kernels);
 2. the second runs eagerly with ``INDIRECT`` kernels, then captures itself into a graph;
@@ -55,6 +57,7 @@ def caller_pointer(addresses, slot: tl.constexpr, like):
 class _Graph:
     graph: torch.cuda.CUDAGraph
     addresses: torch.Tensor  # int64 (4 or 5,) on the device, read by the graph's kernels
+    values: tuple[torch.Tensor, ...] = ()  # the graph's copies of the caller's values
 
 
 _SEEN = "seen"  # the key's first call ran eagerly
@@ -84,37 +87,44 @@ def address_buffer(tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
 
 
 def run(key: tuple, tensors: tuple[torch.Tensor, ...],
-        call: Callable[[torch.Tensor | None], None]) -> None:
+        call: Callable[[torch.Tensor | None, tuple[torch.Tensor, ...]], None],
+        values: tuple[torch.Tensor, ...] = ()) -> None:
     """Run ``call`` eagerly or as a replay of its graph (see the module docstring).
 
     ``tensors`` are the caller's (q, k, v, out), or (q, k, v, out, mask blocks), in slot order,
-    all on one CUDA device and 16-byte aligned. ``call(None)`` must compute the whole call with
-    ordinary kernels; ``call(addresses)`` the same with ``INDIRECT`` kernels reading those
-    tensors' addresses from ``addresses``, using nothing of the caller's tensors but their
+    all on one CUDA device and 16-byte aligned. ``values`` are tensors on that device that the
+    call reads by value (the caller's threshold tensors). ``call(None, values)`` must compute
+    the whole call with ordinary kernels; ``call(addresses, own)`` the same with ``INDIRECT``
+    kernels reading the tensors' addresses from ``addresses`` and the values from ``own``
+    (copies of the same shapes and dtypes), using nothing of the caller's tensors but their
     addresses and making every other tensor it uses itself. ``key`` must name everything
-    ``call`` depends on but the addresses, the current stream included.
+    ``call`` depends on but the addresses and the values' contents: the current stream and
+    the values' shapes and dtypes included.
     """
     entry = _GRAPHS.get(key)
     if entry is None:
         if len(_GRAPHS) >= MAX_GRAPHS:
             _drop(next(iter(_GRAPHS)))  # the oldest
         _GRAPHS[key] = _SEEN
-        call(None)
+        call(None, values)
     elif entry is _SEEN:
         addresses = address_buffer(tensors)
+        own = tuple(value.clone() for value in values)
         try:
-            call(addresses)  # compiles the INDIRECT kernels outside the capture
+            call(addresses, own)  # compiles the INDIRECT kernels outside the capture
         except Exception as error:  # noqa: BLE001 - the ordinary kernels still serve
             _GRAPHS[key] = _eager_from_now("kernels reading addresses", error)
-            call(None)
+            call(None, values)
             return
-        _GRAPHS[key] = _capture(call, addresses)
+        _GRAPHS[key] = _capture(call, addresses, own)
     elif entry is _EAGER:
-        call(None)
+        call(None, values)
     else:
         # From pageable memory, a non-blocking copy is staged before copy_ returns and runs in
         # stream order; a blocking one would wait for the GPU.
         entry.addresses.copy_(_addresses(tensors), non_blocking=True)
+        for own, value in zip(entry.values, values, strict=True):
+            own.copy_(value)
         entry.graph.replay()
 
 
@@ -137,10 +147,11 @@ def _capture_stream(device: torch.device) -> torch.cuda.Stream:
     return stream
 
 
-def _capture(call: Callable[[torch.Tensor | None], None], addresses: torch.Tensor
-             ) -> _Graph | str:
-    """``call(addresses)`` captured into a graph with a memory pool of its own, on a side stream
-    (a capture may not run on the default stream); ``_EAGER`` if the capture fails."""
+def _capture(call: Callable[[torch.Tensor | None, tuple[torch.Tensor, ...]], None],
+             addresses: torch.Tensor, values: tuple[torch.Tensor, ...]) -> _Graph | str:
+    """``call(addresses, values)`` captured into a graph with a memory pool of its own, on a
+    side stream (a capture may not run on the default stream); ``_EAGER`` if the capture
+    fails."""
     caller = torch.cuda.current_stream(addresses.device)
     side = _capture_stream(addresses.device)
     side.wait_stream(caller)
@@ -149,14 +160,14 @@ def _capture(call: Callable[[torch.Tensor | None], None], addresses: torch.Tenso
         with torch.cuda.stream(side):
             graph.capture_begin(capture_error_mode="thread_local")
             try:
-                call(addresses)
+                call(addresses, values)
             finally:
                 graph.capture_end()
     except Exception as error:  # noqa: BLE001 - the eager call still serves
         return _eager_from_now("capturing a CUDA graph", error)
     finally:
         caller.wait_stream(side)
-    return _Graph(graph, addresses)
+    return _Graph(graph, addresses, values)
 
 
 def _eager_from_now(step: str, error: Exception) -> str:

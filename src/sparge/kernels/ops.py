@@ -118,20 +118,26 @@ def sparse_attention_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
     if torch.compiler.is_compiling():
         return sparse_attention(q, k, v, on_device(pv_threshold), on_device(sim), on_device(rule),
                                 blocks, *flags, out_dtype)
-    if _replayable(q, k, v, blocks, _hnd(k, layout).shape[2], mode, (pv_threshold, sim, rule)):
+    thresholds = (pv_threshold, sim, rule)
+    if _replayable(q, k, v, blocks, _hnd(k, layout).shape[2], mode):
         out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
+        # threshold tensors by value, as (Hq,) float32 device tensors the graph copies
+        values = tuple(on_device(t).detach().contiguous() for t in thresholds
+                       if isinstance(t, torch.Tensor))
 
-        def call(addresses: torch.Tensor | None) -> None:
-            # the thresholds are made inside: a captured graph owns its fills
-            _attend(q, k, v, out, on_device(pv_threshold), on_device(sim), on_device(rule),
-                    blocks, *flags, addresses=addresses)
+        def call(addresses: torch.Tensor | None, given: tuple[torch.Tensor, ...]) -> None:
+            # number thresholds are filled inside: a captured graph owns its fills
+            tensor = iter(given)
+            pv, s, r = (next(tensor) if isinstance(t, torch.Tensor) else on_device(t)
+                        for t in thresholds)
+            _attend(q, k, v, out, pv, s, r, blocks, *flags, addresses=addresses)
 
         index = q.device.index
         tensors = (q, k, v, out) if blocks is None else (q, k, v, out, blocks)
         key = (index, current_stream(index), *_layout_key(q), *_layout_key(k), *_layout_key(v),
-               None if blocks is None else _layout_key(blocks), out_dtype, pv_threshold, sim,
-               rule, *flags)
-        graphs.run(key, tensors, call)
+               None if blocks is None else _layout_key(blocks), out_dtype,
+               *(torch.Tensor if isinstance(t, torch.Tensor) else t for t in thresholds), *flags)
+        graphs.run(key, tensors, call, values)
         return out
     return _sparse_attention_impl(q, k, v, on_device(pv_threshold), on_device(sim),
                                   on_device(rule), blocks, *flags, out_dtype)
@@ -142,17 +148,16 @@ def _layout_key(x: torch.Tensor) -> tuple:
 
 
 def _replayable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor | None,
-                k_len: int, mode: str, thresholds: tuple) -> bool:
+                k_len: int, mode: str) -> bool:
     """Whether an eager call may be replayed as a CUDA graph: on a GPU, not during the caller's
     own capture, in a quantized mode that reads q, k and v only in the pre-pass (not a float16 V
-    in ``int8_fp16`` mode, which the attention kernel reads as it is), every threshold a number
-    (a tensor's values could change between calls), the inputs and a given mask's ``blocks``
-    16-byte aligned, and B * Hq * Lq * Lk * D at most :data:`sparge.kernels.graphs.MAX_WORK`."""
+    in ``int8_fp16`` mode, which the attention kernel reads as it is), the inputs and a given
+    mask's ``blocks`` 16-byte aligned, and B * Hq * Lq * Lk * D at most
+    :data:`sparge.kernels.graphs.MAX_WORK`. Thresholds may be numbers or tensors (a tensor's
+    values are copied into the graph's own copy before each replay)."""
     if not graphs.enabled() or not q.is_cuda or mode not in (PV_FP8, PV_FP16):
         return False
     if mode == PV_FP16 and v.dtype == torch.float16:
-        return False
-    if any(isinstance(t, torch.Tensor) for t in thresholds):
         return False
     given = () if blocks is None else (blocks,)
     return (q.numel() * k_len <= graphs.MAX_WORK and graphs.aligned(q, k, v, *given)
