@@ -242,7 +242,7 @@ class SpargeAttnProcessor(nn.Module):
             stats = self.sparse.last_stats  # None after a tuning call
             self.stats.last_sparsity = (float(self.sparse.tuning_sparsity.mean()) if stats is None
                                         else stats)
-        else:  # the budget layer reads its sparsity back itself: it steers by it
+        else:  # a CPU tensor: the budget layer synchronises by design (it steers by error)
             self.stats.last_sparsity = float(self.sparse._last_sparsity.mean())
         return out
 
