@@ -90,6 +90,33 @@ def test_stats_report_exact_sparsity_of_the_mask_used(rng):
     assert rel_l1(out, masked) < 0.02, "the output is attention over the kept blocks"
 
 
+def test_stats_compute_the_sparsities_when_first_read(rng, monkeypatch):
+    """return_stats=True leaves the mask on the device (reading it back synchronises a GPU): the
+    first read of each sparsity computes it from the mask, once."""
+    calls: list[str] = []
+    for name in ("sparsity", "per_head_sparsity"):
+        method = getattr(sparge.SparseMask, name)
+        monkeypatch.setattr(sparge.SparseMask, name,
+                            lambda self, _m=method, _n=name: calls.append(_n) or _m(self))
+    q, k, v = local_video_tokens(rng)
+    _, stats = sparge.sparse_attn(q, k, v, cdf_threshold=0.9, sim_threshold=-1.0,
+                                  return_stats=True)
+    assert calls == []
+    sparsity, per_head = stats.sparsity, stats.per_head_sparsity
+    assert stats.sparsity == sparsity and stats.per_head_sparsity is per_head
+    assert calls == ["sparsity", "per_head_sparsity"]
+    monkeypatch.undo()
+    assert isinstance(sparsity, float) and sparsity == stats.mask.sparsity() > 0.3
+    assert per_head.dtype == torch.float32 and per_head.device.type == "cpu"
+    assert torch.equal(per_head, stats.mask.per_head_sparsity())
+
+
+def test_stats_without_a_mask_are_dense():
+    stats = sparge.AttentionStats(None, "reference", "none", 3)
+    assert stats.sparsity == 0.0 and isinstance(stats.sparsity, float)
+    assert torch.equal(stats.per_head_sparsity, torch.zeros(3, dtype=torch.float32))
+
+
 def test_sparse_error_matches_block_sparse_run_on_same_mask(rng):
     q, k, v = local_video_tokens(rng)
     out, stats = sparge.sparse_attn(q, k, v, topk=0.25, quant="none", return_stats=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import statistics
 import sys
@@ -12,7 +13,9 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from sparge import predict_mask  # noqa: E402
+import sparge.integrations.diffusers as diffusers_integration  # noqa: E402
+import sparge.tuning.calibrate as calibrate_module  # noqa: E402
+from sparge import SparseMask, predict_mask  # noqa: E402
 from sparge.integrations.diffusers import (  # noqa: E402
     disable_sparge,
     enable_sparge,
@@ -152,6 +155,52 @@ def test_calibrated_values_reload_into_fresh_model_with_same_masks(tmp_path):
     assert rel_l1(tuned_out, calibrated_out) < 0.2
     save_tuning(fresh, tmp_path / "again.safetensors")
     assert set(read_tuning(tmp_path / "again.safetensors")) == set(saved)
+
+
+@pytest.mark.parametrize("mode", ["fixed", "calibrate"])
+@torch.no_grad()
+def test_last_sparsity_is_read_back_when_read_not_on_every_call(mode, monkeypatch):
+    """Fixed and calibrated layers keep the last call's AttentionStats and read its sparsity (a
+    GPU synchronisation) only when ``last_sparsity`` is read."""
+    model = tiny_transformer("wan")
+    if mode == "fixed":
+        enable_sparge(model, "fixed", dense_layers=0, dense_steps=0,
+                      sparse_kwargs={"cdf_threshold": 0.9, "sim_threshold": 0.0})
+    else:
+        enable_sparge(model, "calibrate", dense_layers=0, dense_steps=0,
+                      sparse_kwargs={"granularity": 2, "pv_tol": 5.0})
+        with calibration(model, calls=1, progress=False):
+            model(**tiny_inputs("wan"))
+        for stats, proc in zip(sparge_report(model).values(),
+                               model._sparge.processors.values(), strict=True):
+            assert stats.last_sparsity == float(proc.sparse.tuning_sparsity.mean())
+    returned = []  # every call's AttentionStats, in call order
+    owner = diffusers_integration if mode == "fixed" else calibrate_module
+    sparse_attn = owner.sparse_attn
+
+    def recording(*args, **kwargs):
+        out, stats = sparse_attn(*args, **kwargs)
+        returned.append(stats)
+        return out, stats
+
+    monkeypatch.setattr(owner, "sparse_attn", recording)
+    reads: list[str] = []
+    for name in ("sparsity", "per_head_sparsity"):
+        method = getattr(SparseMask, name)
+        monkeypatch.setattr(SparseMask, name,
+                            lambda self, _m=method, _n=name: reads.append(_n) or _m(self))
+    for t in (900.0, 800.0):
+        model(**tiny_inputs("wan", timestep=t))
+    assert reads == [] and len(returned) == 4
+    report = sparge_report(model)
+    values = [stats.last_sparsity for stats in report.values()]
+    assert reads == ["sparsity", "sparsity"]
+    assert [dataclasses.asdict(stats)["last_sparsity"] for stats in report.values()] == values
+    assert len(reads) == 2  # read once
+    monkeypatch.undo()
+    assert values == [stats.mask.sparsity() for stats in returned[2:]]
+    assert all(value > 0 for value in values)
+    disable_sparge(model)
 
 
 def test_refuses_other_attention_backends():

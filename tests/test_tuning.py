@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparge import _inputs, predict_mask, sparse_attn
+from sparge import SparseMask, _inputs, predict_mask, sparse_attn
 from sparge.tuning import (
     ErrorBudgetAttention,
     SparseAttentionMeansim,
@@ -290,6 +290,31 @@ def test_inference_args_are_the_same_tensors_read_back_once(rng, monkeypatch, in
             module(*qkv)
     assert sorted(map(id, readbacks)) == sorted(id(args[key]) for key in
                                                 ("sim_threshold", "cdf_threshold", "pv_threshold"))
+
+
+def test_tuned_forward_reads_the_sparsity_back_only_when_asked(rng, monkeypatch):
+    """Without return_sparsity a tuned call computes no sparsity (on a GPU a synchronisation);
+    last_stats holds the call's statistics, read when asked."""
+    module = _quick_tuned(rng)
+    reads: list[str] = []
+    for name in ("sparsity", "per_head_sparsity"):
+        method = getattr(SparseMask, name)
+        monkeypatch.setattr(SparseMask, name,
+                            lambda self, _m=method, _n=name: reads.append(_n) or _m(self))
+    q, k, v = local_qkv(int(torch.randint(10**6, (1,), generator=rng)), length=1024)
+    module(q, k, v)
+    assert reads == []
+    stats = module.last_stats
+    selection = {key: value for key, value in module.inference_args().items()
+                 if key != "pv_threshold"}
+    assert torch.equal(stats.mask.blocks, predict_mask(q, k, **selection).blocks)
+    _, sparsity = module(q, k, v, return_sparsity=True)
+    assert reads == ["sparsity"] and module.last_stats is not stats
+    assert sparsity == module.last_stats.sparsity == stats.mask.sparsity() > 0.3
+    module(q, k, v, tune_mode=True)
+    assert module.last_stats is None
+    _, sparsity = module(q, k, v, tune_mode=True, return_sparsity=True)
+    assert sparsity == float(module.tuning_sparsity.mean())
 
 
 def _random_state(module: SparseAttentionMeansim, rng: torch.Generator) -> dict:

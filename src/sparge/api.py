@@ -9,6 +9,7 @@ to 256, and return the output in the same layout, in q's dtype unless ``out_dtyp
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -25,19 +26,33 @@ Threshold = float | torch.Tensor
 class AttentionStats:
     """What a call did.
 
+    Getting the stats costs nothing on the device: the sparsities are computed from ``mask`` when
+    first read (then kept), which reads the mask back to the host (a synchronisation on a GPU).
+
     Attributes:
-        sparsity: 1 - kept blocks / blocks the dense (or causal) computation visits, all heads.
-        per_head_sparsity: float32 (H,), the same per query head, counted over the batch.
         mask: the block mask that was computed (None for dense quantized attention).
         backend: ``"triton"`` or ``"reference"``.
         quant: ``"int8_fp8"``, ``"int8_fp16"`` or ``"none"``.
+        heads: the number of query heads H.
     """
 
-    sparsity: float
-    per_head_sparsity: torch.Tensor
     mask: SparseMask | None
     backend: str
     quant: str
+    heads: int
+
+    @cached_property
+    def sparsity(self) -> float:
+        """1 - kept blocks / blocks the dense (or causal) computation visits, all heads (0.0
+        without a mask)."""
+        return 0.0 if self.mask is None else self.mask.sparsity()
+
+    @cached_property
+    def per_head_sparsity(self) -> torch.Tensor:
+        """Float32 CPU tensor (H,): the same per query head, counted over the batch."""
+        if self.mask is None:
+            return torch.zeros(self.heads)
+        return self.mask.per_head_sparsity().cpu()
 
 
 def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str,
@@ -79,12 +94,7 @@ def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str,
                                           mode=mode, out_dtype=out.dtype))
     if not return_stats:
         return out
-    if mask is None:
-        stats = AttentionStats(0.0, torch.zeros(heads_q), None, backend, mode)
-    else:
-        stats = AttentionStats(mask.sparsity(), mask.per_head_sparsity().cpu(), mask, backend,
-                               mode)
-    return out, stats
+    return out, AttentionStats(mask, backend, mode, heads_q)
 
 
 def sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -126,7 +136,8 @@ def sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         out_dtype: output dtype; q's dtype when None.
         attn_mask, dropout_p: accepted for SDPA compatibility; anything but the defaults raises.
         backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see :mod:`sparge.backend`).
-        return_stats: also return :class:`AttentionStats` (reads the mask back to the host).
+        return_stats: also return :class:`AttentionStats` (reading its sparsities reads the
+            mask back to the host; returning them does not).
 
     Every threshold is a float or a tensor of shape (Hq,), one value per query head.
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..api import sparse_attn
+from ..api import AttentionStats, sparse_attn
 from ..tuning import ErrorBudgetAttention, SparseAttentionMeansim, load_tuning
 from ..tuning.budget import HeadReport
 
@@ -62,15 +62,40 @@ GENERIC_LAYERS = r"^(?!.*refiner).*blocks\.\d+\.(attn|attn1|self_attn)$"
 MODES = ("budget", "calibrate", "tuned", "fixed", "dense")
 
 
+class _SparsityField:
+    """A float dataclass field that may be set to a call's :class:`~sparge.AttentionStats`
+    instead: the stats' sparsity (a readback from the GPU) is computed on the field's first
+    read, and kept."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = f"_{name}"
+
+    def __get__(self, obj: object | None, owner: type | None = None) -> float:
+        if obj is None:
+            return 0.0  # the field's default
+        value = obj.__dict__[self.slot]
+        if isinstance(value, AttentionStats):
+            value = obj.__dict__[self.slot] = value.sparsity
+        return value
+
+    def __set__(self, obj: object, value: float | AttentionStats) -> None:
+        obj.__dict__[self.slot] = value
+
+
 @dataclass
 class LayerStats:
-    """What one wrapped layer did: calls run sparse, run dense (and why), and the report of its
-    sparse module (error-budget layers) or its tuned sparsity (calibrated layers)."""
+    """What one wrapped layer did: calls run sparse, run dense (and why), the block sparsity of
+    the last sparse call (mean over heads; in calibration the mean tuned sparsity), and the report
+    of its sparse module (error-budget layers).
+
+    ``last_sparsity`` is computed when read, not on every call: in "fixed" and calibrated modes
+    reading it reads the last call's mask back from the GPU.
+    """
 
     sparse_calls: int = 0
     dense_calls: int = 0
     dense_reasons: dict[str, int] = field(default_factory=dict)
-    last_sparsity: float = 0.0
+    last_sparsity: float = _SparsityField()  # type: ignore[assignment]
     budget: HeadReport | None = None
 
 
@@ -210,15 +235,15 @@ class SpargeAttnProcessor(nn.Module):
         if mode == "fixed":
             out, stats = sparse_attn(q, k, v, is_causal=is_causal, scale=scale,
                                      return_stats=True, **self.fixed)
-            self.stats.last_sparsity = stats.sparsity
-            return out
-        if isinstance(self.sparse, SparseAttentionMeansim):
-            out, sparsity = self.sparse(q, k, v, is_causal=is_causal, scale=scale,
-                                        return_sparsity=True)
-            self.stats.last_sparsity = float(sparsity)
+            self.stats.last_sparsity = stats  # its sparsity is read when read
             return out
         out = self.sparse(q, k, v, is_causal=is_causal, scale=scale)
-        self.stats.last_sparsity = float(self.sparse._last_sparsity.mean())
+        if isinstance(self.sparse, SparseAttentionMeansim):
+            stats = self.sparse.last_stats  # None after a tuning call
+            self.stats.last_sparsity = (float(self.sparse.tuning_sparsity.mean()) if stats is None
+                                        else stats)
+        else:  # a CPU tensor: the budget layer synchronises by design (it steers by error)
+            self.stats.last_sparsity = float(self.sparse._last_sparsity.mean())
         return out
 
 

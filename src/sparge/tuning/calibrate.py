@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..api import sparse_attn
+from ..api import AttentionStats, sparse_attn
 from ._common import exact_attention, from_hnd, rel_l1, rel_l1_per_head, to_hnd
 from .budget import DENSE_SIM, ErrorBudgetAttention
 
@@ -68,6 +68,11 @@ class SparseAttentionMeansim(nn.Module):
             inference use the same setting, so the tuned error is the error one gets).
         quant, backend, block_q, block_k: passed to :func:`sparge.sparse_attn`.
         verbose: print the tuned values after each tuning call (upstream always does).
+
+    Attributes:
+        last_stats: the :class:`sparge.AttentionStats` of the last call outside tune mode (None
+            before one and after a tuning call). It holds that call's mask until the next call;
+            reading its sparsity reads the mask back (a synchronisation on a GPU).
     """
 
     def __init__(self, sim_rule: str = "l1", l1: float = 0.07, pv_l1: float = 0.08,
@@ -98,6 +103,7 @@ class SparseAttentionMeansim(nn.Module):
         for name in (*UPSTREAM_KEYS, "topk"):
             self.register_parameter(name, None)
         self.tuning_sparsity: torch.Tensor | None = None
+        self.last_stats: AttentionStats | None = None
         self.num_data_passed = 0
         self._table: dict[str, torch.Tensor] | None = None
         # what inference_args() returns, kept while its sources are unchanged: (the parameters
@@ -355,7 +361,10 @@ class SparseAttentionMeansim(nn.Module):
 
         ``mask`` must be None (sparge computes block-sparse attention; use ``is_causal`` for causal
         masking). ``smooth_k`` must be True: the predictor and the INT8 quantization of K always
-        subtract K's per-channel mean. With ``return_sparsity`` returns ``(out, sparsity)``.
+        subtract K's per-channel mean. With ``return_sparsity`` returns ``(out, sparsity)``: the
+        mean tuned sparsity in tune mode, else the call's block sparsity, read back from the mask
+        (a synchronisation on a GPU, which a call without it does not make; ``last_stats`` holds
+        the call's statistics either way).
         """
         if q.dim() != 4:
             raise ValueError("q should be 4-d tensor with B, H, L, D")
@@ -375,14 +384,16 @@ class SparseAttentionMeansim(nn.Module):
                       f"{self.simthreshd1.tolist()} pvthreshd={self.pvthreshd.tolist()} "
                       f"is_sparse={self.is_sparse.tolist()} mean sparsity="
                       f"{float(self.tuning_sparsity.mean()):.3f}")
+            self.last_stats = None
             out = from_hnd(ref.to(q.dtype), tensor_layout)
-            sparsity = float(self.tuning_sparsity.mean())
-        else:
-            out, stats = sparse_attn(qh, kh, vh, **self.inference_args(), is_causal=is_causal,
-                                     scale=scale, block_q=self.block_q, block_k=self.block_k,
-                                     quant=self.quant, backend=self.backend, return_stats=True)
-            out, sparsity = from_hnd(out, tensor_layout), stats.sparsity
-        return (out, sparsity) if return_sparsity else out
+            return (out, float(self.tuning_sparsity.mean())) if return_sparsity else out
+        out, self.last_stats = sparse_attn(qh, kh, vh, **self.inference_args(),
+                                           is_causal=is_causal, scale=scale,
+                                           block_q=self.block_q, block_k=self.block_k,
+                                           quant=self.quant, backend=self.backend,
+                                           return_stats=True)
+        out = from_hnd(out, tensor_layout)
+        return (out, self.last_stats.sparsity) if return_sparsity else out
 
     def extra_repr(self) -> str:
         return (f"sim_rule={self.sim_rule!r}, l1={self.l1}, pv_l1={self.pv_l1}, "
