@@ -19,5 +19,6 @@ def test_switch_default_and_override(switch, monkeypatch):
 
 def test_defaults_are_the_documented_ones():
     on = {s.name for s in settings.SWITCHES if s.default_on}
-    assert on == {"SPARGE_AUTOTUNE", "SPARGE_LAUNCH_CACHE", "SPARGE_CUDA_GRAPHS"}
+    assert on == {"SPARGE_AUTOTUNE", "SPARGE_LAUNCH_CACHE", "SPARGE_CUDA_GRAPHS",
+                  "SPARGE_DEPENDENT_LAUNCH"}
     assert {s.name for s in settings.SWITCHES} - on == {"TRITON_INTERPRET", "SPARGE_PV_TILE_SKIP"}
