@@ -49,6 +49,23 @@ def test_sparsity_counts_only_visitable_blocks():
     assert per_head.tolist() == pytest.approx([1 / 12, 0.0])
 
 
+@pytest.mark.parametrize("q_len,k_len,bq,bk", [(1, 1, 64, 64), (200, 300, 64, 128),
+                                             (1000, 129, 128, 64), (129, 5000, 64, 128)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_deferred_sparsity_counts_on_the_device_and_reads_when_asked(rng, q_len, k_len, bq, bk,
+                                                                      causal):
+    """The visitable blocks are counted on the host (the same count as the causal block mask);
+    the kept ones on the mask's device, read back only by ``float``."""
+    n_q, n_k = -(-q_len // bq), -(-k_len // bk)
+    mask = SparseMask(torch.rand(2, 3, n_q, n_k, generator=rng) < 0.4, bq, bk, q_len, k_len,
+                      causal)
+    assert mask.visitable_count() == int(mask.visitable().sum())
+    deferred = mask.deferred_sparsity()
+    assert deferred.kept.dim() == 0 and deferred.kept.device == mask.device
+    kept = int(mask.blocks.sum())
+    assert float(deferred) == mask.sparsity() == 1.0 - kept / (6 * mask.visitable_count())
+
+
 def test_lut_is_delta_encoded_with_counts():
     blocks = torch.tensor([[[[0, 1, 0, 1, 1], [0, 0, 0, 0, 0], [1, 0, 0, 0, 1]]]], dtype=torch.bool)
     mask = SparseMask(blocks, 64, 64, 192, 320)

@@ -293,26 +293,33 @@ def test_inference_args_are_the_same_tensors_read_back_once(rng, monkeypatch, in
 
 
 def test_tuned_forward_reads_the_sparsity_back_only_when_asked(rng, monkeypatch):
-    """Without return_sparsity a tuned call computes no sparsity (on a GPU a synchronisation);
-    last_stats holds the call's statistics, read when asked."""
+    """A tuned call asks for no statistics unless ``return_sparsity`` (a readback on a GPU) or
+    ``record_sparsity`` (a count kept on the device in ``last_sparsity``, read by ``float``)."""
+    from sparge.tuning import calibrate
+
     module = _quick_tuned(rng)
+    asked: list[bool] = []
+    monkeypatch.setattr(calibrate, "sparse_attn", lambda *args, **kw: (
+        asked.append(kw["return_stats"]), sparse_attn(*args, **kw))[1])
     reads: list[str] = []
     for name in ("sparsity", "per_head_sparsity"):
         method = getattr(SparseMask, name)
         monkeypatch.setattr(SparseMask, name,
                             lambda self, _m=method, _n=name: reads.append(_n) or _m(self))
     q, k, v = local_qkv(int(torch.randint(10**6, (1,), generator=rng)), length=1024)
-    module(q, k, v)
-    assert reads == []
-    stats = module.last_stats
+    out = module(q, k, v)
+    assert asked == [False] and reads == [] and module.last_sparsity is None
+    module.record_sparsity = True
+    assert torch.equal(module(q, k, v), out)
+    assert asked[1:] == [True] and reads == []
     selection = {key: value for key, value in module.inference_args().items()
                  if key != "pv_threshold"}
-    assert torch.equal(stats.mask.blocks, predict_mask(q, k, **selection).blocks)
+    expected = predict_mask(q, k, **selection).sparsity()
+    assert float(module.last_sparsity) == expected > 0.3
     _, sparsity = module(q, k, v, return_sparsity=True)
-    assert reads == ["sparsity"] and module.last_stats is not stats
-    assert sparsity == module.last_stats.sparsity == stats.mask.sparsity() > 0.3
+    assert sparsity == expected and reads[-1] == "sparsity"
     module(q, k, v, tune_mode=True)
-    assert module.last_stats is None
+    assert module.last_sparsity is None
     _, sparsity = module(q, k, v, tune_mode=True, return_sparsity=True)
     assert sparsity == float(module.tuning_sparsity.mean())
 

@@ -35,6 +35,18 @@ def causal_block_mask(q_len: int, k_len: int, block_q: int, block_k: int,
 
 
 @dataclass(frozen=True)
+class DeferredSparsity:
+    """A mask's sparsity, its kept blocks counted on the mask's device and read back only when
+    the value is asked for: ``float(x)``. It holds a 0-dim int64 tensor, not the mask."""
+
+    kept: torch.Tensor
+    total: int
+
+    def __float__(self) -> float:
+        return 1.0 - int(self.kept) / self.total
+
+
+@dataclass(frozen=True)
 class SparseMask:
     """A block-level attention mask.
 
@@ -118,20 +130,33 @@ class SparseMask:
                                      self.device)
         return torch.ones(self.shape[2:], dtype=torch.bool, device=self.device)
 
+    def visitable_count(self) -> int:
+        """How many blocks of one (batch, head) the dense (or causal) computation would visit,
+        counted on the host (no device work)."""
+        n_q, n_k = self.shape[2:]
+        if not self.causal:
+            return n_q * n_k
+        last_q = torch.clamp((torch.arange(n_q) + 1) * self.block_q, max=self.q_len) - 1
+        return int(torch.clamp(last_q // self.block_k + 1, max=n_k).sum())
+
+    def deferred_sparsity(self) -> DeferredSparsity:
+        """:meth:`sparsity` counted on the mask's device without reading it back (one reduction
+        launch on a GPU); ``float()`` of the result reads the count."""
+        return DeferredSparsity(self.blocks.sum(), self.visitable_count() * self.shape[0]
+                                * self.shape[1])
+
     def sparsity(self) -> float:
         """1 - kept blocks / blocks the dense (or causal) computation would visit, over all heads.
 
         This reads the mask back to the host (one synchronisation on a GPU).
         """
-        kept = int(self.blocks.sum())
-        total = int(self.visitable().sum()) * self.shape[0] * self.shape[1]
-        return 1.0 - kept / total
+        return float(self.deferred_sparsity())
 
     def per_head_sparsity(self) -> torch.Tensor:
-        """Float32 tensor (H,): the sparsity of each head, counted over the batch."""
+        """Float32 tensor (H,) on the mask's device: the sparsity of each head, counted over the
+        batch (no readback)."""
         kept = self.blocks.sum(dim=(0, 2, 3)).float()
-        total = float(self.visitable().sum()) * self.shape[0]
-        return 1.0 - kept / total
+        return 1.0 - kept / float(self.visitable_count() * self.shape[0])
 
     # ----------------------------------------------------------------------------- conversions
     def to_token_mask(self) -> torch.Tensor:
@@ -233,4 +258,5 @@ def dense_flops(batch: int, heads: int, q_len: int, k_len: int, head_dim: int,
     return flops / 2 if causal else flops
 
 
-__all__ = ["SparseMask", "causal_block_mask", "num_blocks", "dense_flops", "SUPPORTED_BLOCK_SIZES"]
+__all__ = ["DeferredSparsity", "SparseMask", "causal_block_mask", "num_blocks", "dense_flops",
+           "SUPPORTED_BLOCK_SIZES"]

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..api import AttentionStats, sparse_attn
+from ..api import sparse_attn
+from ..mask import DeferredSparsity
 from ..tuning import ErrorBudgetAttention, SparseAttentionMeansim, load_tuning
 from ..tuning.budget import HeadReport
 
@@ -63,9 +64,8 @@ MODES = ("budget", "calibrate", "tuned", "fixed", "dense")
 
 
 class _SparsityField:
-    """A float dataclass field that may be set to a call's :class:`~sparge.AttentionStats`
-    instead: the stats' sparsity (a readback from the GPU) is computed on the field's first
-    read, and kept."""
+    """A float dataclass field that may be set to a :class:`~sparge.mask.DeferredSparsity`
+    instead (a count on the GPU): it is read back on the field's first read, and kept."""
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.slot = f"_{name}"
@@ -74,11 +74,11 @@ class _SparsityField:
         if obj is None:
             return 0.0  # the field's default
         value = obj.__dict__[self.slot]
-        if isinstance(value, AttentionStats):
-            value = obj.__dict__[self.slot] = value.sparsity
+        if isinstance(value, DeferredSparsity):
+            value = obj.__dict__[self.slot] = float(value)
         return value
 
-    def __set__(self, obj: object, value: float | AttentionStats) -> None:
+    def __set__(self, obj: object, value: float | DeferredSparsity) -> None:
         obj.__dict__[self.slot] = value
 
 
@@ -88,8 +88,8 @@ class LayerStats:
     the last sparse call (mean over heads; in calibration the mean tuned sparsity), and the report
     of its sparse module (error-budget layers).
 
-    ``last_sparsity`` is computed when read, not on every call: in "fixed" and calibrated modes
-    reading it reads the last call's mask back from the GPU.
+    ``last_sparsity`` is read back when read, not on every call: in "fixed" and calibrated modes
+    each call counts its kept blocks on the GPU, and reading the field reads that count.
     """
 
     sparse_calls: int = 0
@@ -150,7 +150,8 @@ class SpargeAttnProcessor(nn.Module):
         inner: the original processor (restored by :func:`disable_sparge`).
         sparse: the sparge layer module (registered as the child ``sparse``, so its tuned values
             appear in the model's ``state_dict`` and in ``named_modules``), or None for "fixed" and
-            "dense" modes.
+            "dense" modes. A :class:`~sparge.tuning.SparseAttentionMeansim` is set to record
+            its sparsity (for :class:`LayerStats`).
         controller: the :class:`SpargeController` deciding steps and layers.
         name: the attention module's name in the model.
         fixed: keyword arguments of :func:`sparge.sparse_attn` for "fixed" mode.
@@ -161,6 +162,8 @@ class SpargeAttnProcessor(nn.Module):
         super().__init__()
         self.inner = inner
         self.sparse = sparse
+        if isinstance(sparse, SparseAttentionMeansim):
+            sparse.record_sparsity = True
         self.name, self.layer_index = name, layer_index
         self.fixed = dict(fixed or {})
         self.stats = LayerStats()
@@ -235,13 +238,13 @@ class SpargeAttnProcessor(nn.Module):
         if mode == "fixed":
             out, stats = sparse_attn(q, k, v, is_causal=is_causal, scale=scale,
                                      return_stats=True, **self.fixed)
-            self.stats.last_sparsity = stats  # its sparsity is read when read
+            self.stats.last_sparsity = stats.mask.deferred_sparsity()
             return out
         out = self.sparse(q, k, v, is_causal=is_causal, scale=scale)
         if isinstance(self.sparse, SparseAttentionMeansim):
-            stats = self.sparse.last_stats  # None after a tuning call
-            self.stats.last_sparsity = (float(self.sparse.tuning_sparsity.mean()) if stats is None
-                                        else stats)
+            deferred = self.sparse.last_sparsity  # None after a tuning call
+            self.stats.last_sparsity = (float(self.sparse.tuning_sparsity.mean())
+                                        if deferred is None else deferred)
         else:  # a CPU tensor: the budget layer synchronises by design (it steers by error)
             self.stats.last_sparsity = float(self.sparse._last_sparsity.mean())
         return out

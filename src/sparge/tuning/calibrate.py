@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..api import AttentionStats, sparse_attn
+from ..api import sparse_attn
+from ..mask import DeferredSparsity
 from ._common import exact_attention, from_hnd, rel_l1, rel_l1_per_head, to_hnd
 from .budget import DENSE_SIM, ErrorBudgetAttention
 
@@ -70,9 +71,11 @@ class SparseAttentionMeansim(nn.Module):
         verbose: print the tuned values after each tuning call (upstream always does).
 
     Attributes:
-        last_stats: the :class:`sparge.AttentionStats` of the last call outside tune mode (None
-            before one and after a tuning call). It holds that call's mask until the next call;
-            reading its sparsity reads the mask back (a synchronisation on a GPU).
+        record_sparsity: when True, each call outside tune mode keeps its block sparsity in
+            ``last_sparsity``, counted on the device (``float()`` reads it back; the call
+            itself does not). Off by default: a call without statistics can replay a CUDA graph.
+        last_sparsity: the :class:`sparge.mask.DeferredSparsity` of the last call outside tune
+            mode while ``record_sparsity`` is on, else None.
     """
 
     def __init__(self, sim_rule: str = "l1", l1: float = 0.07, pv_l1: float = 0.08,
@@ -103,7 +106,8 @@ class SparseAttentionMeansim(nn.Module):
         for name in (*UPSTREAM_KEYS, "topk"):
             self.register_parameter(name, None)
         self.tuning_sparsity: torch.Tensor | None = None
-        self.last_stats: AttentionStats | None = None
+        self.record_sparsity = False
+        self.last_sparsity: DeferredSparsity | None = None
         self.num_data_passed = 0
         self._table: dict[str, torch.Tensor] | None = None
         # what inference_args() returns, kept while its sources are unchanged: (the parameters
@@ -363,8 +367,7 @@ class SparseAttentionMeansim(nn.Module):
         masking). ``smooth_k`` must be True: the predictor and the INT8 quantization of K always
         subtract K's per-channel mean. With ``return_sparsity`` returns ``(out, sparsity)``: the
         mean tuned sparsity in tune mode, else the call's block sparsity, read back from the mask
-        (a synchronisation on a GPU, which a call without it does not make; ``last_stats`` holds
-        the call's statistics either way).
+        (a synchronisation on a GPU, which a call without it does not make).
         """
         if q.dim() != 4:
             raise ValueError("q should be 4-d tensor with B, H, L, D")
@@ -384,16 +387,18 @@ class SparseAttentionMeansim(nn.Module):
                       f"{self.simthreshd1.tolist()} pvthreshd={self.pvthreshd.tolist()} "
                       f"is_sparse={self.is_sparse.tolist()} mean sparsity="
                       f"{float(self.tuning_sparsity.mean()):.3f}")
-            self.last_stats = None
+            self.last_sparsity = None
             out = from_hnd(ref.to(q.dtype), tensor_layout)
             return (out, float(self.tuning_sparsity.mean())) if return_sparsity else out
-        out, self.last_stats = sparse_attn(qh, kh, vh, **self.inference_args(),
-                                           is_causal=is_causal, scale=scale,
-                                           block_q=self.block_q, block_k=self.block_k,
-                                           quant=self.quant, backend=self.backend,
-                                           return_stats=True)
-        out = from_hnd(out, tensor_layout)
-        return (out, self.last_stats.sparsity) if return_sparsity else out
+        with_stats = return_sparsity or self.record_sparsity
+        result = sparse_attn(qh, kh, vh, **self.inference_args(), is_causal=is_causal,
+                             scale=scale, block_q=self.block_q, block_k=self.block_k,
+                             quant=self.quant, backend=self.backend, return_stats=with_stats)
+        if not with_stats:
+            return from_hnd(result, tensor_layout)
+        out, stats = from_hnd(result[0], tensor_layout), result[1]
+        self.last_sparsity = stats.mask.deferred_sparsity() if self.record_sparsity else None
+        return (out, stats.sparsity) if return_sparsity else out
 
     def extra_repr(self) -> str:
         return (f"sim_rule={self.sim_rule!r}, l1={self.l1}, pv_l1={self.pv_l1}, "
