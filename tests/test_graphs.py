@@ -184,7 +184,7 @@ def stubbed_capture(monkeypatch):
 
     def capture(call, addresses, values):
         log.append("capture")
-        return graphs._Graph(_FakeGraph(log), addresses, values)
+        return graphs._Graph(_FakeGraph(log), addresses, values, "captured result")
 
     monkeypatch.setattr(graphs, "_capture", capture)
     monkeypatch.setattr(graphs, "_GRAPHS", {})
@@ -203,19 +203,21 @@ def test_first_call_eager_second_captures_then_replays(stubbed_capture):
     def call(addresses, values):
         log.append("eager" if addresses is None else ("indirect", addresses.tolist()))
         seen.append(values)
+        return f"result {len(seen)}"
 
     seen = []
     first, second, third = _tensors(), _tensors(), _tensors()
     values = [(torch.rand(3), torch.rand(3)) for _ in range(3)]
-    graphs.run("key", first, call, values[0])
+    assert graphs.run("key", first, call, values[0]) == "result 1"
     assert log == ["eager"] and seen[0] is values[0]
-    graphs.run("key", second, call, values[1])
+    assert graphs.run("key", second, call, values[1]) == "result 2"
     assert log[1:] == [("indirect", [t.data_ptr() for t in second]), "capture"]
     own = graphs._GRAPHS["key"].values
     # the graph reads its own copies of the values, not the caller's tensors
     assert seen[1] is own and all(a is not b and torch.equal(a, b)
                                   for a, b in zip(own, values[1], strict=True))
-    graphs.run("key", third, call, values[2])
+    # a replay returns what the captured call returned (the graph's own tensors)
+    assert graphs.run("key", third, call, values[2]) == "captured result"
     assert log[3:] == ["replay"] and len(seen) == 2
     # the replay reads the third call's addresses and values
     assert graphs._GRAPHS["key"].addresses.tolist() == [t.data_ptr() for t in third]
@@ -310,6 +312,11 @@ CALLS = {
     "sparse_attn tensor thresholds": ("sparse_attn", dict(tensor_thresholds="cdf")),
     "sparse_attn causal tensor topk": ("sparse_attn", dict(tensor_thresholds="topk",
                                                           is_causal=True)),
+    # the statistics: each call's predicted mask, a copy of the graph's own
+    "sparse_attn return_stats": ("sparse_attn", dict(tensor_thresholds="cdf",
+                                                     return_stats=True)),
+    "block_sparse_attn return_stats": ("block_sparse_attn", dict(block_q=64, block_k=128,
+                                                                 return_stats=True)),
     "quantized_attn": ("quantized_attn", {}),
     "quantized_attn causal float32 out": ("quantized_attn", dict(is_causal=True,
                                                                  out_dtype=torch.float32)),
@@ -329,7 +336,7 @@ def _call_args(entry: str, kwargs: dict, b: int, hq: int, lq: int, lk: int) -> t
     kwargs = dict(kwargs)
     rule = kwargs.pop("tensor_thresholds", None)
     if rule is not None:
-        kwargs.update(sim_threshold=torch.rand(hq, device="cuda") - 0.2,
+        kwargs.update(sim_threshold=torch.rand(hq, device="cuda") - 0.5,
                       pv_threshold=torch.rand((), device="cuda") * 10)
         kwargs["cdf_threshold" if rule == "cdf" else "topk"] = (
             0.3 + 0.6 * torch.rand(hq, device="cuda"))
@@ -347,7 +354,8 @@ def _call_args(entry: str, kwargs: dict, b: int, hq: int, lq: int, lk: int) -> t
                                    (2, 4, 4, 777, 1500, 64, "NHD")])
 def test_replay_equals_eager_gpu(name, shape, monkeypatch):
     """Four calls on fresh inputs (the previous inputs freed): the first runs eagerly, the second
-    captures, the last two replay; each equals the call with replay off, bit for bit."""
+    captures, the last two replay; each equals the call with replay off, bit for bit, and so
+    does each call's mask with ``return_stats``, still after the later replays."""
     import sparge
 
     print(f"random seed: {torch.seed()}")
@@ -359,6 +367,7 @@ def test_replay_equals_eager_gpu(name, shape, monkeypatch):
     def sizes(heads, length):
         return (b, heads, length, d) if layout == "HND" else (b, length, heads, d)
 
+    masks = []  # (this call's stats, the eager call's) with return_stats
     for i in range(4):
         q = torch.randn(sizes(hq, lq), device="cuda", dtype=torch.bfloat16)
         k = torch.randn(sizes(hk, lk), device="cuda", dtype=torch.bfloat16) + 2
@@ -368,9 +377,18 @@ def test_replay_equals_eager_gpu(name, shape, monkeypatch):
         assert len(replays) == max(0, i - 1)
         expected = _eager(monkeypatch, lambda inputs=(q, k, v, *args), kw=kw: fn(
             *inputs, layout=layout, **kw))
+        if kw.get("return_stats"):
+            (out, stats), (expected, eager_stats) = out, expected
+            masks.append((stats, eager_stats))
         assert torch.isfinite(out).all()
         assert torch.equal(out, expected), f"call {i}"
         del q, k, v, args
+    for i, (stats, eager_stats) in enumerate(masks):
+        assert torch.equal(stats.mask.blocks, eager_stats.mask.blocks), f"call {i}"
+        assert stats.sparsity == eager_stats.sparsity, f"call {i}"
+    if kwargs.get("return_stats"):
+        assert len(masks) == 4 and len({m.mask.blocks.data_ptr() for m, _ in masks}) == 4
+        assert max(m.sparsity for m, _ in masks) > 0  # masks that differ from call to call
 
 
 @pytest.mark.gpu

@@ -67,13 +67,19 @@ def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str,
     scale = checks.resolve_scale(scale, qh.shape[3])
     backend = choose_backend(backend, q.device)
     mode = choose_quant(quant, q.device)
-    if backend == "triton" and not return_stats:  # one custom op: CUDA graphs, torch.compile
+    if backend == "triton" and not (return_stats and torch.compiler.is_compiling()):
+        # one custom op under torch.compile; CUDA-graph replay of repeated eager calls
         from .kernels.ops import sparse_attention_call
 
-        return sparse_attention_call(q, k, v, layout=layout, mask=mask, selection=selection,
-                                     block_q=block_q, block_k=block_k, causal=causal,
-                                     scale=scale, pv_threshold=pv_threshold, mode=mode,
-                                     out_dtype=out_dtype or q.dtype)
+        result = sparse_attention_call(q, k, v, layout=layout, mask=mask, selection=selection,
+                                       block_q=block_q, block_k=block_k, causal=causal,
+                                       scale=scale, pv_threshold=pv_threshold, mode=mode,
+                                       out_dtype=out_dtype or q.dtype, with_mask=return_stats)
+        if not return_stats:
+            return result
+        out, predicted = result
+        return out, AttentionStats(mask if selection is None else predicted, backend, mode,
+                                   heads_q)
     lam = per_head(pv_threshold, heads_q, q.device)
     out = torch.empty(q.shape, dtype=out_dtype or q.dtype, device=q.device)  # caller's layout
     out_hnd = checks.to_hnd(out, layout)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -58,6 +59,7 @@ class _Graph:
     graph: torch.cuda.CUDAGraph
     addresses: torch.Tensor  # int64 (4 or 5,) on the device, read by the graph's kernels
     values: tuple[torch.Tensor, ...] = ()  # the graph's copies of the caller's values
+    result: Any = None  # what the captured call returned: tensors the replays write
 
 
 _SEEN = "seen"  # the key's first call ran eagerly
@@ -87,8 +89,8 @@ def address_buffer(tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
 
 
 def run(key: tuple, tensors: tuple[torch.Tensor, ...],
-        call: Callable[[torch.Tensor | None, tuple[torch.Tensor, ...]], None],
-        values: tuple[torch.Tensor, ...] = ()) -> None:
+        call: Callable[[torch.Tensor | None, tuple[torch.Tensor, ...]], Any],
+        values: tuple[torch.Tensor, ...] = ()) -> Any:
     """Run ``call`` eagerly or as a replay of its graph (see the module docstring).
 
     ``tensors`` are the caller's (q, k, v, out), or (q, k, v, out, mask blocks), in slot order,
@@ -100,32 +102,35 @@ def run(key: tuple, tensors: tuple[torch.Tensor, ...],
     addresses and making every other tensor it uses itself. ``key`` must name everything
     ``call`` depends on but the addresses and the values' contents: the current stream and
     the values' shapes and dtypes included.
+
+    Returns what ``call`` returns; on a replay, what the captured call returned: tensors of the
+    graph's own, which the next replay overwrites (copy what is kept).
     """
     entry = _GRAPHS.get(key)
     if entry is None:
         if len(_GRAPHS) >= MAX_GRAPHS:
             _drop(next(iter(_GRAPHS)))  # the oldest
         _GRAPHS[key] = _SEEN
-        call(None, values)
-    elif entry is _SEEN:
+        return call(None, values)
+    if entry is _SEEN:
         addresses = address_buffer(tensors)
         own = tuple(value.clone() for value in values)
         try:
-            call(addresses, own)  # compiles the INDIRECT kernels outside the capture
+            result = call(addresses, own)  # compiles the INDIRECT kernels outside the capture
         except Exception as error:  # noqa: BLE001 - the ordinary kernels still serve
             _GRAPHS[key] = _eager_from_now("kernels reading addresses", error)
-            call(None, values)
-            return
+            return call(None, values)
         _GRAPHS[key] = _capture(call, addresses, own)
-    elif entry is _EAGER:
-        call(None, values)
-    else:
-        # From pageable memory, a non-blocking copy is staged before copy_ returns and runs in
-        # stream order; a blocking one would wait for the GPU.
-        entry.addresses.copy_(_addresses(tensors), non_blocking=True)
-        for own, value in zip(entry.values, values, strict=True):
-            own.copy_(value)
-        entry.graph.replay()
+        return result
+    if entry is _EAGER:
+        return call(None, values)
+    # From pageable memory, a non-blocking copy is staged before copy_ returns and runs in
+    # stream order; a blocking one would wait for the GPU.
+    entry.addresses.copy_(_addresses(tensors), non_blocking=True)
+    for own, value in zip(entry.values, values, strict=True):
+        own.copy_(value)
+    entry.graph.replay()
+    return entry.result
 
 
 def _drop(key: tuple) -> None:
@@ -147,11 +152,11 @@ def _capture_stream(device: torch.device) -> torch.cuda.Stream:
     return stream
 
 
-def _capture(call: Callable[[torch.Tensor | None, tuple[torch.Tensor, ...]], None],
+def _capture(call: Callable[[torch.Tensor | None, tuple[torch.Tensor, ...]], Any],
              addresses: torch.Tensor, values: tuple[torch.Tensor, ...]) -> _Graph | str:
     """``call(addresses, values)`` captured into a graph with a memory pool of its own, on a
-    side stream (a capture may not run on the default stream); ``_EAGER`` if the capture
-    fails."""
+    side stream (a capture may not run on the default stream), with what the call returned;
+    ``_EAGER`` if the capture fails."""
     caller = torch.cuda.current_stream(addresses.device)
     side = _capture_stream(addresses.device)
     side.wait_stream(caller)
@@ -160,14 +165,14 @@ def _capture(call: Callable[[torch.Tensor | None, tuple[torch.Tensor, ...]], Non
         with torch.cuda.stream(side):
             graph.capture_begin(capture_error_mode="thread_local")
             try:
-                call(addresses, values)
+                result = call(addresses, values)
             finally:
                 graph.capture_end()
     except Exception as error:  # noqa: BLE001 - the eager call still serves
         return _eager_from_now("capturing a CUDA graph", error)
     finally:
         caller.wait_stream(side)
-    return _Graph(graph, addresses, values)
+    return _Graph(graph, addresses, values, result)
 
 
 def _eager_from_now(step: str, error: Exception) -> str:

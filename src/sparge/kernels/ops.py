@@ -36,10 +36,11 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor
             pv_threshold: torch.Tensor, sim_threshold: torch.Tensor | None,
             rule: torch.Tensor | None, blocks: torch.Tensor | None, rule_is_topk: bool,
             attention_sink: bool, causal: bool, scale: float, block_q: int, block_k: int,
-            mode: str, layout: str, addresses: torch.Tensor | None = None) -> None:
+            mode: str, layout: str, addresses: torch.Tensor | None = None) -> SparseMask | None:
     """Attention through :func:`sparge.kernels.attention` into ``out`` (q's shape and layout);
     ``addresses`` as that function takes them. ``blocks`` must be causally valid when
-    ``addresses`` are given (a :class:`SparseMask`'s are): the mask is then read, not ANDed."""
+    ``addresses`` are given (a :class:`SparseMask`'s are): the mask is then read, not ANDed.
+    Returns the predicted mask with a selection, else None."""
     from .. import kernels  # the package's entry point (imported late: it imports this module)
 
     qh, kh, vh = _hnd(q, layout), _hnd(k, layout), _hnd(v, layout)
@@ -53,9 +54,11 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor
         sizes = (block_q, block_k, qh.shape[2], kh.shape[2], causal)
         mask = (SparseMask(blocks, *sizes) if addresses is None
                 else SparseMask._of_valid_blocks(blocks, *sizes))
-    kernels.attention(qh, kh, vh, mask=mask, selection=selection, block_q=block_q,
-                      block_k=block_k, causal=causal, scale=scale, pv_threshold=pv_threshold,
-                      mode=mode, out=_hnd(out, layout), addresses=addresses)
+    used = kernels.attention(qh, kh, vh, mask=mask, selection=selection, block_q=block_q,
+                             block_k=block_k, causal=causal, scale=scale,
+                             pv_threshold=pv_threshold, mode=mode, out=_hnd(out, layout),
+                             addresses=addresses)
+    return used if selection is not None else None
 
 
 def _sparse_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -88,10 +91,12 @@ def sparse_attention_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
                           mask: SparseMask | None, selection: Selection | None, block_q: int,
                           block_k: int, causal: bool, scale: float,
                           pv_threshold: float | torch.Tensor, mode: str,
-                          out_dtype: torch.dtype) -> torch.Tensor:
+                          out_dtype: torch.dtype, with_mask: bool = False
+                          ) -> torch.Tensor | tuple[torch.Tensor, SparseMask | None]:
     """:func:`sparse_attention` from the public API's arguments (validated, ``mode`` and
     ``scale`` resolved): thresholds become (Hq,) device tensors by fills, a mask its block
-    tensor.
+    tensor. With ``with_mask`` (not under ``torch.compile``) returns ``(out, predicted)``: the
+    mask a selection predicted, the caller's own (None without a selection).
 
     Under ``torch.compile`` the call goes through the registered operator; in eager mode it calls
     the same implementation directly, since the operator's dispatch costs about a millisecond of
@@ -116,31 +121,39 @@ def sparse_attention_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
     flags = (topk, sink, causal, float(scale), block_q, block_k, mode, layout)
     blocks = None if mask is None else mask.blocks
     if torch.compiler.is_compiling():
+        if with_mask:
+            raise ValueError("the predicted mask cannot be returned under torch.compile")
         return sparse_attention(q, k, v, on_device(pv_threshold), on_device(sim), on_device(rule),
                                 blocks, *flags, out_dtype)
     thresholds = (pv_threshold, sim, rule)
+    out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
     if _replayable(q, k, v, blocks, _hnd(k, layout).shape[2], mode):
-        out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
         # threshold tensors by value, as (Hq,) float32 device tensors the graph copies
         values = tuple(on_device(t).detach().contiguous() for t in thresholds
                        if isinstance(t, torch.Tensor))
 
-        def call(addresses: torch.Tensor | None, given: tuple[torch.Tensor, ...]) -> None:
+        def call(addresses: torch.Tensor | None, given: tuple[torch.Tensor, ...]
+                 ) -> SparseMask | None:
             # number thresholds are filled inside: a captured graph owns its fills
             tensor = iter(given)
             pv, s, r = (next(tensor) if isinstance(t, torch.Tensor) else on_device(t)
                         for t in thresholds)
-            _attend(q, k, v, out, pv, s, r, blocks, *flags, addresses=addresses)
+            return _attend(q, k, v, out, pv, s, r, blocks, *flags, addresses=addresses)
 
         index = q.device.index
         tensors = (q, k, v, out) if blocks is None else (q, k, v, out, blocks)
         key = (index, current_stream(index), *_layout_key(q), *_layout_key(k), *_layout_key(v),
                None if blocks is None else _layout_key(blocks), out_dtype,
                *(torch.Tensor if isinstance(t, torch.Tensor) else t for t in thresholds), *flags)
-        graphs.run(key, tensors, call, values)
-        return out
-    return _sparse_attention_impl(q, k, v, on_device(pv_threshold), on_device(sim),
-                                  on_device(rule), blocks, *flags, out_dtype)
+        predicted = graphs.run(key, tensors, call, values)
+        if predicted is not None and with_mask:  # a replay's mask is the graph's own: copied
+            predicted = SparseMask._of_valid_blocks(predicted.blocks.clone(), predicted.block_q,
+                                                    predicted.block_k, predicted.q_len,
+                                                    predicted.k_len, predicted.causal)
+    else:
+        predicted = _attend(q, k, v, out, on_device(pv_threshold), on_device(sim),
+                            on_device(rule), blocks, *flags)
+    return (out, predicted) if with_mask else out
 
 
 def _layout_key(x: torch.Tensor) -> tuple:
