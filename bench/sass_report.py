@@ -40,7 +40,7 @@ prepass = importlib.import_module("sparge.kernels.prepass")
 POINTERS = {"Q": "*i8", "K": "*i8", "V": "*fp8e4nv", "Out": "*bf16", "QS": "*fp32", "KS": "*fp32",
             "KSMax": "*fp32", "VS": "*fp32", "Lam": "*fp32", "Counts": "*i32", "NFull": "*i32",
             "Indices": "*i32", "Addresses": "*i64"}
-UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_od", "stride_vn", "group")
+UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_od", "group")
 
 
 def dependent(args) -> bool:
@@ -50,21 +50,29 @@ def dependent(args) -> bool:
 
 
 def compile_kernel(args) -> triton.compiler.CompiledKernel:
+    """The attention kernel as the library launches it on ``args.arch``: FP8 P.V (the
+    K-major FP8 V buffer) from sm89 on, FP16 P.V before; TMA descriptors from sm90 on unless
+    ``--no-tma``."""
     fn = attention._sparse_attn_fwd
     names = list(fn.arg_names)
+    fp8 = args.arch >= 89
+    tma = args.arch >= 90 and not args.no_tma
     constants = dict(HEAD_DIM=args.dim, BLOCK_M=args.block_m, BLOCK_N=args.block_n,
-                     BLOCK_Q=args.block_m, MODE=0, CAUSAL=args.causal,
+                     BLOCK_Q=args.block_m, MODE=0 if fp8 else 1, CAUSAL=args.causal,
                      SPARSE=args.sparse, PV_SKIP=False, EVEN_D=True, IEEE_DOT=False,
-                     ROUND_FP8=False, FAST_CVT=True, FOLD=not args.no_fold, TMA=not args.no_tma,
+                     ROUND_FP8=False, FAST_CVT=True, FOLD=not args.no_fold, TMA=tma,
                      INDIRECT=False, PDL=dependent(args))
-    if args.no_tma:
+    if not tma:
         constants.update(KDesc=None, VDesc=None)
-    constants.update({n: 1 for n in UNIT_STRIDES})
+    # unit strides: the channels of Q, K and the output, V's keys in the FP8 buffer (its channels
+    # in the float16 V), and the GQA group
+    constants.update({n: 1 for n in (*UNIT_STRIDES, "stride_vn" if fp8 else "stride_vd")})
+    pointers = dict(POINTERS, V="*fp8e4nv" if fp8 else "*fp16")
     signature = {}
     for n in names:
-        if n in POINTERS:
-            signature[n] = POINTERS[n]
-        elif n in ("KDesc", "VDesc") and not args.no_tma:
+        if n in pointers:
+            signature[n] = pointers[n]
+        elif n in ("KDesc", "VDesc") and tma:
             block = [args.block_n, args.dim] if n == "KDesc" else [args.dim, args.block_n]
             signature[n] = f"tensordesc<{POINTERS[n[0]][1:]}{block}>"
         elif n in constants:

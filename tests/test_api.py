@@ -267,3 +267,22 @@ def test_explicit_triton_backend_without_gpu_says_why(rng, monkeypatch):
     q, k, v = qkv(rng, lq=64, lk=64)
     with pytest.raises(RuntimeError, match="triton"):
         sparge.sparse_attn(q, k, v, backend="triton")
+
+
+@pytest.mark.parametrize("capability,runs", [((7, 5), False), ((8, 0), True), ((8, 9), True),
+                                             ((9, 0), True), ((12, 0), True)])
+def test_triton_path_from_ampere_on(capability, runs, monkeypatch):
+    """The Triton kernels run from compute capability 8.0 on. A Turing GPU takes the reference
+    path (Triton has no tensor-core products for sm_75), and asking for Triton there says why."""
+    from sparge import backend
+
+    pytest.importorskip("triton")
+    monkeypatch.setattr(backend, "capability_of", lambda device: capability)
+    cuda = torch.device("cuda", 0)
+    ok, why = backend.triton_status(cuda)
+    assert ok == runs
+    assert backend.choose_backend("auto", cuda) == ("triton" if runs else "reference")
+    if not runs:
+        assert "below 8.0" in why
+        with pytest.raises(RuntimeError, match="below 8.0"):
+            backend.choose_backend("triton", cuda)

@@ -1,9 +1,14 @@
 """Which execution path a call takes, and why.
 
-- ``triton``: the Triton kernels in :mod:`sparge.kernels`, on CUDA GPUs of compute capability 7.5
-  (Turing) or newer; also on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``) when
+- ``triton``: the Triton kernels in :mod:`sparge.kernels`, on CUDA GPUs of compute capability 8.0
+  (Ampere) or newer; also on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``) when
   asked for explicitly, which is how the kernels are tested without a GPU.
-- ``reference``: plain PyTorch (:mod:`sparge.predict`, :mod:`sparge.reference`), on any device.
+- ``reference``: plain PyTorch (:mod:`sparge.predict`, :mod:`sparge.reference`), on any device,
+  Turing GPUs included. For compute capability 7.5, Triton (3.6 to 3.9, compiled offline) emits
+  no tensor-core instructions, not even for FP16 products, and cannot compile the attention
+  kernel's INT8 product (``bench/sass_report.py --arch 75`` fails); with the INT8 operands
+  widened to FP16 it compiles to FMA loops whose tiles need 128 KB of shared memory, where
+  Turing has 64 KB.
 
 The PV product runs in FP8 e4m3 where the GPU has FP8 tensor cores (compute capability 8.9 and
 newer) and in FP16 elsewhere, CPU included, unless the caller chooses.
@@ -18,7 +23,7 @@ import torch
 from . import settings
 from .quant import PV_FP8, PV_FP16
 
-MIN_CAPABILITY = (7, 5)
+MIN_CAPABILITY = (8, 0)
 FP8_CAPABILITY = (8, 9)
 
 
@@ -67,7 +72,8 @@ def triton_status(device: torch.device) -> tuple[bool, str]:
     if device.type == "cuda":
         major, minor = capability_of(device)
         if (major, minor) < MIN_CAPABILITY:
-            return False, f"compute capability {major}.{minor} is below 7.5 (Turing)"
+            return False, (f"compute capability {major}.{minor} is below 8.0: Triton has no "
+                           "tensor-core products there")
         return True, f"CUDA GPU of compute capability {major}.{minor}"
     if device.type == "cpu" and interpreter_enabled():
         return True, "Triton interpreter (TRITON_INTERPRET=1)"

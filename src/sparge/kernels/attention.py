@@ -564,10 +564,8 @@ def candidate_configs(capability: tuple[int, int], head_dim: int, block_q: int, 
                  (128, 8, 3, None), (64, 4, 4, None), (128, 8, 2, None)]
         if head_dim <= 64:  # small tiles: four programs per SM (128 registers) hide most latency
             cands = [(64, 4, 3, 128), (64, 4, 2, 128)] + cands
-    elif capability >= (8, 0):  # Ampere, Ada, Blackwell
+    else:  # Ampere, Ada, Blackwell
         cands = [(64, 4, 2, None), (64, 4, 3, None), (128, 8, 2, None), (128, 4, 2, None)]
-    else:  # Turing
-        cands = [(64, 4, 2, None), (64, 4, 1, None), (128, 8, 1, None)]
     if head_dim > 128:  # a 128 x 256 fp32 accumulator does not fit the registers
         cands = [c for c in cands if c[0] == 64 and c[3] is None]
     q_bytes, k_bytes, v_bytes = operand_bytes

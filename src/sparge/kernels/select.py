@@ -17,7 +17,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backend import capability_of
 from ..mask import SparseMask
 from ..predict import BlockStats, Selection, per_head, pooled_products, select_blocks
 from . import launcher
@@ -231,9 +230,9 @@ def pooled_products_gpu(q_stats: BlockStats, k_stats: BlockStats) -> torch.Tenso
     """:func:`sparge.predict.pooled_products` (float32 (B, Hq, nQ, nK), contiguous), on a GPU
     by one Triton launch: the float32 dot products on the tensor cores as three TF32 products
     (``tf32x3``: each operand split into a TF32 value and its TF32 remainder), within a few
-    float32 ulps of the reference's; before sm80, and on the CPU, the reference's own product.
+    float32 ulps of the reference's; on the CPU, the reference's own product.
     The query head h reads key head h // (Hq / Hk) in the kernel, without repeating K's means."""
-    if q_stats.mean.device.type != "cuda" or capability_of(q_stats.mean.device) < (8, 0):
+    if q_stats.mean.device.type != "cuda":
         return pooled_products(q_stats, k_stats).contiguous()
     return _products_launch(q_stats.mean.contiguous(), k_stats.mean.contiguous(), "tf32x3")
 
