@@ -133,11 +133,10 @@ class SparseMask:
     def visitable_count(self) -> int:
         """How many blocks of one (batch, head) the dense (or causal) computation would visit,
         counted on the host (no device work)."""
-        n_q, n_k = self.shape[2:]
         if not self.causal:
-            return n_q * n_k
-        last_q = torch.clamp((torch.arange(n_q) + 1) * self.block_q, max=self.q_len) - 1
-        return int(torch.clamp(last_q // self.block_k + 1, max=n_k).sum())
+            return self.shape[2] * self.shape[3]
+        return int(causal_block_mask(self.q_len, self.k_len, self.block_q, self.block_k,
+                                     "cpu").sum())
 
     def deferred_sparsity(self) -> DeferredSparsity:
         """:meth:`sparsity` counted on the mask's device without reading it back (one reduction
