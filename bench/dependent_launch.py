@@ -51,11 +51,11 @@ def calls(length: int, dim: int, gen: torch.Generator) -> dict:
 
 
 def switched(fn, on: bool):
-    def run(i):
-        return fn(i)
+    """``fn`` with dependent launch turned on or off, and the graphs of the other setting
+    dropped."""
     os.environ[SETTING] = "1" if on else "0"
     graphs.clear()
-    return run
+    return fn
 
 
 def part_dependent_launch(shapes, rounds: int, lines: list[str]) -> None:
