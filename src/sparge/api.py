@@ -26,8 +26,8 @@ Threshold = float | torch.Tensor
 class AttentionStats:
     """What a call did.
 
-    Getting the stats costs nothing on the device: the sparsities are computed from ``mask`` when
-    first read (then kept), which reads the mask back to the host (a synchronisation on a GPU).
+    Returning the stats reads nothing back: the sparsities are computed from ``mask`` when first
+    read (then kept), which reads the mask back to the host (a synchronisation on a GPU).
 
     Attributes:
         mask: the block mask that was computed (None for dense quantized attention).
