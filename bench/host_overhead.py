@@ -2,14 +2,15 @@
 
     PYTHONPATH=src python3 bench/host_overhead.py [--seq-len 4096] [--breakdown]
 
-Times each entry point with CUDA events (median of do_bench) and with a host clock around calls
-issued back to back. ``--breakdown`` also times each step of a call on its own (the pre-pass, the
-attention launch, the selection, the lookup table, the torch operations between them) at a length
-short enough (L256) that the GPU never holds the host back, ``--split`` divides a
-``sparse_attn`` call at L256 into its kernel launches (each timed through the library's launcher,
-its cache key alone and the compiled kernel called directly) and the rest (the call with every
-launch left out), and ``--profile`` prints cProfile's top functions by own and by cumulative time
-for ``sparse_attn``, causal and not.
+Times each entry point (the public calls with number thresholds, with (H,) threshold tensors, with
+``return_stats``, and a tuned :class:`sparge.tuning.SparseAttentionMeansim` layer) with CUDA events
+(median of do_bench) and with a host clock around calls issued back to back. ``--breakdown`` also
+times each step of a call on its own (the pre-pass, the attention launch, the selection, the lookup
+table, the torch operations between them) at a length short enough (L256) that the GPU never holds
+the host back, ``--split`` divides a ``sparse_attn`` call at L256 into its kernel launches (each
+timed through the library's launcher, its cache key alone and the compiled kernel called directly)
+and the rest (the call with every launch left out), and ``--profile`` prints cProfile's top
+functions by own and by cumulative time for ``sparse_attn``, causal and not.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from sparge.kernels.prepass import prepare_qkv
 from sparge.kernels.select import select_blocks_gpu
 from sparge.mask import SparseMask
 from sparge.predict import Selection, per_head, pooled_scores
+from sparge.tuning import SparseAttentionMeansim
 
 
 def host_us(fn, n: int = 200) -> float:
@@ -52,7 +54,18 @@ def _fill_kernel(x_ptr, n, value, BLOCK: tl.constexpr):
     tl.store(x_ptr + offs, value, mask=offs < n)
 
 
+def tuned_layer(heads: int, device: torch.device) -> SparseAttentionMeansim:
+    """A layer holding per-head parameter tensors as a tuned one does (upstream's initial values,
+    without running the search)."""
+    layer = SparseAttentionMeansim()
+    layer.init_hyperparams(heads, device)
+    return layer
+
+
 def end_to_end(q, k, v, mask) -> dict:
+    heads = q.shape[1]
+    sim, cdf, pv = (torch.full((heads,), x, device=q.device) for x in (0.6, 0.98, 50.0))
+    layer = tuned_layer(heads, q.device)
     return {
         "quantized_attn": lambda: sparge.quantized_attn(q, k, v),
         "block_sparse_attn 90%": lambda: sparge.block_sparse_attn(q, k, v, mask),
@@ -60,6 +73,10 @@ def end_to_end(q, k, v, mask) -> dict:
                                                                          is_causal=True),
         "sparse_attn": lambda: sparge.sparse_attn(q, k, v),
         "sparse_attn causal": lambda: sparge.sparse_attn(q, k, v, is_causal=True),
+        "sparse_attn (H,) thresholds": lambda: sparge.sparse_attn(
+            q, k, v, sim_threshold=sim, cdf_threshold=cdf, pv_threshold=pv),
+        "sparse_attn return_stats": lambda: sparge.sparse_attn(q, k, v, return_stats=True),
+        "tuned layer": lambda: layer(q, k, v),
         "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
     }
 

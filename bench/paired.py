@@ -4,16 +4,22 @@ Dense (default): for each shape, SDPA's cuDNN backend, the dense attention kerne
 pre-quantized inputs (the autotuned configuration, and each configuration of ``--configs``) and
 ``sparge.quantized_attn`` are timed in turn, round after round; each round's ratio compares
 timings taken seconds apart. Reports the median time of each and the median, lowest and highest
-per-round ratio to cuDNN.
+per-round ratio to cuDNN; with ``--pairs N`` also the ratio within each of N steps (below).
 
 Pipeline (``--pipeline``): for each shape and for random and structured local data, the kernel
 alone on the pipeline's own mask (pre-quantized inputs), ``sparge.block_sparse_attn`` on that mask
 (quantization and kernel) and ``sparge.sparse_attn`` (prediction, quantization and kernel) in
 turn; reports the median, lowest and highest per-round overhead of the pipeline over each.
 
+``--pairs N`` also times the calls one after another, N times, each call on its own (CUDA
+events, L2 flushed before it as do_bench flushes it, the order rotating), and reports the median
+and quartiles of the ratio within each step: calls milliseconds apart, so that neither clock
+drift nor the seconds between rounds enter the ratio.
+
     python bench/paired.py --shapes 32768:128,32768:64,8192:128 --rounds 7 --out FILE
     python bench/paired.py --shapes 32768:128 --configs 64:4:3:168,64:4:2:168
     python bench/paired.py --pipeline --shapes 32768:128:1,32768:64:1 --rounds 5 --out FILE
+    python bench/paired.py --pipeline --shapes 32768:128:1 --rounds 3 --pairs 200 --out FILE
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -42,6 +49,35 @@ from bench_attention import (  # noqa: E402
 import sparge  # noqa: E402
 from sparge.kernels import prepare_qkv  # noqa: E402
 from sparge.kernels.attention import KernelConfig, tuned_configs  # noqa: E402
+
+
+def interleaved(fns: dict[str, Callable[[int], object]], n_sets: int,
+                steps: int) -> dict[str, list[float]]:
+    """Milliseconds of every call of each function, ``steps`` steps of one call each (input set
+    ``step % n_sets``, the order rotating from step to step), each call timed by CUDA events
+    after a 256 MB write that flushes L2 (as ``do_bench`` does). Calls are queued without waiting
+    for the GPU; the times are read once at the end."""
+    flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")
+    names = list(fns)
+    events: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {n: [] for n in names}
+    for step in range(steps):
+        turn = step % len(names)
+        for name in names[turn:] + names[:turn]:
+            flush.zero_()
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fns[name](step % n_sets)
+            end.record()
+            events[name].append((start, end))
+    torch.cuda.synchronize()
+    return {name: [s.elapsed_time(e) for s, e in pairs] for name, pairs in events.items()}
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(first quartile, median, third quartile)."""
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, median, q3
 
 
 def run_shape(length: int, dim: int, args) -> list[str]:
@@ -83,16 +119,22 @@ def run_shape(length: int, dim: int, args) -> list[str]:
     bucket = 1 << (length - 1).bit_length()  # the autotuner's shape class of this length
     configs = sorted({str(c) for k, c in tuned_configs().items()
                       if k[3] == dim and k[9] == bucket})
+    steps = interleaved(fns, args.sets, args.pairs) if args.pairs else None
     lines = [f"## L{length} D{dim} non-causal", "", f"Configurations: {', '.join(configs)}", "",
-             "| what | median ms | TOPS | x cuDNN (median) | lowest | highest |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+             "| what | median ms | TOPS | x cuDNN (median) | lowest | highest |"
+             + (" per step: x cuDNN, median [quartiles] |" if steps else ""),
+             "| --- | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if steps else "")]
     base = times["sdpa cudnn bf16"]
     for name, ts in times.items():
         ratios = [b / t for b, t in zip(base, ts, strict=True)]
         ms = statistics.median(ts)
-        lines.append(f"| {name} | {ms:.3f} | {flops / ms / 1e9:.0f} | "
-                     f"{statistics.median(ratios):.3f} | {min(ratios):.3f} | "
-                     f"{max(ratios):.3f} |")
+        row = (f"| {name} | {ms:.3f} | {flops / ms / 1e9:.0f} | "
+               f"{statistics.median(ratios):.3f} | {min(ratios):.3f} | {max(ratios):.3f} |")
+        if steps:
+            per_step = [b / t for b, t in zip(steps["sdpa cudnn bf16"], steps[name], strict=True)]
+            q1, median, q3 = quartiles(per_step)
+            row += f" {median:.3f} [{q1:.3f}, {q3:.3f}] |"
+        lines.append(row)
         print(f"  {name:<24} {ms:8.3f} ms  x{statistics.median(ratios):.3f} "
               f"[{min(ratios):.3f}, {max(ratios):.3f}]", flush=True)
     return lines + [""]
@@ -107,8 +149,11 @@ def run_pipeline_shape(length: int, dim: int, causal: bool, args) -> list[str]:
     lines = [f"## {name}", "",
              "| data | sparsity | kernel ms | block_sparse_attn ms | pipeline ms "
              "| over kernel: median [lowest, highest] "
-             "| over block_sparse_attn: median [lowest, highest] |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| over block_sparse_attn: median [lowest, highest] |"
+             + (" per step, over kernel: median [quartiles] | per step, over block_sparse_attn |"
+                if args.pairs else ""),
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+             + (" ---: | ---: |" if args.pairs else "")]
 
     def spread(over: list[float]) -> str:
         return (f"{100 * statistics.median(over):+.1f} % "
@@ -132,6 +177,13 @@ def run_pipeline_shape(length: int, dim: int, causal: bool, args) -> list[str]:
         row = (f"| {data_name} | {pair.sparsity():.3f} | {statistics.median(k_ms):.3f} | "
                f"{statistics.median(b_ms):.3f} | {statistics.median(p_ms):.3f} | "
                f"{spread(over_k)} | {spread(over_b)} |")
+        if args.pairs:
+            ms = interleaved({"kernel": pair.kernel, "block": pair.block_sparse,
+                              "pipeline": pair.pipeline}, args.sets, args.pairs)
+            for base in ("kernel", "block"):
+                over = [p / b - 1 for b, p in zip(ms[base], ms["pipeline"], strict=True)]
+                q1, median, q3 = (100 * x for x in quartiles(over))
+                row += f" {median:+.1f} % [{q1:+.1f}, {q3:+.1f}] |"
         lines.append(row)
         print(f"  {name} {row}", flush=True)
         del sets, pair
@@ -156,6 +208,9 @@ def main() -> None:
     parser.add_argument("--rep", type=int, default=150, help="do_bench time per timing, ms")
     parser.add_argument("--pipeline", action="store_true",
                         help="pipeline overhead over the kernel; shapes are L:D:causal")
+    parser.add_argument("--pairs", type=int, default=0,
+                        help="also this many steps timing the calls one after another (see the "
+                             "module docstring)")
     parser.add_argument("--configs", type=parse_configs, default=[],
                         help="dense: kernel configurations to time beside the autotuned one, "
                              "block_m:warps:stages:registers (0 = no cap), comma-separated")
@@ -167,7 +222,11 @@ def main() -> None:
                  f"int8_fp8, sparse_attn defaults; {args.rounds} rounds, each timing the kernel "
                  "on the pipeline's masks (pre-quantized inputs, each set's own mask), "
                  "block_sparse_attn on those masks and the pipeline "
-                 f"in turn (do_bench medians over {args.sets} rotated input sets).", ""]
+                 f"in turn (do_bench medians over {args.sets} rotated input sets)."
+                 + (f" Per step: {args.pairs} steps, each timing the three calls one after "
+                    "another (CUDA events, L2 flushed before each call, the order rotating); "
+                    "the overhead within each step, median and quartiles over the steps."
+                    if args.pairs else ""), ""]
         for item in args.shapes.split(","):
             length, dim, causal = (int(x) for x in item.split(":"))
             lines += run_pipeline_shape(length, dim, bool(causal), args)
@@ -178,7 +237,10 @@ def main() -> None:
     lines = [f"# Dense speed against cuDNN, alternating: {card_name()}", "",
              f"torch {torch.__version__}, Triton {triton.__version__}; B1 H{args.heads}, bf16 "
              f"random inputs; {args.rounds} rounds, each timing cuDNN, the kernel and "
-             f"quantized_attn in turn (do_bench medians over {args.sets} rotated input sets).",
+             f"quantized_attn in turn (do_bench medians over {args.sets} rotated input sets)."
+             + (f" Per step: {args.pairs} steps, each timing every call once, one after another "
+                "(CUDA events, L2 flushed before each call, the order rotating); the ratio "
+                "within each step, median and quartiles over the steps." if args.pairs else ""),
              ""]
     for item in args.shapes.split(","):
         length, dim = (int(x) for x in item.split(":"))

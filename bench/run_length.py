@@ -1,0 +1,166 @@
+"""Dense speed against cuDNN as a function of how many calls in a row each function gets.
+
+    PYTHONPATH=src python3 bench/run_length.py --shapes 32768:128,8192:128 --out FILE
+
+cuDNN, the dense attention kernel on pre-quantized inputs and ``sparge.quantized_attn`` take
+turns; each turn is ``run`` consecutive calls of one function (CUDA events around each call, L2
+flushed before it as ``do_bench`` flushes it, the order of the functions rotating from step to
+step). For each run length the table gives each function's median time and the median and
+quartiles, over the steps, of the ratio of the medians within a step. A ratio that moves with
+the run length comes from the card's clock following the power each kernel draws: run after run
+of one kernel lets the clock settle where that kernel's power puts it, while alternating call by
+call holds every kernel at one common clock. ``--clocks FILE`` logs the SM clock, power and
+temperature every 20 ms through ``nvidia-smi`` while the steps run (each run length's steps
+are marked in the log by host timestamps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE))
+
+from bench_attention import card_name, launch_quantized, random_inputs  # noqa: E402
+from paired import quartiles  # noqa: E402
+
+import sparge  # noqa: E402
+from sparge.kernels import prepare_qkv  # noqa: E402
+
+RUNS = (1, 4, 16, 48)
+CALL_BUDGET_MS = 12000  # per run length and shape: steps = budget / (run * calls per step)
+
+
+def timed_runs(fns: dict, n_sets: int, steps: int, run: int) -> dict[str, list[list[float]]]:
+    """Per function, per step: the milliseconds of its ``run`` consecutive calls."""
+    flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")
+    names = list(fns)
+    events = {name: [] for name in names}
+    for step in range(steps):
+        turn = step % len(names)
+        for name in names[turn:] + names[:turn]:
+            calls = []
+            for i in range(run):
+                flush.zero_()
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                fns[name]((step * run + i) % n_sets)
+                end.record()
+                calls.append((start, end))
+            events[name].append(calls)
+    torch.cuda.synchronize()
+    return {name: [[s.elapsed_time(e) for s, e in calls] for calls in per_step]
+            for name, per_step in events.items()}
+
+
+def run_shape(length: int, dim: int, args, mark) -> list[str]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    gen = torch.Generator(device="cuda").manual_seed(length + dim)
+    sets = [random_inputs(1, args.heads, length, dim, gen) for _ in range(args.sets)]
+    quant = [prepare_qkv(*s, block_q=64, block_k=128, mode="int8_fp8", with_stats=False)[0]
+             for s in sets]
+    out = torch.empty_like(sets[0][0])
+    lam = torch.full((args.heads,), float("inf"), device="cuda")
+
+    def cudnn(i):
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            sdpa(*sets[i])
+
+    def kernel(i):
+        launch_quantized(quant[i], out=out, table=None, block_q=64, block_k=128, causal=False,
+                         scale=dim ** -0.5, pv_threshold=lam, mode="int8_fp8")
+
+    def public(i):
+        sparge.quantized_attn(*sets[i], quant="int8_fp8")
+
+    fns = {"sdpa cudnn bf16": cudnn, "sparge dense kernel": kernel,
+           "sparge.quantized_attn": public}
+    for fn in fns.values():  # compile and autotune outside the timing
+        fn(0)
+    torch.cuda.synchronize()
+    call_ms = triton.testing.do_bench(lambda: cudnn(0), warmup=25, rep=1000,
+                                      return_mode="median")  # also a steady clock at full load
+    lines = [f"## L{length} D{dim} non-causal", "",
+             "| calls in a row | steps | cuDNN ms | kernel ms | quantized_attn ms "
+             "| kernel x cuDNN: median [quartiles] | quantized_attn x cuDNN |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for run in args.runs:
+        steps = max(3, int(CALL_BUDGET_MS / (call_ms * run * len(fns))))
+        mark(f"L{length} D{dim} run {run} start")
+        ms = timed_runs(fns, args.sets, steps, run)
+        mark(f"L{length} D{dim} run {run} end")
+        step_median = {name: [statistics.median(calls) for calls in per_step]
+                       for name, per_step in ms.items()}
+        overall = {name: statistics.median([t for calls in per_step for t in calls])
+                   for name, per_step in ms.items()}
+        base = step_median["sdpa cudnn bf16"]
+        cells = []
+        for name in ("sparge dense kernel", "sparge.quantized_attn"):
+            q1, median, q3 = quartiles([b / t for b, t in zip(base, step_median[name],
+                                                               strict=True)])
+            cells.append(f"{median:.3f} [{q1:.3f}, {q3:.3f}]")
+        row = (f"| {run} | {steps} | {overall['sdpa cudnn bf16']:.3f} | "
+               f"{overall['sparge dense kernel']:.3f} | {overall['sparge.quantized_attn']:.3f} | "
+               f"{cells[0]} | {cells[1]} |")
+        lines.append(row)
+        print(row, flush=True)
+    return lines + [""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default="32768:128,8192:128")
+    parser.add_argument("--heads", type=int, default=24)
+    parser.add_argument("--sets", type=int, default=3)
+    parser.add_argument("--runs", type=lambda s: [int(x) for x in s.split(",")],
+                        default=list(RUNS))
+    parser.add_argument("--clocks", help="nvidia-smi log of clock, power and temperature")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    sampler = None
+    log = None
+    if args.clocks:
+        log = open(args.clocks, "w")  # noqa: SIM115 - held open while the sampler writes
+        sampler = subprocess.Popen(
+            ["nvidia-smi", "--query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu",
+             "--format=csv", "-lms", "20"], stdout=log, stderr=subprocess.STDOUT)
+
+    def mark(text: str) -> None:
+        torch.cuda.synchronize()
+        if log is not None:
+            log.write(f"# {dt.datetime.now().strftime('%Y/%m/%d %H:%M:%S.%f')[:-3]} {text}\n")
+            log.flush()
+
+    lines = [f"# Dense speed against cuDNN by calls in a row: {card_name()}", "",
+             f"torch {torch.__version__}, Triton {triton.__version__}; B1 H{args.heads}, bf16 "
+             f"random inputs, {args.sets} input sets; per run length, steps of one turn of each "
+             "function, each turn that many calls in a row (CUDA events, L2 flushed before each "
+             "call); ratios of the within-step medians, median and quartiles over the steps.", ""]
+    try:
+        for item in args.shapes.split(","):
+            length, dim = (int(x) for x in item.split(":"))
+            lines += run_shape(length, dim, args, mark)
+            if args.out:
+                Path(args.out).write_text("\n".join(lines) + "\n")
+    finally:
+        if sampler is not None:
+            sampler.terminate()
+            sampler.wait()
+            log.close()
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
