@@ -2,16 +2,17 @@
 
     PYTHONPATH=src python3 bench/run_length.py --shapes 32768:128,8192:128 --out FILE
 
-cuDNN, the dense attention kernel on pre-quantized inputs and ``sparge.quantized_attn`` take
-turns; each turn is ``run`` consecutive calls of one function (CUDA events around each call, L2
-flushed before it as ``do_bench`` flushes it, the order of the functions rotating from step to
-step). For each run length the table gives each function's median time and the median and
-quartiles, over the steps, of the ratio of the medians within a step. A ratio that moves with
-the run length comes from the card's clock following the power each kernel draws: run after run
-of one kernel lets the clock settle where that kernel's power puts it, while alternating call by
-call holds every kernel at one common clock. ``--clocks FILE`` logs the SM clock, power and
-temperature every 20 ms through ``nvidia-smi`` while the steps run (each run length's steps
-are marked in the log by host timestamps).
+cuDNN, the dense attention kernel on pre-quantized inputs and ``sparge.quantized_attn`` (with
+``--skip F``, also the kernel and ``sparge.block_sparse_attn`` on random block masks with a
+fraction F of the blocks skipped) take turns; each turn is ``run`` consecutive calls of one
+function (CUDA events around each call, L2 flushed before it as ``do_bench`` flushes it, the order
+of the functions rotating from step to step). For each run length the table gives each function's
+median time and the median and quartiles, over the steps, of the ratio of the medians within a
+step. A ratio that moves with the run length comes from the card's clock following the power each
+kernel draws: run after run of one kernel lets the clock settle where that kernel's power puts it,
+while alternating call by call holds every kernel at one common clock.
+``--clocks FILE`` logs the SM clock, power and temperature every 20 ms through ``nvidia-smi`` while
+the steps run (each run length's steps are marked in the log by host timestamps).
 """
 
 from __future__ import annotations
@@ -30,11 +31,16 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
-from bench_attention import card_name, launch_quantized, random_inputs  # noqa: E402
+from bench_attention import (  # noqa: E402
+    card_name,
+    launch_quantized,
+    random_block_mask,
+    random_inputs,
+)
 from paired import quartiles  # noqa: E402
 
 import sparge  # noqa: E402
-from sparge.kernels import prepare_qkv  # noqa: E402
+from sparge.kernels import block_table, prepare_qkv  # noqa: E402
 
 RUNS = (1, 4, 16, 48)
 CALL_BUDGET_MS = 12000  # per run length and shape: steps = budget / (run * calls per step)
@@ -85,17 +91,31 @@ def run_shape(length: int, dim: int, args, mark) -> list[str]:
     def public(i):
         sparge.quantized_attn(*sets[i], quant="int8_fp8")
 
-    fns = {"sdpa cudnn bf16": cudnn, "sparge dense kernel": kernel,
-           "sparge.quantized_attn": public}
+    fns = {"sdpa cudnn bf16": cudnn, "kernel": kernel, "quantized_attn": public}
+    if args.skip:
+        masks = [random_block_mask(1, args.heads, length, length, False, args.skip, gen)
+                 for _ in sets]
+        tables = [block_table(m) for m in masks]
+
+        def sparse_kernel(i):
+            launch_quantized(quant[i], out=out, table=tables[i], block_q=64, block_k=128,
+                             causal=False, scale=dim ** -0.5, pv_threshold=lam, mode="int8_fp8")
+
+        def sparse_public(i):
+            sparge.block_sparse_attn(*sets[i], masks[i], quant="int8_fp8")
+
+        fns[f"kernel, {args.skip:.0%} skipped"] = sparse_kernel
+        fns[f"block_sparse_attn, {args.skip:.0%} skipped"] = sparse_public
     for fn in fns.values():  # compile and autotune outside the timing
         fn(0)
     torch.cuda.synchronize()
     call_ms = triton.testing.do_bench(lambda: cudnn(0), warmup=25, rep=1000,
                                       return_mode="median")  # also a steady clock at full load
+    others = [name for name in fns if name != "sdpa cudnn bf16"]
     lines = [f"## L{length} D{dim} non-causal", "",
-             "| calls in a row | steps | cuDNN ms | kernel ms | quantized_attn ms "
-             "| kernel x cuDNN: median [quartiles] | quantized_attn x cuDNN |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| calls in a row | steps | cuDNN ms | "
+             + " | ".join(f"{name}: ms, x cuDNN median [quartiles]" for name in others) + " |",
+             "| ---: | ---: | ---: |" + " ---: |" * len(others)]
     for run in args.runs:
         steps = max(3, int(CALL_BUDGET_MS / (call_ms * run * len(fns))))
         mark(f"L{length} D{dim} run {run} start")
@@ -107,13 +127,11 @@ def run_shape(length: int, dim: int, args, mark) -> list[str]:
                    for name, per_step in ms.items()}
         base = step_median["sdpa cudnn bf16"]
         cells = []
-        for name in ("sparge dense kernel", "sparge.quantized_attn"):
+        for name in others:
             q1, median, q3 = quartiles([b / t for b, t in zip(base, step_median[name],
                                                                strict=True)])
-            cells.append(f"{median:.3f} [{q1:.3f}, {q3:.3f}]")
-        row = (f"| {run} | {steps} | {overall['sdpa cudnn bf16']:.3f} | "
-               f"{overall['sparge dense kernel']:.3f} | {overall['sparge.quantized_attn']:.3f} | "
-               f"{cells[0]} | {cells[1]} |")
+            cells.append(f"{overall[name]:.3f}, {median:.3f} [{q1:.3f}, {q3:.3f}]")
+        row = f"| {run} | {steps} | {overall['sdpa cudnn bf16']:.3f} | " + " | ".join(cells) + " |"
         lines.append(row)
         print(row, flush=True)
     return lines + [""]
@@ -126,6 +144,9 @@ def main() -> None:
     parser.add_argument("--sets", type=int, default=3)
     parser.add_argument("--runs", type=lambda s: [int(x) for x in s.split(",")],
                         default=list(RUNS))
+    parser.add_argument("--skip", type=float, default=0.0,
+                        help="also the kernel and block_sparse_attn on random masks with this "
+                             "fraction of the blocks skipped")
     parser.add_argument("--clocks", help="nvidia-smi log of clock, power and temperature")
     parser.add_argument("--out")
     args = parser.parse_args()

@@ -96,8 +96,8 @@ def compile_quantize(args) -> tuple[triton.compiler.CompiledKernel, str]:
     fn = prepass._quantize_kernel
     names = list(fn.arg_names)
     # V with Q or K in one statistics launch: below prepass._SPLIT_MIN_ELEMS elements of K
-    shape = prepass._launch_shape(args.stats, args.stats and "V" in args.jobs
-                                  and any(j in args.jobs for j in "QK"))
+    shape = prepass._launch_shape(args.stats, any(j in args.jobs for j in "QK"),
+                                  "V" in args.jobs)
     block_q, block_k = args.block_m, args.block_n
     v_fp8 = args.arch >= 89  # FP8 V where the GPU has FP8 tensor cores, else its float16 cast
     # one-warp statistics programs take K's channel mean finished by the launch before

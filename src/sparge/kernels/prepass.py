@@ -87,17 +87,30 @@ _ROWS_PER_PARTIAL = 16
 
 @dataclass(frozen=True)
 class _LaunchShape:
-    """Launch constants of the quantization kernel: elements per tile, warps, register cap."""
+    """Launch constants of the quantization kernel: elements per tile (at most ``max_rows`` rows
+    a tile when given), warps, register cap."""
 
     tile_elems: int
     num_warps: int
     maxnreg: int | None
+    max_rows: int | None = None
+
+    def tile_rows(self, dim_pad: int) -> int:
+        """Rows per tile for rows of ``dim_pad`` elements."""
+        rows = self.tile_elems // dim_pad
+        return rows if self.max_rows is None else min(rows, self.max_rows)
 
 
-# Quantization alone (and V's job always): tiles of 4096 elements in 4 warps, 96 registers (5
-# programs per SM), the fastest of tiles 4096 / 8192 / 16384, 4 / 8 warps and three caps on an
-# H100 (B1 H24, L 8192 and 32768, D 64 and 128; bench/NOTES.md).
+# Quantization alone (Q, K and V in one launch): tiles of 4096 elements in 4 warps, 96
+# registers (5 programs per SM), the fastest of tiles 4096 / 8192 / 16384, 4 / 8 warps and three
+# caps on an H100 (B1 H24, L 8192 and 32768, D 64 and 128; bench/NOTES.md).
 _QUANTIZE = _LaunchShape(4096, 4, 96)
+# V's job in a launch of its own (beside the one-warp statistics launch below): tiles of 128
+# rows, so that each channel's FP8 keys of a tile fill a 128-byte line of the K-major output, in
+# 4 warps without a cap. H100, L32768 (bench/v_launch_sweep.py,
+# bench/results/v-launch-sweep-H100-2026-11-27.log): D128 131 -> 118 us, D64 85 -> 64 us;
+# L8192 D128 43 -> 42 us.
+_V_ALONE = _LaunchShape(16384, 4, None, max_rows=128)
 # Q and K with their statistics: one warp per program, so that the statistics' reductions across
 # rows and across channels stay inside a warp (no barrier); 2048-element tiles. On an H100 at
 # L32768 D128 the Q and K jobs took 0.15 and 0.20 ms instead of 0.22 and 0.36 ms in 4-warp
@@ -112,12 +125,15 @@ _SPLIT_MIN_ELEMS = 1 << 24
 _STATS_WITH_V = _LaunchShape(8192, 4, 168)
 
 
-def _launch_shape(stats: bool, with_v: bool) -> _LaunchShape:
-    """The launch shape of one quantization launch: with or without the statistics, and with
-    the statistics whether V's job shares the launch with Q's or K's."""
+def _launch_shape(stats: bool, has_qk: bool, has_v: bool) -> _LaunchShape:
+    """The launch shape of one quantization launch: of V's job without Q's or K's (K's mean
+    may be finished beside it), else of Q's and K's jobs with or without the statistics, and with
+    the statistics whether V's job shares their launch."""
+    if not has_qk:
+        return _V_ALONE
     if not stats:
         return _QUANTIZE
-    return _STATS_WITH_V if with_v else _WITH_STATS
+    return _STATS_WITH_V if has_v else _WITH_STATS
 
 
 @triton.jit
@@ -512,7 +528,7 @@ def _constants(shape: _LaunchShape, dim: int, block_q: int, block_k: int, *, qua
     """The compile-time constants of one ``_quantize_kernel`` launch of this shape
     (``round_fp8``: FP8 values rounded in float32 before the conversion, for the interpreter)."""
     dp = _dim_pad(dim)
-    tile_rows = shape.tile_elems // dp
+    tile_rows = shape.tile_rows(dp)
     return dict(BQ=block_q, BK=block_k, RQ=min(block_q, tile_rows), RK=min(block_k, tile_rows),
                 VT=tile_rows, DP=dp, LOG_NC=_max_chunks(dp).bit_length() - 1, QUANT=quant,
                 STATS=stats, K_SCALE_MAX=k_scale_max, K_MEAN_GIVEN=k_mean_given, V_FP8=v_fp8,
@@ -581,9 +597,8 @@ def _launch(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | No
     given = next(t for t in (q, kv) if t is not None)
     batch, dim, dev = given.shape[0], given.shape[3], given.device
     dp = _dim_pad(dim)
-    with_v = stats and v is not None and (q is not None or run_k)
-    shape = _launch_shape(stats, with_v)
-    tile_rows = shape.tile_elems // dp
+    shape = _launch_shape(stats, q is not None or run_k, v is not None)
+    tile_rows = shape.tile_rows(dp)
     partials = ksum if ksum is not None else vmax
     n_chunks = 1 if partials is None else partials.shape[2]
     # rows per program: a tile at least, and for K and V enough to amortise combining the partials
