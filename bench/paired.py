@@ -51,27 +51,40 @@ from sparge.kernels import prepare_qkv  # noqa: E402
 from sparge.kernels.attention import KernelConfig, tuned_configs  # noqa: E402
 
 
-def interleaved(fns: dict[str, Callable[[int], object]], n_sets: int,
-                steps: int) -> dict[str, list[float]]:
-    """Milliseconds of every call of each function, ``steps`` steps of one call each (input set
-    ``step % n_sets``, the order rotating from step to step), each call timed by CUDA events
-    after a 256 MB write that flushes L2 (as ``do_bench`` does). Calls are queued without waiting
-    for the GPU; the times are read once at the end."""
+def interleaved(fns: dict[str, Callable[[int], object]], n_sets: int, steps: int,
+                run: int = 1) -> dict[str, list[list[float]]]:
+    """Per function, per step, the milliseconds of its calls: ``steps`` steps, each giving every
+    function one turn of ``run`` calls in a row (input set ``(step * run + i) % n_sets``, the
+    order of the functions rotating from step to step), each call timed by CUDA events after a
+    256 MB write that flushes L2 (as ``do_bench`` does). Calls are queued without waiting for
+    the GPU; the times are read once at the end."""
     flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")
     names = list(fns)
-    events: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {n: [] for n in names}
+    events: dict[str, list[list[tuple[torch.cuda.Event, torch.cuda.Event]]]] = {
+        name: [] for name in names}
     for step in range(steps):
         turn = step % len(names)
         for name in names[turn:] + names[:turn]:
-            flush.zero_()
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fns[name](step % n_sets)
-            end.record()
-            events[name].append((start, end))
+            calls = []
+            for i in range(run):
+                flush.zero_()
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                fns[name]((step * run + i) % n_sets)
+                end.record()
+                calls.append((start, end))
+            events[name].append(calls)
     torch.cuda.synchronize()
-    return {name: [s.elapsed_time(e) for s, e in pairs] for name, pairs in events.items()}
+    return {name: [[s.elapsed_time(e) for s, e in calls] for calls in per_step]
+            for name, per_step in events.items()}
+
+
+def per_step_ratios(ms: dict[str, list[list[float]]], numerator: str,
+                    denominator: str) -> list[float]:
+    """The ratio of the two functions' median times within each step of :func:`interleaved`."""
+    return [statistics.median(n) / statistics.median(d)
+            for n, d in zip(ms[numerator], ms[denominator], strict=True)]
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -131,8 +144,7 @@ def run_shape(length: int, dim: int, args) -> list[str]:
         row = (f"| {name} | {ms:.3f} | {flops / ms / 1e9:.0f} | "
                f"{statistics.median(ratios):.3f} | {min(ratios):.3f} | {max(ratios):.3f} |")
         if steps:
-            per_step = [b / t for b, t in zip(steps["sdpa cudnn bf16"], steps[name], strict=True)]
-            q1, median, q3 = quartiles(per_step)
+            q1, median, q3 = quartiles(per_step_ratios(steps, "sdpa cudnn bf16", name))
             row += f" {median:.3f} [{q1:.3f}, {q3:.3f}] |"
         lines.append(row)
         print(f"  {name:<24} {ms:8.3f} ms  x{statistics.median(ratios):.3f} "
@@ -181,7 +193,7 @@ def run_pipeline_shape(length: int, dim: int, causal: bool, args) -> list[str]:
             ms = interleaved({"kernel": pair.kernel, "block": pair.block_sparse,
                               "pipeline": pair.pipeline}, args.sets, args.pairs)
             for base in ("kernel", "block"):
-                over = [p / b - 1 for b, p in zip(ms[base], ms["pipeline"], strict=True)]
+                over = [r - 1 for r in per_step_ratios(ms, "pipeline", base)]
                 q1, median, q3 = (100 * x for x in quartiles(over))
                 row += f" {median:+.1f} % [{q1:+.1f}, {q3:+.1f}] |"
         lines.append(row)

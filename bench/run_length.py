@@ -37,36 +37,13 @@ from bench_attention import (  # noqa: E402
     random_block_mask,
     random_inputs,
 )
-from paired import quartiles  # noqa: E402
+from paired import interleaved, per_step_ratios, quartiles  # noqa: E402
 
 import sparge  # noqa: E402
 from sparge.kernels import block_table, prepare_qkv  # noqa: E402
 
 RUNS = (1, 4, 16, 48)
 CALL_BUDGET_MS = 12000  # per run length and shape: steps = budget / (run * calls per step)
-
-
-def timed_runs(fns: dict, n_sets: int, steps: int, run: int) -> dict[str, list[list[float]]]:
-    """Per function, per step: the milliseconds of its ``run`` consecutive calls."""
-    flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")
-    names = list(fns)
-    events = {name: [] for name in names}
-    for step in range(steps):
-        turn = step % len(names)
-        for name in names[turn:] + names[:turn]:
-            calls = []
-            for i in range(run):
-                flush.zero_()
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                fns[name]((step * run + i) % n_sets)
-                end.record()
-                calls.append((start, end))
-            events[name].append(calls)
-    torch.cuda.synchronize()
-    return {name: [[s.elapsed_time(e) for s, e in calls] for calls in per_step]
-            for name, per_step in events.items()}
 
 
 def run_shape(length: int, dim: int, args, mark) -> list[str]:
@@ -119,17 +96,13 @@ def run_shape(length: int, dim: int, args, mark) -> list[str]:
     for run in args.runs:
         steps = max(3, int(CALL_BUDGET_MS / (call_ms * run * len(fns))))
         mark(f"L{length} D{dim} run {run} start")
-        ms = timed_runs(fns, args.sets, steps, run)
+        ms = interleaved(fns, args.sets, steps, run)
         mark(f"L{length} D{dim} run {run} end")
-        step_median = {name: [statistics.median(calls) for calls in per_step]
-                       for name, per_step in ms.items()}
         overall = {name: statistics.median([t for calls in per_step for t in calls])
                    for name, per_step in ms.items()}
-        base = step_median["sdpa cudnn bf16"]
         cells = []
         for name in others:
-            q1, median, q3 = quartiles([b / t for b, t in zip(base, step_median[name],
-                                                               strict=True)])
+            q1, median, q3 = quartiles(per_step_ratios(ms, "sdpa cudnn bf16", name))
             cells.append(f"{overall[name]:.3f}, {median:.3f} [{q1:.3f}, {q3:.3f}]")
         row = f"| {run} | {steps} | {overall['sdpa cudnn bf16']:.3f} | " + " | ".join(cells) + " |"
         lines.append(row)
