@@ -28,6 +28,7 @@ import argparse
 import statistics
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -93,30 +94,53 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
     return q1, median, q3
 
 
-def run_shape(length: int, dim: int, args) -> list[str]:
+@dataclass
+class DenseCalls:
+    """Dense calls on ``n_sets`` random input sets, each ``f(i)`` running on set i: cuDNN, the
+    kernel on pre-quantized inputs (``kernel(i, config)`` forces a launch configuration) and
+    ``quantized_attn``, under their table names in ``fns``; ``sparse_kernel(i, table)`` runs the
+    kernel on a lookup table."""
+
+    sets: list
+    fns: dict[str, Callable[[int], object]]
+    kernel: Callable[..., object]
+    sparse_kernel: Callable[[int, object], object]
+
+
+def dense_calls(length: int, dim: int, heads: int, n_sets: int,
+                gen: torch.Generator) -> DenseCalls:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
-    gen = torch.Generator(device="cuda").manual_seed(length + dim)
-    sets = [random_inputs(1, args.heads, length, dim, gen) for _ in range(args.sets)]
+    sets = [random_inputs(1, heads, length, dim, gen) for _ in range(n_sets)]
     quant = [prepare_qkv(*s, block_q=64, block_k=128, mode="int8_fp8", with_stats=False)[0]
              for s in sets]
     out = torch.empty_like(sets[0][0])
-    lam = torch.full((args.heads,), float("inf"), device="cuda")
+    lam = torch.full((heads,), float("inf"), device="cuda")
 
     def cudnn(i):
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             sdpa(*sets[i])
 
-    def kernel(i, config=None):
-        launch_quantized(quant[i], out=out, table=None, block_q=64, block_k=128, causal=False,
+    def sparse_kernel(i, table, config=None):
+        launch_quantized(quant[i], out=out, table=table, block_q=64, block_k=128, causal=False,
                          scale=dim ** -0.5, pv_threshold=lam, mode="int8_fp8", config=config)
+
+    def kernel(i, config=None):
+        sparse_kernel(i, None, config)
 
     def public(i):
         sparge.quantized_attn(*sets[i], quant="int8_fp8")
 
-    fns = {"sdpa cudnn bf16": cudnn, "sparge dense kernel": kernel,
-           "sparge.quantized_attn": public}
+    return DenseCalls(sets, {"sdpa cudnn bf16": cudnn, "sparge dense kernel": kernel,
+                             "sparge.quantized_attn": public}, kernel, sparse_kernel)
+
+
+def run_shape(length: int, dim: int, args) -> list[str]:
+    gen = torch.Generator(device="cuda").manual_seed(length + dim)
+    calls = dense_calls(length, dim, args.heads, args.sets, gen)
+    fns, kernel = dict(calls.fns), calls.kernel
+    cudnn = fns["sdpa cudnn bf16"]
     for cfg in args.configs:
         label = (f"kernel M{cfg.block_m} {cfg.num_warps}w {cfg.num_stages}s "
                  f"{cfg.max_registers or '-'}r")

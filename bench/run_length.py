@@ -31,57 +31,30 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
-from bench_attention import (  # noqa: E402
-    card_name,
-    launch_quantized,
-    random_block_mask,
-    random_inputs,
-)
-from paired import interleaved, per_step_ratios, quartiles  # noqa: E402
+from bench_attention import card_name, random_block_mask  # noqa: E402
+from paired import dense_calls, interleaved, per_step_ratios, quartiles  # noqa: E402
 
 import sparge  # noqa: E402
-from sparge.kernels import block_table, prepare_qkv  # noqa: E402
+from sparge.kernels import block_table  # noqa: E402
 
 RUNS = (1, 4, 16, 48)
 CALL_BUDGET_MS = 12000  # per run length and shape: steps = budget / (run * calls per step)
 
 
 def run_shape(length: int, dim: int, args, mark) -> list[str]:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.nn.functional import scaled_dot_product_attention as sdpa
-
     gen = torch.Generator(device="cuda").manual_seed(length + dim)
-    sets = [random_inputs(1, args.heads, length, dim, gen) for _ in range(args.sets)]
-    quant = [prepare_qkv(*s, block_q=64, block_k=128, mode="int8_fp8", with_stats=False)[0]
-             for s in sets]
-    out = torch.empty_like(sets[0][0])
-    lam = torch.full((args.heads,), float("inf"), device="cuda")
-
-    def cudnn(i):
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            sdpa(*sets[i])
-
-    def kernel(i):
-        launch_quantized(quant[i], out=out, table=None, block_q=64, block_k=128, causal=False,
-                         scale=dim ** -0.5, pv_threshold=lam, mode="int8_fp8")
-
-    def public(i):
-        sparge.quantized_attn(*sets[i], quant="int8_fp8")
-
-    fns = {"sdpa cudnn bf16": cudnn, "kernel": kernel, "quantized_attn": public}
+    calls = dense_calls(length, dim, args.heads, args.sets, gen)
+    fns = dict(calls.fns)
+    cudnn = fns["sdpa cudnn bf16"]
     if args.skip:
         masks = [random_block_mask(1, args.heads, length, length, False, args.skip, gen)
-                 for _ in sets]
+                 for _ in calls.sets]
         tables = [block_table(m) for m in masks]
 
-        def sparse_kernel(i):
-            launch_quantized(quant[i], out=out, table=tables[i], block_q=64, block_k=128,
-                             causal=False, scale=dim ** -0.5, pv_threshold=lam, mode="int8_fp8")
-
         def sparse_public(i):
-            sparge.block_sparse_attn(*sets[i], masks[i], quant="int8_fp8")
+            sparge.block_sparse_attn(*calls.sets[i], masks[i], quant="int8_fp8")
 
-        fns[f"kernel, {args.skip:.0%} skipped"] = sparse_kernel
+        fns[f"kernel, {args.skip:.0%} skipped"] = lambda i: calls.sparse_kernel(i, tables[i])
         fns[f"block_sparse_attn, {args.skip:.0%} skipped"] = sparse_public
     for fn in fns.values():  # compile and autotune outside the timing
         fn(0)

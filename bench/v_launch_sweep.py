@@ -23,6 +23,9 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from prepass_head_chunks import graphed  # noqa: E402
 
 from sparge.kernels import prepass  # noqa: E402
 
@@ -31,16 +34,6 @@ SETS = 3
 TILES = (4096, 8192, 16384)
 WARPS = (4, 8)
 CAPS = (None, 128)
-
-
-def graphed(fn):
-    """fn captured in a CUDA graph (after one eager call that compiles it); returns the replay."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def main() -> None:
