@@ -22,3 +22,9 @@ def test_defaults_are_the_documented_ones():
     assert on == {"SPARGE_AUTOTUNE", "SPARGE_LAUNCH_CACHE", "SPARGE_CUDA_GRAPHS",
                   "SPARGE_DEPENDENT_LAUNCH"}
     assert {s.name for s in settings.SWITCHES} - on == {"TRITON_INTERPRET", "SPARGE_PV_TILE_SKIP"}
+
+
+def test_cuda_graphs_names_every_replayed_entry_point():
+    """``sparge info`` prints the meaning: it names each entry point whose calls replay."""
+    for name in ("sparse_attn", "quantized_attn", "block_sparse_attn"):
+        assert name in settings.CUDA_GRAPHS.meaning

@@ -36,7 +36,8 @@ AUTOTUNE = Switch("SPARGE_AUTOTUNE", True,
 LAUNCH_CACHE = Switch("SPARGE_LAUNCH_CACHE", True,
                       "call compiled kernels directly after their first launch")
 CUDA_GRAPHS = Switch("SPARGE_CUDA_GRAPHS", True,
-                     "replay repeated short calls as CUDA graphs (sparse_attn, quantized_attn)")
+                     "replay repeated short calls as CUDA graphs (sparse_attn, quantized_attn, "
+                     "block_sparse_attn)")
 DEPENDENT_LAUNCH = Switch("SPARGE_DEPENDENT_LAUNCH", True,
                           "on sm90 and newer, schedule each kernel of a call while the one before "
                           "it finishes (programmatic dependent launch)")
