@@ -12,8 +12,8 @@ The PV-threshold rule, applied per query row so that the result does not depend 
 size: in base-2 score units, a kept key block contributes nothing to a row (neither numerator nor
 denominator) when the block's maximum score in that row is more than ``pv_threshold`` below the
 row's running maximum. A row's first contributing block and, under causal masking, the block that
-holds the row's own position are never skipped. A kernel skips the P.V product of a tile when all of
-its rows skip.
+holds the row's own position are never skipped. With ``SPARGE_PV_TILE_SKIP=1`` a kernel also leaves
+out the P.V product of a tile when all of its rows skip.
 """
 
 from __future__ import annotations
