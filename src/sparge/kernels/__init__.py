@@ -1,10 +1,11 @@
 """Triton kernels: the GPU execution path of :mod:`sparge.api`.
 
-The public API calls exactly two functions here (see docs/ARCHITECTURE.md, "Kernel contract"):
+The public API uses two functions here (see docs/ARCHITECTURE.md, "Kernel contract"); its
+attention calls reach :func:`attention` through :mod:`sparge.kernels.ops`:
 
 - :func:`attention` writes ``out`` in place: with ``mask`` it runs that mask, with ``selection`` it
   runs the fused pipeline (pre-pass, block selection, lookup table, attention) and returns the
-  predicted mask, with neither it runs dense quantized attention.
+  predicted mask, with neither it runs every (causally valid) block.
 - :func:`predict_mask` runs the predictor alone.
 
 The pre-pass (statistics + quantization) and the block selection come from

@@ -46,8 +46,8 @@ are stored in the slots of :mod:`sparge.kernels.layout` and P's columns are reor
 (no data moves between threads), so P passes from the Q.K^T accumulator to the FP8 operand
 without shuffles.
 
-Loads: on Hopper (and in the interpreter) the K and V tiles of unmasked blocks come through host
-tensor descriptors (TMA); masked blocks and older GPUs use pointer loads.
+Loads: from sm90 on (and in the interpreter) the K and V tiles of unmasked blocks come through
+host tensor descriptors (TMA); masked blocks and older GPUs use pointer loads.
 
 Row sums (quantized modes): the sum of the rounded P the P.V product uses, computed as one more
 small product on the tensor cores (P times a column of ones), which costs less than the BLOCK_N

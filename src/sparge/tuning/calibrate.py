@@ -73,7 +73,8 @@ class SparseAttentionMeansim(nn.Module):
     Attributes:
         record_sparsity: when True, each call outside tune mode keeps its block sparsity in
             ``last_sparsity``, counted on the device (``float()`` reads it back; the call
-            itself does not). Off by default: a call without statistics can replay a CUDA graph.
+            itself does not). Off by default: without it a call computes no statistics (with it,
+            each call also counts its kept blocks, and a replayed call copies its mask).
         last_sparsity: the :class:`sparge.mask.DeferredSparsity` of the last call outside tune
             mode while ``record_sparsity`` is on, else None.
     """
