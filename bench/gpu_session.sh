@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One device session: every GPU test, the command line's selftest and demo on the GPU, the
 # compiler's report on the attention kernel, then the attention benchmark, the alternating dense
-# rounds against cuDNN (paired.py), the pipeline's overhead in alternating rounds (paired.py
-# --pipeline) and the radial benchmark.
+# rounds and steps against cuDNN (paired.py --pairs), the ratio to cuDNN by calls in a row
+# (run_length.py), the pipeline's overhead in rounds and steps (paired.py --pipeline --pairs) and
+# the radial benchmark.
 # Logs go to $OUT/logs, tables to $OUT/results, both packed into $OUT/session.tar.gz at the end.
 #   BENCH_ARGS="--shapes 32768:128:0" SKIP_INFO=1 bash bench/gpu_session.sh
 # The whole GPU suite takes about 10 minutes on an H200 (tests/test_kernels_*.py most of it):
@@ -37,11 +38,14 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   # shellcheck disable=SC2086
   timeout "${BENCH_TIMEOUT:-220}" python3 bench/bench_attention.py ${BENCH_ARGS:-} \
     --out "$OUT/results" 2>&1 | tee "$LOGS/bench.log" | grep -v "^|" | tail -n 30
-  timeout "${PAIRED_TIMEOUT:-120}" python3 bench/paired.py --out "$OUT/results/paired.md" 2>&1 \
-    | tee "$LOGS/paired.log" | grep -v "^|" | tail -n 12
+  timeout "${PAIRED_TIMEOUT:-180}" python3 bench/paired.py --pairs 60 --out "$OUT/results/paired.md" \
+    2>&1 | tee "$LOGS/paired.log" | grep -v "^|" | tail -n 12
+  timeout "${RUN_LENGTH_TIMEOUT:-200}" python3 bench/run_length.py --runs 1,48 \
+    --clocks "$LOGS/run-length-clocks.log" --out "$OUT/results/run-length.md" 2>&1 \
+    | tee "$LOGS/run-length.log" | tail -n 12
 fi
 if [ "${SKIP_PIPELINE:-0}" != 1 ]; then
-  timeout "${PIPELINE_TIMEOUT:-200}" python3 bench/paired.py --pipeline --rounds 5 \
+  timeout "${PIPELINE_TIMEOUT:-300}" python3 bench/paired.py --pipeline --rounds 3 --pairs 120 \
     --shapes 32768:128:0,32768:128:1,32768:64:0,32768:64:1 --out "$OUT/results/paired-pipeline.md" \
     2>&1 | tee "$LOGS/paired-pipeline.log" | tail -n 30
 fi
