@@ -30,11 +30,22 @@ def check_layout(layout: str) -> None:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
 
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, layout: str) -> None:
-    """Validate q, k (and v): rank, dtypes, devices and shapes, in the given layout."""
+def check_qk(q: torch.Tensor, k: torch.Tensor, layout: str) -> None:
+    """Validate q and k (the mask predictor's inputs), as :func:`check_qkv` does."""
+    _check_tensors(("q", "k"), (q, k), layout)
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str) -> None:
+    """Validate q, k and v: rank, dtypes, devices and shapes, in the given layout."""
+    _check_tensors(("q", "k", "v"), (q, k, v), layout)
+
+
+def _check_tensors(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...],
+                   layout: str) -> None:
+    """The checks of :func:`check_qk` and :func:`check_qkv`, ``names`` naming ``tensors``."""
     check_layout(layout)
-    names = ("q", "k", "v") if v is not None else ("q", "k")
-    tensors = (q, k, v) if v is not None else (q, k)
+    q, k = tensors[:2]
+    v = tensors[2] if len(tensors) > 2 else None
     for name, t in zip(names, tensors, strict=True):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

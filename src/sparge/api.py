@@ -263,7 +263,7 @@ def predict_mask(q: torch.Tensor, k: torch.Tensor, *, sim_threshold: Threshold =
 
     Returns a :class:`SparseMask` of shape (B, Hq, ceil(Lq / block_q), ceil(Lk / block_k)).
     """
-    checks.check_qkv(q, k, None, layout)
+    checks.check_qk(q, k, layout)
     checks.check_block_sizes(block_q, block_k)
     checks.check_choice("backend", backend, checks.BACKENDS)
     qh, kh = checks.to_hnd(q, layout), checks.to_hnd(k, layout)
