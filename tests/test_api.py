@@ -149,6 +149,8 @@ def test_per_head_thresholds(rng):
     (lambda q, k, v: sparge.sparse_attn(q.half(), k, v), TypeError, "share a dtype"),
     (lambda q, k, v: sparge.sparse_attn(q, k[:, :, :10], v), ValueError, "same shape"),
     (lambda q, k, v: sparge.sparse_attn(q[:, :3], k, v), ValueError, "multiple"),
+    (lambda q, k, v: sparge.sparse_attn(q[:, :0], k, v), ValueError, "query heads"),
+    (lambda q, k, v: sparge.predict_mask(q[:, :0], k), ValueError, "query heads"),
     (lambda q, k, v: sparge.sparse_attn(q[..., :32], k, v), ValueError, "head dim"),
     (lambda q, k, v: sparge.sparse_attn(q[:, :, :0], k, v), ValueError, ">= 1"),
     (lambda q, k, v: sparge.sparse_attn(q, k, None), TypeError, "v must be a torch.Tensor"),

@@ -74,9 +74,9 @@ def _check_tensors(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...],
         raise ValueError(f"sequence lengths must be >= 1, got Lq={q_len}, Lk={k_len}")
     if not 1 <= dim <= MAX_HEAD_DIM:
         raise ValueError(f"head dim must be between 1 and {MAX_HEAD_DIM}, got {dim}")
-    if heads_k < 1 or heads_q % heads_k:
-        raise ValueError(f"query heads ({heads_q}) must be a multiple of key/value heads "
-                         f"({heads_k})")
+    if heads_q < 1 or heads_k < 1 or heads_q % heads_k:
+        raise ValueError(f"query heads ({heads_q}) must be a positive multiple of key/value "
+                         f"heads ({heads_k})")
 
 
 def check_block_sizes(block_q: int, block_k: int) -> None:
