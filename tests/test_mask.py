@@ -115,6 +115,7 @@ def test_expand_is_a_view_of_the_causal_blocks():
     (dict(blocks=torch.ones(1, 1, 2, 2, dtype=torch.int8)), "bool"),
     (dict(blocks=torch.ones(2, 2, dtype=torch.bool)), "4-D"),
     (dict(block_q=32), "block_q"),
+    (dict(block_k=64.0), r"block_k must be one of \(64, 128\) \(an int\), got 64.0"),
     (dict(q_len=300), "need"),
     (dict(k_len=0), ">= 1"),
 ])

@@ -8,7 +8,7 @@ from collections import OrderedDict
 
 import torch
 
-from .mask import SUPPORTED_BLOCK_SIZES
+from .mask import check_block_size
 from .quant import EXACT, PV_FP8, PV_FP16
 
 LAYOUTS = ("HND", "NHD")
@@ -80,9 +80,8 @@ def _check_tensors(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...],
 
 
 def check_block_sizes(block_q: int, block_k: int) -> None:
-    for name, size in (("block_q", block_q), ("block_k", block_k)):
-        if size not in SUPPORTED_BLOCK_SIZES:
-            raise ValueError(f"{name} must be one of {SUPPORTED_BLOCK_SIZES}, got {size!r}")
+    check_block_size("block_q", block_q)
+    check_block_size("block_k", block_k)
 
 
 def check_unsupported(attn_mask: object, dropout_p: float) -> None:

@@ -17,6 +17,13 @@ from ._constants import device_constant
 SUPPORTED_BLOCK_SIZES = (64, 128)
 
 
+def check_block_size(name: str, size: int) -> None:
+    """Refuse a block size other than the int 64 or 128 (a float such as 64.0 included)."""
+    if (isinstance(size, bool) or not isinstance(size, (int, torch.SymInt))
+            or size not in SUPPORTED_BLOCK_SIZES):
+        raise ValueError(f"{name} must be one of {SUPPORTED_BLOCK_SIZES} (an int), got {size!r}")
+
+
 def num_blocks(length: int, block: int) -> int:
     """Number of blocks of ``block`` rows that cover ``length`` rows (the last may be partial)."""
     return -(-length // block)
@@ -73,9 +80,7 @@ class SparseMask:
                 f"SparseMask.blocks must be a 4-D bool tensor (B, H, nQ, nK), got "
                 f"{self.blocks.dtype} with shape {tuple(self.blocks.shape)}")
         for name in ("block_q", "block_k"):
-            size = getattr(self, name)
-            if size not in SUPPORTED_BLOCK_SIZES:
-                raise ValueError(f"{name} must be one of {SUPPORTED_BLOCK_SIZES}, got {size}")
+            check_block_size(name, getattr(self, name))
         if self.q_len < 1 or self.k_len < 1:
             raise ValueError(f"sequence lengths must be >= 1, got Lq={self.q_len}, Lk={self.k_len}")
         expected = (num_blocks(self.q_len, self.block_q), num_blocks(self.k_len, self.block_k))
@@ -257,5 +262,5 @@ def dense_flops(batch: int, heads: int, q_len: int, k_len: int, head_dim: int,
     return flops / 2 if causal else flops
 
 
-__all__ = ["DeferredSparsity", "SparseMask", "causal_block_mask", "num_blocks", "dense_flops",
-           "SUPPORTED_BLOCK_SIZES"]
+__all__ = ["DeferredSparsity", "SparseMask", "causal_block_mask", "check_block_size", "num_blocks",
+           "dense_flops", "SUPPORTED_BLOCK_SIZES"]

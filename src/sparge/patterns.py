@@ -26,15 +26,14 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .mask import SUPPORTED_BLOCK_SIZES, SparseMask, num_blocks
+from .mask import SUPPORTED_BLOCK_SIZES, SparseMask, check_block_size, num_blocks
 
 Device = torch.device | str | None
 
 
 def _check_block_sizes(block_q: int, block_k: int) -> None:
-    for name, size in (("block_q", block_q), ("block_k", block_k)):
-        if size not in SUPPORTED_BLOCK_SIZES:
-            raise ValueError(f"{name} must be one of {SUPPORTED_BLOCK_SIZES}, got {size!r}")
+    check_block_size("block_q", block_q)
+    check_block_size("block_k", block_k)
 
 
 def _check_lengths(q_len: int, k_len: int) -> None:
