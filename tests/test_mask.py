@@ -125,3 +125,17 @@ def test_invalid_masks_are_rejected(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         SparseMask(**args)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(blocks=[[[[True]]]]), "blocks must be a 4-D bool tensor .* got list"),
+    (dict(q_len=128.0), "q_len must be an int, got 128.0"),
+    (dict(k_len="128"), "k_len must be an int, got '128'"),
+    (dict(causal="no"), "causal must be a bool, got 'no'"),
+])
+def test_mask_fields_of_the_wrong_type_are_rejected(kwargs, match):
+    args = dict(blocks=torch.ones(1, 1, 2, 2, dtype=torch.bool), block_q=64, block_k=64,
+                q_len=128, k_len=128)
+    args.update(kwargs)
+    with pytest.raises(TypeError, match=match):
+        SparseMask(**args)

@@ -75,12 +75,21 @@ class SparseMask:
     causal: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.blocks, torch.Tensor):
+            raise TypeError(f"SparseMask.blocks must be a 4-D bool tensor (B, H, nQ, nK), got "
+                            f"{type(self.blocks).__name__}")
         if self.blocks.dtype != torch.bool or self.blocks.dim() != 4:
             raise ValueError(
                 f"SparseMask.blocks must be a 4-D bool tensor (B, H, nQ, nK), got "
                 f"{self.blocks.dtype} with shape {tuple(self.blocks.shape)}")
         for name in ("block_q", "block_k"):
             check_block_size(name, getattr(self, name))
+        for name in ("q_len", "k_len"):
+            length = getattr(self, name)
+            if isinstance(length, bool) or not isinstance(length, (int, torch.SymInt)):
+                raise TypeError(f"{name} must be an int, got {length!r}")
+        if not isinstance(self.causal, bool):
+            raise TypeError(f"causal must be a bool, got {self.causal!r}")
         if self.q_len < 1 or self.k_len < 1:
             raise ValueError(f"sequence lengths must be >= 1, got Lq={self.q_len}, Lk={self.k_len}")
         expected = (num_blocks(self.q_len, self.block_q), num_blocks(self.k_len, self.block_k))
