@@ -94,6 +94,15 @@ def test_union_and_intersection(rng):
         _ = a | other
 
 
+def test_union_and_intersection_broadcast_batch_and_heads_or_say_why():
+    one = SparseMask.full(1, 1, 150, 300)
+    assert (one | SparseMask.full(2, 3, 150, 300)).shape == (2, 3, 3, 3)
+    with pytest.raises(ValueError, match=r"\(B, H\) = \(2, 1\) and \(3, 1\) do not broadcast"):
+        _ = SparseMask.full(2, 1, 150, 300) & SparseMask.full(3, 1, 150, 300)
+    with pytest.raises(TypeError, match="unsupported operand"):
+        _ = one | one.blocks
+
+
 def test_expand_broadcasts_batch_and_heads():
     mask = SparseMask.full(1, 1, 100, 100, 64, 64)
     assert mask.expand(3, 8).shape == (3, 8, 2, 2)

@@ -232,15 +232,23 @@ class SparseMask:
         theirs = (other.block_q, other.block_k, other.q_len, other.k_len)
         if mine != theirs:
             raise ValueError(f"masks differ in (block_q, block_k, Lq, Lk): {mine} vs {theirs}")
+        if any(a != b and 1 not in (a, b) for a, b in zip(self.shape[:2], other.shape[:2],
+                                                          strict=True)):
+            raise ValueError(f"masks for (B, H) = {self.shape[:2]} and {other.shape[:2]} do not "
+                             "broadcast (each of B and H must be equal or 1 in one of them)")
 
     def __or__(self, other: SparseMask) -> SparseMask:
         """Union: a block is kept if either mask keeps it (causal if both are causal)."""
+        if not isinstance(other, SparseMask):
+            return NotImplemented
         self._check_compatible(other)
         return SparseMask(self.blocks | other.blocks, self.block_q, self.block_k, self.q_len,
                           self.k_len, self.causal and other.causal)
 
     def __and__(self, other: SparseMask) -> SparseMask:
         """Intersection: a block is kept if both masks keep it (causal if either is causal)."""
+        if not isinstance(other, SparseMask):
+            return NotImplemented
         self._check_compatible(other)
         return SparseMask(self.blocks & other.blocks, self.block_q, self.block_k, self.q_len,
                           self.k_len, self.causal or other.causal)
