@@ -371,6 +371,8 @@ def test_unsupported_arguments_raise(rng, fn):
         fn(q, k, v, simthreshd1=torch.tensor([0.1, 0.2, 0.3]))
     with pytest.raises(ValueError, match="pv_threshold"):
         fn(q, k, v, pvthreshd=-1.0)
+    with pytest.raises(TypeError, match="pv_threshold must be a float or a tensor"):
+        fn(q, k, v, pvthreshd=None)
     if fn is not spas_sage_attn_meansim_triton:
         with pytest.raises(NotImplementedError, match="return_lse"):
             fn(q, k, v, return_lse=True)

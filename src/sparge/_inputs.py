@@ -117,8 +117,9 @@ def _read_back(value: torch.Tensor) -> list[float]:
 
 def check_threshold(name: str, value: Threshold | None, heads: int, *, low: float | None = None,
                     high: float | None = None, low_open: bool = False,
-                    allow_inf: bool = False) -> None:
-    """A hyperparameter is a real number or a (heads,) tensor, not NaN, within [low, high].
+                    allow_inf: bool = False, optional: bool = False) -> None:
+    """A hyperparameter is a real number or a (heads,) tensor, not NaN, within [low, high]
+    (or None, where ``optional``).
 
     Numbers are checked in plain Python (no tensor is made, so this costs no device work and
     traces under ``torch.compile``). A tensor's values are read back and checked the first time
@@ -130,7 +131,7 @@ def check_threshold(name: str, value: Threshold | None, heads: int, *, low: floa
     have no version counter and are read back on every call. Nothing is read back during CUDA
     graph capture or compilation, where reading back is impossible.
     """
-    if value is None:
+    if value is None and optional:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
         raise TypeError(f"{name} must be a float or a tensor of shape ({heads},), "
@@ -176,8 +177,9 @@ def check_selection(sim_threshold: Threshold, cdf_threshold: Threshold | None,
     if cdf_threshold is None and topk is None:
         cdf_threshold = 0.98
     check_threshold("sim_threshold", sim_threshold, heads)
-    check_threshold("cdf_threshold", cdf_threshold, heads, low=0.0, high=1.0, low_open=True)
-    check_threshold("topk", topk, heads, low=0.0, high=1.0, low_open=True)
+    check_threshold("cdf_threshold", cdf_threshold, heads, low=0.0, high=1.0, low_open=True,
+                    optional=True)
+    check_threshold("topk", topk, heads, low=0.0, high=1.0, low_open=True, optional=True)
     return cdf_threshold, topk
 
 
