@@ -141,6 +141,9 @@ def check_threshold(name: str, value: Threshold | None, heads: int, *, low: floa
         if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != heads):
             raise ValueError(f"{name} must be a scalar or have shape ({heads},) (one per query "
                              f"head), got shape {tuple(value.shape)}")
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name} must be a tensor of real numbers (floating point or "
+                            f"integer), got dtype {value.dtype}")
         if torch.compiler.is_compiling() or (value.is_cuda
                                              and torch.cuda.is_current_stream_capturing()):
             return
