@@ -401,6 +401,8 @@ def test_block_sparse_errors(rng):
         block_sparse_sage2_attn_cuda(q, k, v, mask_id=torch.ones(2, 3, 5, dtype=torch.int8))
     with pytest.raises(TypeError, match="mask_id must be a torch.Tensor"):
         block_sparse_sage2_attn_cuda(q, k, v, mask_id=[[1]])
+    with pytest.raises(TypeError, match="mask_id must be a bool or integer block mask"):
+        block_sparse_sage2_attn_cuda(q, k, v, mask_id=torch.zeros(1, 2, 3, 5))
     ones = torch.ones(1, 2, 3, 5, dtype=torch.int8)
     with pytest.raises(NotImplementedError, match="dropout"):
         block_sparse_sage2_attn_cuda(q, k, v, mask_id=ones, dropout_p=0.5)

@@ -84,6 +84,15 @@ def check_block_sizes(block_q: int, block_k: int) -> None:
     check_block_size("block_k", block_k)
 
 
+def check_block_mask_dtype(name: str, mask: torch.Tensor) -> None:
+    """A block mask is bool or integer (non-zero = kept), never floating point: an additive
+    float mask (0 = keep, -inf = drop) would be read the other way round."""
+    if mask.is_floating_point() or mask.is_complex():
+        raise TypeError(f"{name} must be a bool or integer block mask (non-zero = kept), got "
+                        f"dtype {mask.dtype}; for an additive mask (0 = keep, -inf = drop) "
+                        f"pass {name} == 0")
+
+
 def check_unsupported(attn_mask: object, dropout_p: float) -> None:
     """Refuse SDPA arguments the kernels cannot honour instead of ignoring them."""
     if attn_mask is not None:

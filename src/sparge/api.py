@@ -179,6 +179,7 @@ def as_sparse_mask(mask: SparseMask | torch.Tensor, *, batch: int, heads: int, q
         if mask.dim() != 4:
             raise ValueError(f"a block-mask tensor must be 4-D (B, H, nQ, nK), got shape "
                              f"{tuple(mask.shape)}")
+        checks.check_block_mask_dtype("mask", mask)
         blocks = mask if mask.dtype == torch.bool else mask != 0
         mask = SparseMask(blocks, block_q, block_k, q_len, k_len, causal)
     elif isinstance(mask, SparseMask):

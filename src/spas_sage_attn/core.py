@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 import sparge
+from sparge._inputs import check_block_mask_dtype
 
 from .utils import hyperparameter_check
 
@@ -277,6 +278,7 @@ def block_sparse_sage2_attn_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         raise ValueError("mask_id is required: a (B, H, nQ, nK) block mask")
     if not isinstance(mask_id, torch.Tensor):
         raise TypeError(f"mask_id must be a torch.Tensor, got {type(mask_id).__name__}")
+    check_block_mask_dtype("mask_id", mask_id)
     heads = _heads(q, tensor_layout)
     if not isinstance(k, torch.Tensor) or k.dim() != 4:
         raise ValueError("k must be a 4-D tensor")
