@@ -79,6 +79,14 @@ def _check_tensors(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...],
                          f"heads ({heads_k})")
 
 
+def check_flags(**flags: bool) -> None:
+    """Boolean switches are bools, as SDPA's ``is_causal`` is: a string such as "False" would
+    otherwise be taken as True."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
 def check_block_sizes(block_q: int, block_k: int) -> None:
     check_block_size("block_q", block_q)
     check_block_size("block_k", block_k)

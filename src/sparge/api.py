@@ -156,6 +156,8 @@ def sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     checks.check_choice("quant", quant, checks.QUANT_CHOICES)
     checks.check_choice("backend", backend, checks.BACKENDS)
     checks.check_out_dtype(out_dtype)
+    checks.check_flags(attention_sink=attention_sink, is_causal=is_causal,
+                       return_stats=return_stats)
     heads_q = checks.to_hnd(q, layout).shape[1]
     cdf_threshold, topk = checks.check_selection(sim_threshold, cdf_threshold, topk, heads_q)
     selection = Selection(sim_threshold, cdf_threshold, topk, bool(attention_sink))
@@ -221,6 +223,7 @@ def block_sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     checks.check_choice("quant", quant, checks.QUANT_CHOICES)
     checks.check_choice("backend", backend, checks.BACKENDS)
     checks.check_out_dtype(out_dtype)
+    checks.check_flags(is_causal=is_causal, return_stats=return_stats)
     qh, kh = checks.to_hnd(q, layout), checks.to_hnd(k, layout)
     if isinstance(mask, torch.Tensor) and mask.device != q.device:
         raise ValueError(f"mask is on {mask.device} but q is on {q.device}")
@@ -251,6 +254,7 @@ def quantized_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_caus
     checks.check_choice("quant", quant, checks.QUANT_CHOICES)
     checks.check_choice("backend", backend, checks.BACKENDS)
     checks.check_out_dtype(out_dtype)
+    checks.check_flags(is_causal=is_causal)
     return _run(q, k, v, layout=layout, mask=None, selection=None, block_q=block_q,
                 block_k=block_k, causal=bool(is_causal), scale=scale, pv_threshold=float("inf"),
                 quant=quant, out_dtype=out_dtype, backend=backend, return_stats=False)
@@ -267,6 +271,7 @@ def predict_mask(q: torch.Tensor, k: torch.Tensor, *, sim_threshold: Threshold =
     checks.check_qk(q, k, layout)
     checks.check_block_sizes(block_q, block_k)
     checks.check_choice("backend", backend, checks.BACKENDS)
+    checks.check_flags(attention_sink=attention_sink, is_causal=is_causal)
     qh, kh = checks.to_hnd(q, layout), checks.to_hnd(k, layout)
     cdf_threshold, topk = checks.check_selection(sim_threshold, cdf_threshold, topk, qh.shape[1])
     selection = Selection(sim_threshold, cdf_threshold, topk, bool(attention_sink))

@@ -122,7 +122,7 @@ def _meansim(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: ob
         attention_sink=bool(attention_sink), is_causal=bool(is_causal), scale=scale,
         layout=tensor_layout, block_q=PREDICT_BLOCKS[0], block_k=PREDICT_BLOCKS[1], quant=quant,
         out_dtype=_out_dtype(output_dtype), attn_mask=attn_mask, dropout_p=dropout_p,
-        return_stats=return_sparsity)
+        return_stats=bool(return_sparsity))
     if return_sparsity:
         out, stats = result
         return out, stats.sparsity
@@ -293,7 +293,7 @@ def block_sparse_sage2_attn_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         q, k, v, blocks, block_q=block_q, block_k=block_k, is_causal=False,
         pv_threshold=_per_head("pvthreshd", pvthreshd, heads, q.device), scale=scale,
         layout=tensor_layout, quant="auto", out_dtype=_out_dtype(output_dtype),
-        return_stats=return_sparsity)
+        return_stats=bool(return_sparsity))
     if return_sparsity:
         out, stats = result
         return out, stats.sparsity

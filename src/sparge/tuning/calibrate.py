@@ -391,7 +391,7 @@ class SparseAttentionMeansim(nn.Module):
             self.last_sparsity = None
             out = from_hnd(ref.to(q.dtype), tensor_layout)
             return (out, float(self.tuning_sparsity.mean())) if return_sparsity else out
-        with_stats = return_sparsity or self.record_sparsity
+        with_stats = bool(return_sparsity or self.record_sparsity)
         result = sparse_attn(qh, kh, vh, **self.inference_args(), is_causal=is_causal,
                              scale=scale, block_q=self.block_q, block_k=self.block_k,
                              quant=self.quant, backend=self.backend, return_stats=with_stats)
