@@ -210,6 +210,25 @@ def test_bad_input_raises_a_clear_error(rng, call, error, match):
         call(q, k, v)
 
 
+@pytest.mark.parametrize("call", [
+    lambda q, k, v: sparge.sparse_attn(q, k, v),
+    lambda q, k, v: sparge.sparse_attn(q, k, v, return_stats=True)[0],
+    lambda q, k, v: sparge.quantized_attn(q, k, v, quant="none"),
+    lambda q, k, v: sparge.block_sparse_attn(q, k, v, sparge.SparseMask.full(1, 4, 300, 300)),
+])
+def test_backward_is_refused_with_a_clear_error(rng, call):
+    """No backward pass: the forward runs, backpropagating through its output says why (the
+    reference path's roundings would otherwise give silently wrong, mostly zero, gradients)."""
+    q, k, v = qkv(rng)
+    q.requires_grad_()
+    out = call(q, k, v)
+    torch.testing.assert_close(out, call(q.detach(), k, v), rtol=0, atol=0)
+    with pytest.raises(NotImplementedError, match="no backward pass.*torch.no_grad"):
+        out.sum().backward()
+    with torch.no_grad():
+        assert not call(q, k, v).requires_grad
+
+
 @pytest.fixture
 def readbacks(monkeypatch) -> list[torch.Tensor]:
     """The tensors whose values check_threshold reads back to the host, in order."""

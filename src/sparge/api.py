@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import torch
 
@@ -55,12 +56,45 @@ class AttentionStats:
         return self.mask.per_head_sparsity().cpu()
 
 
-def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str,
-         mask: SparseMask | None, selection: Selection | None, block_q: int, block_k: int,
-         causal: bool, scale: float | None, pv_threshold: Threshold, quant: str,
-         out_dtype: torch.dtype | None, backend: str,
-         return_stats: bool) -> torch.Tensor | tuple[torch.Tensor, AttentionStats]:
-    """Common tail of every attention entry point (arguments already validated)."""
+class _NoBackward(torch.autograd.Function):
+    """Passes an output computed without autograd through; its backward raises."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> None:
+        raise NotImplementedError(
+            "sparge's attention functions have no backward pass (they are inference kernels): "
+            "call them under torch.no_grad() or torch.inference_mode(), or on detached inputs; "
+            "for training use torch.nn.functional.scaled_dot_product_attention")
+
+
+def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, return_stats: bool,
+         **options: Any) -> torch.Tensor | tuple[torch.Tensor, AttentionStats]:
+    """Common tail of every attention entry point (arguments already validated).
+
+    With inputs that require grad (outside ``torch.compile``) the output is computed without
+    autograd and says so when backpropagated through, rather than giving wrong gradients (the
+    reference path's roundings have zero gradient) or none.
+    """
+    if (not torch.is_grad_enabled() or not any(t.requires_grad for t in (q, k, v))
+            or torch.compiler.is_compiling()):
+        return _attend(q, k, v, return_stats=return_stats, **options)
+    with torch.no_grad():
+        result = _attend(q, k, v, return_stats=return_stats, **options)
+    if not return_stats:
+        return _NoBackward.apply(result, q, k, v)
+    return _NoBackward.apply(result[0], q, k, v), result[1]
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str,
+            mask: SparseMask | None, selection: Selection | None, block_q: int, block_k: int,
+            causal: bool, scale: float | None, pv_threshold: Threshold, quant: str,
+            out_dtype: torch.dtype | None, backend: str,
+            return_stats: bool) -> torch.Tensor | tuple[torch.Tensor, AttentionStats]:
+    """The attention call itself (see :func:`_run`)."""
     qh, kh, vh = (checks.to_hnd(t, layout) for t in (q, k, v))
     heads_q = qh.shape[1]
     checks.check_threshold("pv_threshold", pv_threshold, heads_q, low=0.0, allow_inf=True)
