@@ -267,6 +267,32 @@ def test_upstream_signature_and_refusals():
     assert "topk" in topk.inference_args()
 
 
+@pytest.mark.parametrize("make,error,match", [
+    (lambda: SparseAttentionMeansim(pv_tol=-1.0), ValueError, "pv_tol must be > 0"),
+    (lambda: SparseAttentionMeansim(cdf_tol=0.0), ValueError, "cdf_tol"),
+    (lambda: SparseAttentionMeansim(quant="fp8"), ValueError, "quant must be one of"),
+    (lambda: SparseAttentionMeansim(backend="cuda"), ValueError, "backend must be one of"),
+    (lambda: SparseAttentionMeansim(block_q=32), ValueError, "block_q must be one of"),
+    (lambda: ErrorBudgetAttention(quant="fp8"), ValueError, "quant must be one of"),
+    (lambda: ErrorBudgetAttention(backend="cuda"), ValueError, "backend must be one of"),
+    (lambda: ErrorBudgetAttention(block_k=256), ValueError, "block_k must be one of"),
+    (lambda: ErrorBudgetAttention(sim_threshold=float("nan")), ValueError,
+     "sim_threshold must not be NaN"),
+    (lambda: ErrorBudgetAttention(pv_threshold=-1.0), ValueError, "pv_threshold must be >= 0"),
+])
+def test_tuning_modules_check_their_arguments_when_made(make, error, match):
+    """Bad settings fail when the module is made, not after a calibration's work (a tolerance
+    <= 0 made the bisection loop forever)."""
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_budget_layer_checks_threshold_tensors_against_the_heads():
+    q, k, v = local_qkv(0, heads=2, length=128)
+    with pytest.raises(ValueError, match=r"sim_threshold must be a scalar or have shape \(2,\)"):
+        ErrorBudgetAttention(sim_threshold=torch.zeros(3))(q, k, v)
+
+
 # ------------------------------------------------------------------------------- inference args
 def _quick_tuned(rng: torch.Generator) -> SparseAttentionMeansim:
     """A module tuned on fresh inputs in under a second (coarse search, PV not tuned)."""

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .. import _inputs as checks
 from ..api import sparse_attn
 from ._common import exact_attention, exact_rows, from_hnd, sample_rows, to_hnd
 
@@ -125,6 +126,13 @@ class ErrorBudgetAttention(nn.Module):
             raise ValueError("need 0 < min_level <= init_level <= max_level < 1")
         if sample_rows < 1 or step_limit <= 1:
             raise ValueError("sample_rows must be >= 1 and step_limit > 1")
+        checks.check_choice("quant", quant, checks.QUANT_CHOICES)
+        checks.check_choice("backend", backend, checks.BACKENDS)
+        checks.check_block_sizes(block_q, block_k)
+        for name, value, low in (("sim_threshold", sim_threshold, None),
+                                 ("pv_threshold", pv_threshold, 0.0)):
+            if not isinstance(value, torch.Tensor):  # tensors: checked per call, with the heads
+                checks.check_threshold(name, value, 1, low=low, allow_inf=low is not None)
         self.budget, self.margin, self.rule = float(budget), float(margin), rule
         self.sample_rows = int(sample_rows)
         self.sim_threshold, self.pv_threshold = sim_threshold, pv_threshold
@@ -224,6 +232,8 @@ class ErrorBudgetAttention(nn.Module):
             self.level = self.level.to(q.device)
         elif self.level.numel() != heads:
             raise ValueError(f"this layer was set up for {self.level.numel()} heads, got {heads}")
+        checks.check_threshold("sim_threshold", self.sim_threshold, heads)
+        checks.check_threshold("pv_threshold", self.pv_threshold, heads, low=0.0, allow_inf=True)
         args = self.thresholds()
         was_dense = args["sim_threshold"] >= DENSE_SIM
         args = {name: t.to(q.device) for name, t in args.items()}

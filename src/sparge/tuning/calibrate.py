@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import _inputs as checks
 from ..api import sparse_attn
 from ..mask import DeferredSparsity
 from ._common import exact_attention, from_hnd, rel_l1, rel_l1_per_head, to_hnd
@@ -96,6 +97,11 @@ class SparseAttentionMeansim(nn.Module):
             raise ValueError(f"rule must be 'cdf' or 'topk', got {rule!r}")
         if granularity < 1:
             raise ValueError("granularity must be >= 1")
+        if not (cdf_tol > 0 and pv_tol > 0):  # the bisections would never end
+            raise ValueError(f"cdf_tol and pv_tol must be > 0, got {cdf_tol!r} and {pv_tol!r}")
+        checks.check_choice("quant", quant, checks.QUANT_CHOICES)
+        checks.check_choice("backend", backend, checks.BACKENDS)
+        checks.check_block_sizes(block_q, block_k)
         self.sim_rule, self.l1, self.pv_l1, self.cos_sim, self.rmse = sim_rule, l1, pv_l1, \
             cos_sim, rmse
         self.rearrange_kwargs = dict(rearrange_kwargs or {})
