@@ -287,6 +287,23 @@ def test_tuning_modules_check_their_arguments_when_made(make, error, match):
         make()
 
 
+def test_calibration_layer_checks_inputs_and_head_count(rng):
+    """Tune mode computes exact attention itself: bad inputs get sparge's errors, not a matrix
+    product's; a layer tuned for H heads says so when called with another count (in tune mode
+    the call was silently taken as calibration data)."""
+    q, k, v = local_qkv(0, heads=2, length=128)
+    fresh = SparseAttentionMeansim(granularity=1, tune_pv=False)
+    with pytest.raises(ValueError, match="head dim"):
+        fresh(q, k[..., :16], v[..., :16], tune_mode=True)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        fresh(torch.cat([q, q[:, :1]], dim=1), k, v, tune_mode=True)
+    tuned = _quick_tuned(rng)
+    q4, k4, v4 = local_qkv(1, heads=4, length=256)
+    for tune_mode in (False, True):
+        with pytest.raises(ValueError, match="tuned for 2 heads, got 4"):
+            tuned(q4, k4, v4, tune_mode=tune_mode)
+
+
 def test_budget_layer_checks_threshold_tensors_against_the_heads():
     q, k, v = local_qkv(0, heads=2, length=128)
     with pytest.raises(ValueError, match=r"sim_threshold must be a scalar or have shape \(2,\)"):
