@@ -90,6 +90,18 @@ def test_estimator_tracks_true_error():
 
 
 # ------------------------------------------------------------------------------- error budget
+def test_estimator_refuses_an_output_of_another_shape_and_no_rows():
+    """An output of another shape broadcast silently, and no rows gave an estimate of 0."""
+    q, k, v = local_qkv(0, heads=2, length=128)
+    out = sparse_attn(q, k, v)
+    with pytest.raises(ValueError, match=r"out must have q's shape \(1, 2, 128, 32\)"):
+        estimate_error(q, k, v, out[:, :1])
+    with pytest.raises(ValueError, match="rows must be a count >= 1"):
+        estimate_error(q, k, v, out, rows=0)
+    with pytest.raises(ValueError, match="rows must be"):
+        estimate_error(q, k, v, out, rows=torch.zeros(0, dtype=torch.long))
+
+
 def test_budget_layer_stays_under_budget_and_gets_sparse():
     layer = ErrorBudgetAttention(0.05, quant="none", seed=0)
     errors, sparsity = [], []

@@ -54,6 +54,11 @@ def estimate_error(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
         relative L1 error per head, and the sums sum|out - exact| and sum|exact| over the sampled
         rows it is the ratio of (sum them over heads for a layer-wide estimate).
     """
+    if out.shape != q.shape:
+        raise ValueError(f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
+    if (rows < 1) if isinstance(rows, int) else rows.dim() != 1 or rows.numel() == 0:
+        raise ValueError(f"rows must be a count >= 1 or a non-empty 1-D tensor of row indices, "
+                         f"got {rows!r}")
     qh, kh, vh, oh = (to_hnd(t, tensor_layout) for t in (q, k, v, out))
     if isinstance(rows, int):
         rows = sample_rows(qh.shape[2], rows, generator, qh.device)
