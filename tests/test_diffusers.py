@@ -221,6 +221,19 @@ def test_refuses_other_attention_backends():
         enable_sparge(model, "nope")
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(dense_layers=-1), "dense_layers must be an int >= 0, got -1"),  # was: the last layer
+    (dict(dense_layers=1.5), "dense_layers"),
+    (dict(dense_steps=-2), "dense_steps"),
+    (dict(min_tokens=-5), "min_tokens"),
+])
+def test_schedule_arguments_are_checked(kwargs, match):
+    model = tiny_transformer("wan", layers=3)
+    with pytest.raises(ValueError, match=match):
+        enable_sparge(model, "fixed", **kwargs)
+    assert not hasattr(model, "_sparge")
+
+
 def test_example_script_tiny_path():
     examples = Path(__file__).resolve().parents[1] / "examples"
     sys.path.insert(0, str(examples))

@@ -372,6 +372,10 @@ def enable_sparge(transformer: nn.Module, mode: str = "budget", *, budget: float
         raise RuntimeError("sparge is already enabled on this model; call disable_sparge first")
     if mode == "tuned" and tuned is None:
         raise ValueError("mode='tuned' needs tuned values (a file or a dict)")
+    for name, value in (("dense_layers", dense_layers), ("dense_steps", dense_steps),
+                        ("min_tokens", min_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     sparse_kwargs = dict(sparse_kwargs or {})
     controller = SpargeController(mode, dense_steps, min_tokens)
     modules = _attention_modules(transformer)
