@@ -234,6 +234,23 @@ def test_schedule_arguments_are_checked(kwargs, match):
     assert not hasattr(model, "_sparge")
 
 
+@pytest.mark.parametrize("mode,kwargs,error,match", [
+    ("fixed", dict(sparse_kwargs={"cdf_treshold": 0.9}), TypeError,
+     r"\['cdf_treshold'\] are not arguments of sparge.sparse_attn"),
+    ("fixed", dict(sparse_kwargs={"is_causal": True}), TypeError, "come from each SDPA call"),
+    ("fixed", dict(tuned={}), ValueError, "mode='fixed' has no tuned values"),
+    ("dense", dict(tuned={}), ValueError, "mode='dense' has no tuned values"),
+    ("dense", dict(sparse_kwargs={"topk": 0.5}), ValueError, "uses no sparse_kwargs"),
+])
+def test_arguments_a_mode_would_not_use_are_refused(mode, kwargs, error, match):
+    """Refused when sparge is enabled, not ignored (tuned values) or at the first denoising
+    step (a misspelt threshold)."""
+    model = tiny_transformer("wan", layers=3)
+    with pytest.raises(error, match=match):
+        enable_sparge(model, mode, **kwargs)
+    assert not hasattr(model, "_sparge")
+
+
 def test_example_script_tiny_path():
     examples = Path(__file__).resolve().parents[1] / "examples"
     sys.path.insert(0, str(examples))

@@ -61,6 +61,10 @@ FAMILY_LAYERS: dict[str, str] = {
 GENERIC_LAYERS = r"^(?!.*refiner).*blocks\.\d+\.(attn|attn1|self_attn)$"
 
 MODES = ("budget", "calibrate", "tuned", "fixed", "dense")
+#: The :func:`sparge.sparse_attn` arguments ``sparse_kwargs`` may set in "fixed" mode.
+FIXED_KWARGS = tuple(name for name in inspect.signature(sparse_attn).parameters
+                     if name not in ("q", "k", "v", "is_causal", "scale", "attn_mask", "dropout_p",
+                                     "return_stats"))
 
 
 class _SparsityField:
@@ -377,6 +381,17 @@ def enable_sparge(transformer: nn.Module, mode: str = "budget", *, budget: float
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     sparse_kwargs = dict(sparse_kwargs or {})
+    if tuned is not None and mode in ("fixed", "dense"):
+        raise ValueError(f"mode={mode!r} has no tuned values: tuned is for 'tuned', 'budget' "
+                         "and 'calibrate'")
+    if sparse_kwargs and mode == "dense":
+        raise ValueError("mode='dense' uses no sparse_kwargs")
+    if mode == "fixed":
+        unknown = sorted(set(sparse_kwargs) - set(FIXED_KWARGS))
+        if unknown:
+            raise TypeError(f"sparse_kwargs {unknown} are not arguments of sparge.sparse_attn "
+                            f"that mode='fixed' passes (those are {FIXED_KWARGS}; q, k, v, "
+                            "is_causal and scale come from each SDPA call)")
     controller = SpargeController(mode, dense_steps, min_tokens)
     modules = _attention_modules(transformer)
     chosen = select_layers(transformer, layers)[dense_layers:]
@@ -448,5 +463,5 @@ def apply_sparge(*args, **kwargs) -> SpargeController:
     return enable_sparge(*args, **kwargs)
 
 
-__all__ = ["FAMILY_LAYERS", "LayerStats", "SpargeAttnProcessor", "SpargeController",
+__all__ = ["FAMILY_LAYERS", "FIXED_KWARGS", "LayerStats", "SpargeAttnProcessor", "SpargeController",
            "disable_sparge", "enable_sparge", "is_enabled", "select_layers", "sparge_report"]
