@@ -121,6 +121,13 @@ def test_selftest_check_line():
     assert "(>= 0.2)" in cli.Check("s", 0.1, 0.2, "sparsity", above=True).line()
 
 
+@pytest.mark.parametrize("command", ["demo", "selftest"])
+@pytest.mark.parametrize("device", ["foo", "cuda:x", "meta"])
+def test_a_device_that_is_not_cpu_or_cuda_is_a_clear_error(command, device):
+    with pytest.raises(SystemExit, match=f"--device {device}: expected auto, cpu, cuda or cuda:N"):
+        cli.main([command, "--device", device])
+
+
 @pytest.mark.parametrize("device", ["cuda:0"])
 def test_cuda_device_without_cuda_is_a_clear_error(device):
     if torch.cuda.is_available():

@@ -38,7 +38,12 @@ ENTRY_POINTS = ("sparse_attn", "block_sparse_attn", "quantized_attn", "predict_m
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"error: --device {name}: expected auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {name}: CUDA is not available here")
     return device
