@@ -71,6 +71,22 @@ def test_demo_rejects_bad_sizes(capsys):
     assert "--seq-len must be >= 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("options,message", [
+    (["--head-dim", "33"], "--head-dim must be even and at most 256, got 33"),
+    (["--head-dim", "512"], "--head-dim must be even and at most 256, got 512"),
+    (["--cdf-threshold", "1.5"], "--cdf-threshold must be in (0, 1], got 1.5"),
+    (["--cdf-threshold", "nan"], "--cdf-threshold must be in (0, 1], got nan"),
+    (["--sim-threshold", "inf"], "--sim-threshold must be finite, got inf"),
+    (["--seq-len", "4096"], "--quick sets the size"),  # was ignored
+])
+def test_demo_rejects_bad_options_before_any_work(capsys, monkeypatch, options, message):
+    """Found before the inputs are built and exact attention runs, as one line instead of a
+    traceback from sparse_attn after that work."""
+    monkeypatch.setattr(cli, "video_like_qkv", lambda *a, **k: pytest.fail("work was done"))
+    assert cli.main(["demo", "--quick", "--device", "cpu", *options]) == 2
+    assert f"error: {message}" in capsys.readouterr().err
+
+
 def test_video_like_qkv_is_deterministic_and_local():
     q, k, v = cli.video_like_qkv(500, 2, 32, height=8, width=16, seed=7)
     assert q.shape == k.shape == v.shape == (1, 2, 500, 32)

@@ -29,6 +29,7 @@ import sparge
 
 from . import backend as dispatch
 from . import settings
+from ._inputs import MAX_HEAD_DIM
 from .mask import SparseMask
 
 ENTRY_POINTS = ("sparse_attn", "block_sparse_attn", "quantized_attn", "predict_mask")
@@ -461,6 +462,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _demo_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with the demo's options, found before any work is done (or None)."""
+    if args.head_dim is not None and (args.head_dim % 2 or args.head_dim > MAX_HEAD_DIM):
+        return f"--head-dim must be even and at most {MAX_HEAD_DIM}, got {args.head_dim}"
+    if not 0 < args.cdf_threshold <= 1:
+        return f"--cdf-threshold must be in (0, 1], got {args.cdf_threshold}"
+    if not math.isfinite(args.sim_threshold):
+        return f"--sim-threshold must be finite, got {args.sim_threshold}"
+    if args.quick and (args.seq_len is not None or args.heads is not None):
+        return "--quick sets the size (1024 tokens, 1 head): leave out --seq-len and --heads"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sparge`` command; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -469,6 +483,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if value is not None and value < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
+    error = _demo_error(args) if args.command == "demo" else None
+    if error is not None:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     command = {"info": cmd_info, "demo": cmd_demo, "selftest": cmd_selftest}[args.command]
     return command(args)
 
