@@ -186,6 +186,8 @@ def test_per_head_thresholds(rng):
     (lambda q, k, v: sparge.sparse_attn(q, k, v, attn_mask=torch.ones(300, 300, dtype=bool)),
      NotImplementedError, "attn_mask"),
     (lambda q, k, v: sparge.sparse_attn(q, k, v, dropout_p=0.1), NotImplementedError, "dropout"),
+    (lambda q, k, v: sparge.sparse_attn(q, k, v, dropout_p="0"), NotImplementedError,
+     r"got dropout_p='0'\)"),  # was shown as dropout_p=0, which looked allowed
     (lambda q, k, v: sparge.sparse_attn(q, k, v, is_causal="False"), TypeError,
      "is_causal must be a bool, got 'False'"),
     (lambda q, k, v: sparge.sparse_attn(q, k, v, attention_sink=None), TypeError,

@@ -406,6 +406,8 @@ def test_block_sparse_errors(rng):
     ones = torch.ones(1, 2, 3, 5, dtype=torch.int8)
     with pytest.raises(NotImplementedError, match="dropout"):
         block_sparse_sage2_attn_cuda(q, k, v, mask_id=ones, dropout_p=0.5)
+    with pytest.raises(NotImplementedError, match=r"got dropout_p='0'\)"):
+        block_sparse_sage2_attn_cuda(q, k, v, mask_id=ones, dropout_p="0")
     with pytest.raises(NotImplementedError, match="smooth_k"):
         block_sparse_sage2_attn_cuda(q, k, v, mask_id=ones, smooth_k=False)
     with pytest.raises(NotImplementedError, match="return_lse"):

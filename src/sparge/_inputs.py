@@ -109,7 +109,7 @@ def check_unsupported(attn_mask: object, dropout_p: float) -> None:
             "Describe a static pattern as a sparge.SparseMask and call sparge.block_sparse_attn, "
             "or use is_causal=True for causal masking.")
     if dropout_p != 0.0:
-        raise NotImplementedError(f"dropout is not supported (got dropout_p={dropout_p}); "
+        raise NotImplementedError(f"dropout is not supported (got dropout_p={dropout_p!r}); "
                                   "sparge is an inference kernel")
 
 

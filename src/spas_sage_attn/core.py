@@ -272,7 +272,7 @@ def block_sparse_sage2_attn_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     _refuse_unsupported(smooth_k, return_lse)
     _check_layout(tensor_layout)
     if dropout_p != 0.0:
-        raise NotImplementedError(f"dropout is not supported (got dropout_p={dropout_p}); "
+        raise NotImplementedError(f"dropout is not supported (got dropout_p={dropout_p!r}); "
                                   "sparge is an inference kernel")
     if mask_id is None:
         raise ValueError("mask_id is required: a (B, H, nQ, nK) block mask")
