@@ -97,8 +97,8 @@ def check_block_mask_dtype(name: str, mask: torch.Tensor) -> None:
     float mask (0 = keep, -inf = drop) would be read the other way round."""
     if mask.is_floating_point() or mask.is_complex():
         raise TypeError(f"{name} must be a bool or integer block mask (non-zero = kept), got "
-                        f"dtype {mask.dtype}; for an additive mask (0 = keep, -inf = drop) "
-                        f"pass {name} == 0")
+                        f"dtype {mask.dtype}: pass {name} != 0 for a 0/1 mask, {name} == 0 for "
+                        "an additive one (0 = keep, -inf = drop)")
 
 
 def check_unsupported(attn_mask: object, dropout_p: float) -> None:
