@@ -25,9 +25,10 @@ def to_hnd(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x if layout == "HND" else x.transpose(1, 2)
 
 
-def check_layout(layout: str) -> None:
+def check_layout(layout: str, name: str = "layout") -> None:
+    """``layout`` (the argument ``name``) is one of :data:`LAYOUTS`."""
     if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        raise ValueError(f"{name} must be one of {LAYOUTS}, got {layout!r}")
 
 
 def check_qk(q: torch.Tensor, k: torch.Tensor, layout: str) -> None:

@@ -8,13 +8,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-LAYOUTS = ("HND", "NHD")
+from .._inputs import check_layout
 
 
 def to_hnd(x: torch.Tensor, layout: str) -> torch.Tensor:
-    """A (B, H, L, D) view of x given in ``layout``."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"tensor_layout must be one of {LAYOUTS}, got {layout!r}")
+    """A (B, H, L, D) view of x given in ``layout`` (the callers' ``tensor_layout``)."""
+    check_layout(layout, "tensor_layout")
     return x if layout == "HND" else x.transpose(1, 2)
 
 

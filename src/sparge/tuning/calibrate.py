@@ -33,7 +33,7 @@ from torch import nn
 from .. import _inputs as checks
 from ..api import sparse_attn
 from ..mask import DeferredSparsity
-from ._common import LAYOUTS, exact_attention, from_hnd, rel_l1, rel_l1_per_head, to_hnd
+from ._common import exact_attention, from_hnd, rel_l1, rel_l1_per_head, to_hnd
 from .budget import DENSE_SIM, ErrorBudgetAttention
 
 PV_MAX = 50.0
@@ -383,8 +383,7 @@ class SparseAttentionMeansim(nn.Module):
                                       "causal masking")
         if not smooth_k:
             raise NotImplementedError("smooth_k=False is not supported: sparge always smooths K")
-        if tensor_layout not in LAYOUTS:
-            raise ValueError(f"tensor_layout must be one of {LAYOUTS}, got {tensor_layout!r}")
+        checks.check_layout(tensor_layout, "tensor_layout")
         checks.check_qkv(q, k, v, tensor_layout)
         qh, kh, vh = (to_hnd(t, tensor_layout) for t in (q, k, v))
         tuning = tune_mode or _env_tune_mode()
