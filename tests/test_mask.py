@@ -120,31 +120,22 @@ def test_expand_is_a_view_of_the_causal_blocks():
     assert mask.expand(1, 2) is mask
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(blocks=torch.ones(1, 1, 2, 2, dtype=torch.int8)), "bool"),
-    (dict(blocks=torch.ones(2, 2, dtype=torch.bool)), "4-D"),
-    (dict(block_q=32), "block_q"),
-    (dict(block_k=64.0), r"block_k must be one of \(64, 128\) \(an int\), got 64.0"),
-    (dict(q_len=300), "need"),
-    (dict(k_len=0), ">= 1"),
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(blocks=torch.ones(1, 1, 2, 2, dtype=torch.int8)), ValueError, "bool"),
+    (dict(blocks=torch.ones(2, 2, dtype=torch.bool)), ValueError, "4-D"),
+    (dict(block_q=32), ValueError, "block_q"),
+    (dict(block_k=64.0), ValueError, r"block_k must be one of \(64, 128\) \(an int\), got 64.0"),
+    (dict(q_len=300), ValueError, "need"),
+    (dict(k_len=0), ValueError, ">= 1"),
+    (dict(blocks=[[[[True]]]]), TypeError, "blocks must be a 4-D bool tensor .* got list"),
+    (dict(q_len=128.0), TypeError, "q_len must be an int, got 128.0"),
+    (dict(k_len="128"), TypeError, "k_len must be an int, got '128'"),
+    (dict(causal="no"), TypeError, "causal must be a bool, got 'no'"),
 ])
-def test_invalid_masks_are_rejected(kwargs, match):
+def test_invalid_masks_are_rejected(kwargs, error, match):
+    """Wrong values raise ValueError, fields of the wrong type TypeError, naming the field."""
     args = dict(blocks=torch.ones(1, 1, 2, 2, dtype=torch.bool), block_q=64, block_k=64,
                 q_len=128, k_len=128)
     args.update(kwargs)
-    with pytest.raises(ValueError, match=match):
-        SparseMask(**args)
-
-
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(blocks=[[[[True]]]]), "blocks must be a 4-D bool tensor .* got list"),
-    (dict(q_len=128.0), "q_len must be an int, got 128.0"),
-    (dict(k_len="128"), "k_len must be an int, got '128'"),
-    (dict(causal="no"), "causal must be a bool, got 'no'"),
-])
-def test_mask_fields_of_the_wrong_type_are_rejected(kwargs, match):
-    args = dict(blocks=torch.ones(1, 1, 2, 2, dtype=torch.bool), block_q=64, block_k=64,
-                q_len=128, k_len=128)
-    args.update(kwargs)
-    with pytest.raises(TypeError, match=match):
+    with pytest.raises(error, match=match):
         SparseMask(**args)
