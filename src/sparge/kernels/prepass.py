@@ -88,22 +88,17 @@ _ROWS_PER_PARTIAL = 16
 @dataclass(frozen=True)
 class _LaunchShape:
     """Launch constants of the quantization kernel: elements per tile (at most ``max_rows`` rows
-    a tile when given), warps, register cap, and V's rows per tile when not the tile's."""
+    a tile when given), warps, register cap."""
 
     tile_elems: int
     num_warps: int
     maxnreg: int | None
     max_rows: int | None = None
-    v_rows: int | None = None
 
     def tile_rows(self, dim_pad: int) -> int:
         """Rows per tile for rows of ``dim_pad`` elements."""
         rows = self.tile_elems // dim_pad
         return rows if self.max_rows is None else min(rows, self.max_rows)
-
-    def v_tile_rows(self, dim_pad: int) -> int:
-        """Rows per tile of V's job for rows of ``dim_pad`` elements."""
-        return self.tile_rows(dim_pad) if self.v_rows is None else self.v_rows
 
 
 # Quantization alone (Q, K and V in one launch): tiles of 4096 elements in 4 warps, 96
@@ -535,10 +530,10 @@ def _constants(shape: _LaunchShape, dim: int, block_q: int, block_k: int, *, qua
     dp = _dim_pad(dim)
     tile_rows = shape.tile_rows(dp)
     return dict(BQ=block_q, BK=block_k, RQ=min(block_q, tile_rows), RK=min(block_k, tile_rows),
-                VT=shape.v_tile_rows(dp), DP=dp, LOG_NC=_max_chunks(dp).bit_length() - 1,
-                QUANT=quant, STATS=stats, K_SCALE_MAX=k_scale_max, K_MEAN_GIVEN=k_mean_given,
-                V_FP8=v_fp8, ROUND_FP8=round_fp8, HAS_M=has_m, HAS_Q=has_q, HAS_K=has_k,
-                HAS_V=has_v, INDIRECT=indirect)
+                VT=tile_rows, DP=dp, LOG_NC=_max_chunks(dp).bit_length() - 1, QUANT=quant,
+                STATS=stats, K_SCALE_MAX=k_scale_max, K_MEAN_GIVEN=k_mean_given, V_FP8=v_fp8,
+                ROUND_FP8=round_fp8, HAS_M=has_m, HAS_Q=has_q, HAS_K=has_k, HAS_V=has_v,
+                INDIRECT=indirect)
 
 
 def _quantize(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | None,
@@ -603,13 +598,14 @@ def _launch(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | No
     batch, dim, dev = given.shape[0], given.shape[3], given.device
     dp = _dim_pad(dim)
     shape = _launch_shape(stats, q is not None or run_k, v is not None)
-    tile_rows, v_rows = shape.tile_rows(dp), shape.v_tile_rows(dp)
+    tile_rows = shape.tile_rows(dp)
     partials = ksum if ksum is not None else vmax
     n_chunks = 1 if partials is None else partials.shape[2]
     # rows per program: a tile at least, and for K and V enough to amortise combining the partials
+    amortised = max(tile_rows, _ROWS_PER_PARTIAL * n_chunks)
     q_blocks = cdiv(tile_rows, block_q)
-    k_blocks = cdiv(max(tile_rows, _ROWS_PER_PARTIAL * n_chunks), block_k)
-    v_tiles = cdiv(max(v_rows, _ROWS_PER_PARTIAL * n_chunks), v_rows)
+    k_blocks = cdiv(amortised, block_k)
+    v_tiles = cdiv(amortised, tile_rows)
 
     q_out = q_per_head = None
     if q is not None:
@@ -625,10 +621,10 @@ def _launch(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | No
     if v is not None and v_fp8:
         v_out = (_alloc(batch, heads_k, dim, padded, dtype=FP8_DTYPE, device=dev),
                  _alloc(batch, heads_k, dim, dtype=torch.float32, device=dev))
-        v_per_head = cdiv(cdiv(padded, v_rows), v_tiles)
+        v_per_head = cdiv(cdiv(padded, tile_rows), v_tiles)
     elif v is not None:
         v_out = (_alloc(batch, heads_k, k_len, dim, dtype=torch.float16, device=dev), None)
-        v_per_head = cdiv(cdiv(k_len, v_rows), v_tiles)
+        v_per_head = cdiv(cdiv(k_len, tile_rows), v_tiles)
 
     placeholder = (given, 0, 0, 0, 0)  # a pointer and strides for a job left out
 
