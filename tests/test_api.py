@@ -1,6 +1,8 @@
 """The public API: SDPA-compatible behaviour, layouts, dtypes, statistics and input errors."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -336,3 +338,26 @@ def test_triton_path_from_ampere_on(capability, runs, monkeypatch):
         assert "below 8.0" in why
         with pytest.raises(RuntimeError, match="below 8.0"):
             backend.choose_backend("triton", cuda)
+
+
+def test_import_does_not_import_torch_dynamo():
+    """``import sparge`` stays about as quick as ``import torch``: importing ``torch._dynamo``
+    took another 2 to 3 s on a CPU machine."""
+    code = "import sys, sparge; print('torch._dynamo' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "False"
+
+
+def test_constant_lookups_are_marked_as_pytorch_marks_them():
+    """The capability and Triton lookups carry the marking of
+    ``torch.compiler.assume_constant_result`` (set without importing ``torch._dynamo``)."""
+    from sparge import backend
+
+    def lookup():
+        return 0
+
+    torch.compiler.assume_constant_result(lookup)
+    for fn in (backend.cuda_capability, backend.triton_installed):
+        assert {k: v for k, v in vars(fn).items() if k.startswith("_dynamo")} == vars(lookup)
+
