@@ -58,6 +58,22 @@ def test_demo_quick():
     assert re.search(r"^time\s+sparge [0-9.]+ ms vs SDPA [0-9.]+ ms", out, re.M)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_demo_on_the_gpu_reports_its_first_call():
+    """On the GPU the first call, which compiles and tunes the kernels, is timed and reported
+    apart from the timed calls."""
+    proc = run("demo", "--quick", "--device", "cuda")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "(triton path," in out
+    assert re.search(r"first call \(compiles and tunes the kernels; .*\) \.\.\. [0-9.]+ s$", out,
+                     re.M), out
+    error = float(re.search(r"^relative L1 error\s+([0-9.]+)", out, re.M).group(1))
+    assert error < 0.05
+    assert re.search(r"^time\s+sparge [0-9.]+ ms vs SDPA [0-9.]+ ms", out, re.M)
+
+
 def test_demo_size_options(capsys):
     assert cli.main(["demo", "--seq-len", "700", "--heads", "2", "--head-dim", "32",
                      "--height", "8", "--width", "16", "--device", "cpu"]) == 0
