@@ -395,6 +395,56 @@ def test_gpu_matches_reference(name: str) -> None:
         assert 0.0 < res["sparsity"] < 1.0, res
 
 
+def _random_case(rng) -> tuple[dict, float]:
+    """A case drawn from the kernel's whole contract (any D up to 256, any lengths, Lq != Lk,
+    GQA, either block size on either side, causal or not, masks with empty rows, NHD views,
+    every mode and input dtype, per-head PV thresholds) and its tolerance against the same-mode
+    reference, for the reasons given under ``GPU_CASES``."""
+    mode = rng.choice(["int8_fp8", "int8_fp8", "int8_fp16", "none"])
+    dtype = rng.choice(["float16", "bfloat16"] + (["float32"] if mode == "none" else []))
+    hk = rng.choice([1, 2, 3])
+    hq = hk * rng.choice([1, 2, 4])
+    bq, bk = rng.choice([64, 128]), rng.choice([64, 128])
+    case = _case(B=rng.choice([1, 2]), Hq=hq, Hk=hk, Lq=rng.randint(1, 2600),
+                 Lk=rng.randint(1, 2600), D=rng.choice([8, 16, 40, 64, 80, 96, 128, 160, 256]),
+                 bq=bq, bk=bk, mode=mode, causal=rng.random() < 0.5,
+                 kind=rng.choice(["dense", "mask", "mask"]), density=rng.uniform(0.2, 1.0),
+                 lam=rng.choice([50.0, [rng.choice([0.0, 2.0, 8.0, 50.0]) for _ in range(hq)]]),
+                 dtype=dtype, out_dtype=rng.choice([dtype, "float32"]),
+                 layout=rng.choice(["HND", "NHD"]))
+    case["empty_rows"] = case["kind"] == "mask" and case["Lq"] > bq and rng.random() < 0.3
+    if mode == "int8_fp8":
+        tol = 0.01
+    elif mode == "int8_fp16":
+        tol = 3e-3 if "bfloat16" in (dtype, case["out_dtype"]) else 1e-3
+    else:
+        tol = 1e-5 if dtype == "float32" else 0.01
+    return case, tol
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_random_cases_match_reference() -> None:
+    """Thirty cases drawn at random from the whole contract (the draw's seed is printed): every
+    output element written, finite, and within the mode's tolerance of the reference."""
+    import random
+
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"random seed: {seed}")
+    rng = random.Random(seed)
+    for i in range(30):
+        case, tol = _random_case(rng)
+        res = run_case(case, rng.getrandbits(32), device="cuda")
+        where = f"case {i}: {case} -> {res}"
+        assert res["unwritten"] == 0 and res["nonfinite"] == 0, where
+        if res["ref_max"] == 0.0:  # every row of the mask empty: zeros on both sides
+            assert res["max_abs"] == 0.0, where
+        else:
+            assert res["rel_l1"] <= tol, where
+        if case["empty_rows"]:
+            assert res["empty_rows"] > 0 and res["empty_rows_max_abs"] == 0.0, where
+
+
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("mode,dtype", [("int8_fp8", "bfloat16"), ("int8_fp8", "float16"),
