@@ -331,6 +331,30 @@ def test_three_programs_fit_a_hopper_sm_at_d128(causal: bool, sparse: bool,
     assert 3 * (kernel.metadata.shared + 1024) <= 228 * 1024, kernel.metadata.shared
 
 
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dim", [8, 16])
+def test_small_head_dims_compile_for_the_tensor_cores(arch: int, dim: int,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Heads of 16 channels or fewer are padded far enough for the INT8 product (32 channels:
+    Triton refuses an INT8 tensor-core product of depth 16). Compiled offline for sm_80 (INT8
+    Q.K^T, FP16 P.V) and sm_90 (FP8 P.V) as the launcher pads such heads (no TMA)."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    from sass_report import compile_kernel
+
+    from sparge.kernels.attention import _head_dim_padded
+
+    head_dim = _head_dim_padded(dim, quantized=True)
+    assert head_dim == 32
+    args = argparse.Namespace(dim=head_dim, block_m=64, block_n=128, causal=True, sparse=True,
+                              no_fold=False, no_tma=True, warps=4, stages=2, max_registers=0,
+                              arch=arch, no_pdl=False)
+    kernel = compile_kernel(args)
+    assert kernel.metadata.num_warps == 4
+    assert _head_dim_padded(dim, quantized=False) == 16  # 16-bit products take depth 16
+
+
 # --------------------------------------------------------------------------------------- GPU
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

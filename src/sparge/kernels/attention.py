@@ -591,8 +591,11 @@ def _autotune_enabled() -> bool:
     return settings.AUTOTUNE.enabled()
 
 
-def _head_dim_padded(dim: int) -> int:
-    return max(16, next_pow2(dim))
+def _head_dim_padded(dim: int, quantized: bool) -> int:
+    """The kernel's HEAD_DIM for heads of ``dim`` channels: a power of two, at least the
+    reduction depth of the tensor cores' Q.K^T (32 for INT8 operands, 16 for 16-bit ones;
+    Triton refuses smaller products)."""
+    return max(32 if quantized else 16, next_pow2(dim))
 
 
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tensor,
@@ -629,7 +632,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tens
     heads_k, k_len = k.shape[1], k.shape[2]
     mode_id = MODE_IDS[mode]
     device = q.device
-    head_dim = _head_dim_padded(dim)
+    head_dim = _head_dim_padded(dim, mode_id != 2)
     fast_cvt = mode_id != 2 and head_dim <= 128  # integer scores offset without a conversion
     # The folded exponent rounds each score once, at a different point from the reference, and
     # moves more P values across an FP8 / FP16 rounding midpoint than the CPU interpreter cases'
