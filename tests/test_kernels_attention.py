@@ -449,16 +449,21 @@ def _random_case(rng) -> tuple[dict, float]:
 @pytest.mark.gpu
 @requires_cuda
 def test_gpu_random_cases_match_reference() -> None:
-    """Thirty cases drawn at random from the whole contract (the draw's seed is printed): every
-    output element written, finite, and within the mode's tolerance of the reference."""
+    """Twelve cases drawn at random from the whole contract (the draw's seed is printed; each
+    run draws others): every output element written, finite, and within the mode's tolerance
+    of the reference. Most cases compile kernel variants of their own (about 10 s each on an
+    H200 with an empty Triton cache), hence twelve."""
     import random
 
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"random seed: {seed}")
     rng = random.Random(seed)
-    for i in range(30):
+    for i in range(12):
         case, tol = _random_case(rng)
         res = run_case(case, rng.getrandbits(32), device="cuda")
+        print(f"case {i}: {case['mode']} {case['dtype']} -> {case['out_dtype']} D{case['D']} "
+              f"Lq{case['Lq']} Lk{case['Lk']} {case['kind']} causal={case['causal']}: "
+              f"rel L1 {res['rel_l1']:.2e} (tolerance {tol})")
         where = f"case {i}: {case} -> {res}"
         assert res["unwritten"] == 0 and res["nonfinite"] == 0, where
         if res["ref_max"] == 0.0:  # every row of the mask empty: zeros on both sides
