@@ -421,9 +421,9 @@ def test_gpu_matches_reference(name: str) -> None:
 
 def _random_case(rng) -> tuple[dict, float]:
     """A case drawn from the kernel's whole contract (any D up to 256, any lengths, Lq != Lk,
-    GQA, either block size on either side, causal or not, masks with empty rows, NHD views,
-    every mode and input dtype, per-head PV thresholds) and its tolerance against the same-mode
-    reference, for the reasons given under ``GPU_CASES``."""
+    GQA, either block size on either side, causal or not, masks with empty rows or predicted by
+    the GPU pipeline, NHD views, every mode and input dtype, per-head PV thresholds) and its
+    tolerance against the same-mode reference, for the reasons given under ``GPU_CASES``."""
     mode = rng.choice(["int8_fp8", "int8_fp8", "int8_fp16", "none"])
     dtype = rng.choice(["float16", "bfloat16"] + (["float32"] if mode == "none" else []))
     hk = rng.choice([1, 2, 3])
@@ -432,7 +432,8 @@ def _random_case(rng) -> tuple[dict, float]:
     case = _case(B=rng.choice([1, 2]), Hq=hq, Hk=hk, Lq=rng.randint(1, 2600),
                  Lk=rng.randint(1, 2600), D=rng.choice([8, 16, 40, 64, 80, 96, 128, 160, 256]),
                  bq=bq, bk=bk, mode=mode, causal=rng.random() < 0.5,
-                 kind=rng.choice(["dense", "mask", "mask"]), density=rng.uniform(0.2, 1.0),
+                 kind=rng.choice(["dense", "mask", "mask", "selection"]),
+                 density=rng.uniform(0.2, 1.0),
                  lam=rng.choice([50.0, [rng.choice([0.0, 2.0, 8.0, 50.0]) for _ in range(hq)]]),
                  dtype=dtype, out_dtype=rng.choice([dtype, "float32"]),
                  layout=rng.choice(["HND", "NHD"]))
