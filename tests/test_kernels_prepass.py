@@ -668,6 +668,36 @@ def case_selection_matches_reference():
                 check_selection_matches(q, k, sel, bq, bk, causal)
 
 
+def check_cdf_threshold_one(device):
+    """cdf_threshold=1 keeps every block of every row, in the kernel as in the reference, although
+    many rows' float32 cumulative sums end above 1 (rows of 2 to 9 blocks with random scores:
+    query block i scores key block j by k_mean[j, i]); as a number and as a per-head tensor."""
+    from sparge.kernels.select import select_blocks_gpu
+    from sparge.predict import BlockStats, Selection, select_blocks
+
+    n_q = 16
+    q_mean = torch.zeros(1, 1, n_q, n_q, device=device)
+    q_mean[0, 0, range(n_q), range(n_q)] = math.sqrt(n_q)
+    q_stats = BlockStats(q_mean, torch.ones(1, 1, n_q, device=device))
+    above_one = 0
+    for n_k in (2, 3, 5, 9):
+        k_mean = torch.randn(1, 1, n_k, n_q, device=device)
+        k_stats = BlockStats(k_mean, torch.ones(1, 1, n_k, device=device))
+        probs = torch.softmax(k_mean[0, 0].T, dim=-1).sort(dim=-1, descending=True).values
+        above_one += int((probs.cumsum(-1)[:, -1] > 1.0).sum())
+        kw = dict(q_len=n_q * 64, k_len=n_k * 64, block_q=64, block_k=64)
+        for tau in (1.0, torch.ones(1, device=device)):
+            for select in (select_blocks, select_blocks_gpu):
+                mask = select(q_stats, k_stats, Selection(0.0, tau), **kw)
+                assert bool(mask.blocks.all()), (select.__name__, n_k, mask.blocks)
+    assert above_one > 0  # the rounding this guards against did occur
+
+
+def case_cdf_threshold_one_keeps_every_block():
+    _fresh_seed()
+    check_cdf_threshold_one("cpu")
+
+
 def check_selection_long_rows(n_k, device):
     """One row of n_k key blocks as the reference selects it. The 300 leading blocks share the
     top score, so both rules cut inside the tie, where the rank by index decides."""

@@ -65,6 +65,18 @@ def test_cdf_rule_keeps_the_leading_blocks_within_the_threshold():
         assert mask.blocks[0, 0, 0].nonzero().flatten().tolist() == kept, tau
 
 
+def test_cdf_threshold_one_keeps_every_block_whatever_the_rounding():
+    """The softmax of these two scores adds to 1 + 2**-23 in float32: a cumulative sum compared
+    with 1 would drop the second block, which holds 46 % of the mass."""
+    scores = [0.9398099184036255, 0.7748488187789917]
+    assert torch.softmax(torch.tensor(scores), -1).cumsum(-1)[-1] > 1.0  # the premise
+    qs, ks = one_head_stats(scores)
+    for tau in (1.0, torch.tensor([1.0])):
+        mask = select_blocks(qs, ks, Selection(0.0, tau), q_len=64, k_len=128, block_q=64,
+                             block_k=64)
+        assert mask.blocks.all(), tau
+
+
 def test_topk_rule_keeps_floor_of_fraction_at_least_one():
     qs, ks = one_head_stats([0.1, 3.0, 2.0, 0.5, 1.0, -1.0, 0.0])
     for frac, kept in [(0.01, [1]), (0.3, [1, 2]), (0.5, [1, 2, 4]), (1.0, list(range(7)))]:

@@ -160,7 +160,8 @@ def sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         sim_threshold: self-similarity above which a block may be summarised by its mean; a
             negative value makes every block eligible.
         cdf_threshold: CDF rule: keep the top blocks whose cumulative pooled mass is <= this
-            (0 < tau <= 1). The default rule, with tau = 0.98, when neither rule is given.
+            (0 < tau <= 1; 1 keeps every block, whatever the rounding of the sums). The default
+            rule, with tau = 0.98, when neither rule is given.
         topk: top-k rule: keep this fraction of the key blocks (0 < f <= 1) per query block.
         pv_threshold: skip a key block's contribution to a row when its scores are more than this
             many base-2 units below the row's running maximum (>= 0; the default 50 never skips

@@ -64,15 +64,29 @@ def per_head(value: float | torch.Tensor, heads: int, device: torch.device) -> t
                                               device=device))
 
 
+def cdf_rule(threshold: float | torch.Tensor, heads: int, device: torch.device) -> torch.Tensor:
+    """float32 (heads,): the CDF rule's thresholds, a threshold of 1 (or more) as infinity.
+
+    A row's cumulative mass is at most 1, but its float32 sum can round above 1 (the softmax of
+    the scores 0.94 and 0.77 adds to 1 + 2**-23), which compared with 1 would drop the last
+    blocks; a threshold of 1 keeps every candidate block, as the rule means. A tensor's values
+    are replaced on its device (no read-back)."""
+    if isinstance(threshold, torch.Tensor):
+        tau = per_head(threshold, heads, device)
+        return torch.where(tau >= 1.0, math.inf, tau)
+    return per_head(math.inf if float(threshold) >= 1.0 else threshold, heads, device)
+
+
 @dataclass(frozen=True)
 class Selection:
     """How the predictor chooses blocks. Thresholds are floats or (Hq,) tensors.
 
     Exactly one of ``cdf_threshold`` (keep the leading blocks, by pooled attention mass, whose
-    cumulative mass stays <= the threshold, at least one) and ``topk`` (keep floor(topk * nK)
-    blocks, at least one) is set. Blocks whose self-similarity is not above ``sim_threshold`` are
-    forced on: a dissimilar key block for every query block, a dissimilar query block for every
-    key block. ``attention_sink`` forces key block 0 on.
+    cumulative mass stays <= the threshold, at least one; 1 keeps them all, see
+    :func:`cdf_rule`) and ``topk`` (keep floor(topk * nK) blocks, at least one) is set. Blocks
+    whose self-similarity is not above ``sim_threshold`` are forced on: a dissimilar key block
+    for every query block, a dissimilar query block for every key block. ``attention_sink``
+    forces key block 0 on.
     """
 
     sim_threshold: float | torch.Tensor = 0.6
@@ -138,7 +152,7 @@ def select_blocks(q_stats: BlockStats, k_stats: BlockStats, selection: Selection
     # device, so ties never make two devices keep different blocks.
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
     if cdf_threshold is not None:
-        tau = per_head(cdf_threshold, heads_q, device)[None, :, None, None]
+        tau = cdf_rule(cdf_threshold, heads_q, device)[None, :, None, None]
         keep = (torch.cumsum(sorted_probs, dim=-1) <= tau).sum(dim=-1, keepdim=True)
     else:
         frac = per_head(topk, heads_q, device)[None, :, None, None]

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ..mask import SparseMask
-from ..predict import BlockStats, Selection, per_head, pooled_products, select_blocks
+from ..predict import BlockStats, Selection, cdf_rule, per_head, pooled_products, select_blocks
 from . import launcher
 from .graphs import MASK as SLOT_MASK
 from .graphs import caller_pointer
@@ -177,7 +177,8 @@ def _select(q_stats: BlockStats, k_stats: BlockStats, selection: Selection, q_le
     device = q_stats.mean.device
     products = pooled_products_gpu(q_stats, k_stats)
     topk = selection.topk is not None
-    rule = per_head(selection.topk if topk else selection.cdf_threshold, heads_q, device)
+    rule = (per_head(selection.topk, heads_q, device) if topk
+            else cdf_rule(selection.cdf_threshold, heads_q, device))
     sim_thr = per_head(selection.sim_threshold, heads_q, device)
     blocks = _alloc(batch, heads_q, n_q, n_k, dtype=torch.bool, device=device)
     lut = counts = n_full = blocks  # placeholders when no table is asked for
