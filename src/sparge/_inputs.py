@@ -8,7 +8,7 @@ from collections import OrderedDict
 
 import torch
 
-from .mask import check_block_size
+from .mask import check_block_sizes as check_block_sizes  # the entry points' checks, here too
 from .quant import EXACT, PV_FP8, PV_FP16
 
 LAYOUTS = ("HND", "NHD")
@@ -86,11 +86,6 @@ def check_flags(**flags: bool) -> None:
     for name, value in flags.items():
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {value!r}")
-
-
-def check_block_sizes(block_q: int, block_k: int) -> None:
-    check_block_size("block_q", block_q)
-    check_block_size("block_k", block_k)
 
 
 def check_block_mask_dtype(name: str, mask: torch.Tensor) -> None:

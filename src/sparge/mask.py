@@ -17,11 +17,13 @@ from ._constants import device_constant
 SUPPORTED_BLOCK_SIZES = (64, 128)
 
 
-def check_block_size(name: str, size: int) -> None:
+def check_block_sizes(block_q: int, block_k: int) -> None:
     """Refuse a block size other than the int 64 or 128 (a float such as 64.0 included)."""
-    if (isinstance(size, bool) or not isinstance(size, (int, torch.SymInt))
-            or size not in SUPPORTED_BLOCK_SIZES):
-        raise ValueError(f"{name} must be one of {SUPPORTED_BLOCK_SIZES} (an int), got {size!r}")
+    for name, size in (("block_q", block_q), ("block_k", block_k)):
+        if (isinstance(size, bool) or not isinstance(size, (int, torch.SymInt))
+                or size not in SUPPORTED_BLOCK_SIZES):
+            raise ValueError(f"{name} must be one of {SUPPORTED_BLOCK_SIZES} (an int), got "
+                             f"{size!r}")
 
 
 def num_blocks(length: int, block: int) -> int:
@@ -82,8 +84,7 @@ class SparseMask:
             raise ValueError(
                 f"SparseMask.blocks must be a 4-D bool tensor (B, H, nQ, nK), got "
                 f"{self.blocks.dtype} with shape {tuple(self.blocks.shape)}")
-        for name in ("block_q", "block_k"):
-            check_block_size(name, getattr(self, name))
+        check_block_sizes(self.block_q, self.block_k)
         for name in ("q_len", "k_len"):
             length = getattr(self, name)
             if isinstance(length, bool) or not isinstance(length, (int, torch.SymInt)):
@@ -279,5 +280,5 @@ def dense_flops(batch: int, heads: int, q_len: int, k_len: int, head_dim: int,
     return flops / 2 if causal else flops
 
 
-__all__ = ["DeferredSparsity", "SparseMask", "causal_block_mask", "check_block_size", "num_blocks",
+__all__ = ["DeferredSparsity", "SparseMask", "causal_block_mask", "check_block_sizes", "num_blocks",
            "dense_flops", "SUPPORTED_BLOCK_SIZES"]

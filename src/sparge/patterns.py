@@ -26,14 +26,9 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .mask import SUPPORTED_BLOCK_SIZES, SparseMask, check_block_size, num_blocks
+from .mask import SUPPORTED_BLOCK_SIZES, SparseMask, check_block_sizes, num_blocks
 
 Device = torch.device | str | None
-
-
-def _check_block_sizes(block_q: int, block_k: int) -> None:
-    check_block_size("block_q", block_q)
-    check_block_size("block_k", block_k)
 
 
 def _check_lengths(q_len: int, k_len: int) -> None:
@@ -64,7 +59,7 @@ def causal_mask(q_len: int, k_len: int, *, block_q: int = 64, block_k: int = 128
     Returns a causal :class:`SparseMask` of shape (1, 1, nQ, nK).
     """
     _check_lengths(q_len, k_len)
-    _check_block_sizes(block_q, block_k)
+    check_block_sizes(block_q, block_k)
     return SparseMask.full(1, 1, q_len, k_len, block_q, block_k, causal=True, device=device)
 
 
@@ -76,7 +71,7 @@ def sink_mask(q_len: int, k_len: int, sink_len: int, *, block_q: int = 64, block
     multiple of ``block_k`` or covers all keys). Returns a (1, 1, nQ, nK) :class:`SparseMask`.
     """
     _check_lengths(q_len, k_len)
-    _check_block_sizes(block_q, block_k)
+    check_block_sizes(block_q, block_k)
     if sink_len < 0:
         raise ValueError(f"sink_len must be >= 0, got {sink_len}")
     first_k, _ = _block_ranges(k_len, block_k, device)
@@ -104,7 +99,7 @@ def sliding_window_mask(q_len: int, k_len: int, window: int | tuple[int, int], *
         block-aligned; causal masking is always exact.
     """
     _check_lengths(q_len, k_len)
-    _check_block_sizes(block_q, block_k)
+    check_block_sizes(block_q, block_k)
     left, right = (window, window) if isinstance(window, int) else tuple(window)
     if left < 0 or right < 0:
         raise ValueError(f"window sizes must be >= 0, got left={left}, right={right}")
@@ -164,7 +159,7 @@ def sliding_tile_mask(grid: tuple[int, int, int], window: tuple[int, int, int], 
     if min(grid) < 1 or min(window) < 0 or text_len < 0:
         raise ValueError(f"grid sizes must be >= 1, windows and text_len >= 0, got grid={grid}, "
                          f"window={window}, text_len={text_len}")
-    _check_block_sizes(block_q, block_k)
+    check_block_sizes(block_q, block_k)
     t, h, w = grid
     video = t * h * w
     length = video + text_len
@@ -201,7 +196,7 @@ def from_token_mask(token_mask: torch.Tensor, *, block_q: int = 64, block_k: int
     if token_mask.dtype != torch.bool or token_mask.dim() not in (2, 4):
         raise ValueError(f"token_mask must be a 2-D or 4-D bool tensor, got {token_mask.dtype} "
                          f"with shape {tuple(token_mask.shape)}")
-    _check_block_sizes(block_q, block_k)
+    check_block_sizes(block_q, block_k)
     while token_mask.dim() < 4:
         token_mask = token_mask.unsqueeze(0)
     b, h, q_len, k_len = token_mask.shape
@@ -232,7 +227,7 @@ def regrid(mask: SparseMask, block_q: int, block_k: int) -> SparseMask:
     smallest covering mask: a superset of ``mask``'s token pairs, equal to them only where the
     two 64-blocks merged into one are both kept or both dropped. The causal flag is kept.
     """
-    _check_block_sizes(block_q, block_k)
+    check_block_sizes(block_q, block_k)
     if (block_q, block_k) == (mask.block_q, mask.block_k):
         return mask
     rows = _incidence(mask.q_len, mask.block_q, block_q, mask.device)
@@ -416,7 +411,7 @@ def from_flex_block_mask(block_mask, q_len: int, k_len: int, *, block_q: int | N
     if block_q is None or block_k is None:
         raise ValueError(f"the BlockMask's BLOCK_SIZE {(bq, bk)} is not supported by SparseMask "
                          f"{SUPPORTED_BLOCK_SIZES}: pass block_q and block_k to convert it")
-    _check_block_sizes(*target)
+    check_block_sizes(*target)
     rows = _incidence(q_len, bq, target[0], blocks.device)
     cols = _incidence(k_len, bk, target[1], blocks.device)
     converted = (rows @ blocks.float() @ cols.T) > 0

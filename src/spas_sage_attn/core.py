@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 import sparge
-from sparge._inputs import check_block_mask_dtype
+from sparge._inputs import check_block_mask_dtype, check_unsupported
 
 from .utils import hyperparameter_check
 
@@ -271,9 +271,7 @@ def block_sparse_sage2_attn_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     """
     _refuse_unsupported(smooth_k, return_lse)
     _check_layout(tensor_layout)
-    if dropout_p != 0.0:
-        raise NotImplementedError(f"dropout is not supported (got dropout_p={dropout_p!r}); "
-                                  "sparge is an inference kernel")
+    check_unsupported(None, dropout_p)
     if mask_id is None:
         raise ValueError("mask_id is required: a (B, H, nQ, nK) block mask")
     if not isinstance(mask_id, torch.Tensor):
