@@ -394,8 +394,8 @@ def test_replay_equals_eager_gpu(name, shape, monkeypatch):
 @pytest.mark.gpu
 @gpu
 def test_calls_that_never_replay_gpu(monkeypatch):
-    """A float16 V for FP16 P.V, unaligned inputs or masks and long calls run eagerly every
-    time."""
+    """A float16 V for FP16 P.V, unaligned inputs or masks, and calls whose graph would keep
+    more than :data:`MAX_HELD_BYTES` run eagerly every time; at the limit they replay."""
     import sparge
     from sparge.kernels import graphs
 
@@ -412,10 +412,47 @@ def test_calls_that_never_replay_gpu(monkeypatch):
     for call in calls:
         for _ in range(3):
             call()
-    monkeypatch.setattr(graphs, "MAX_WORK", 1)
+    # one byte over the limit: eager; at the limit: replayed
+    monkeypatch.setattr(graphs, "MAX_HELD_BYTES", 3 * q.numel() - 1)
     for _ in range(3):
         sparge.quantized_attn(q, k, v)
     assert replays == [] and graphs._GRAPHS == {}
+    monkeypatch.setattr(graphs, "MAX_HELD_BYTES", 3 * q.numel())
+    for _ in range(3):
+        sparge.quantized_attn(q, k, v)
+    assert len(replays) == 1
+
+
+@pytest.mark.gpu
+@gpu
+def test_long_call_of_few_heads_replays_within_its_memory_estimate_gpu(monkeypatch):
+    """The demo's shape (L32768, 8 heads, D128, most blocks skipped) is host-bound when eager,
+    and its graph's quantized copies fit :data:`MAX_HELD_BYTES`: it replays, equal to the eager
+    call, and the memory its capture reserved is what :func:`held_bytes` estimates."""
+    import sparge
+    from sparge.backend import has_fp8_tensor_cores
+    from sparge.kernels import graphs
+
+    print(f"random seed: {torch.seed()}")
+    replays = _replays(monkeypatch)
+    shape = (1, 8, 32768, 128)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    v_bytes = 1 if has_fp8_tensor_cores(q.device) else 2  # "auto": FP8 V, else an FP16 copy
+    estimate = graphs.held_bytes(q, k, v, v_bytes=v_bytes)
+    assert estimate <= graphs.MAX_HELD_BYTES
+    sparge.sparse_attn(q, k, v, cdf_threshold=0.5)  # eager: compiles and tunes
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_reserved()
+    sparge.sparse_attn(q, k, v, cdf_threshold=0.5)  # captures
+    torch.cuda.synchronize()
+    reserved = torch.cuda.memory_reserved() - before
+    print(f"graph memory: {reserved / 2**20:.1f} MiB reserved, {estimate / 2**20:.1f} MiB "
+          "estimated")
+    assert 0.9 * estimate <= reserved <= 1.3 * estimate
+    out = sparge.sparse_attn(q, k, v, cdf_threshold=0.5)
+    assert len(replays) == 1
+    assert torch.equal(out, _eager(monkeypatch, lambda: sparge.sparse_attn(
+        q, k, v, cdf_threshold=0.5)))
 
 
 @pytest.mark.gpu

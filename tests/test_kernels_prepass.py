@@ -958,6 +958,13 @@ def test_pooled_products_gpu(monkeypatch):
 
 @pytest.mark.gpu
 @gpu
+def test_cdf_threshold_one_keeps_every_block_gpu():
+    _fresh_seed()
+    check_cdf_threshold_one("cuda")
+
+
+@pytest.mark.gpu
+@gpu
 def test_selection_gpu_long_rows():
     """Rows of 600 to 4096 key blocks (two, four and eight warps a program; shorter rows, in one
     warp, are the other selection tests'; 4096 is the longest row the kernel sorts) and of 4097,

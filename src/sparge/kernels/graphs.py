@@ -21,7 +21,8 @@ stream, arguments) selects the graph:
 3. later calls write their tensors' addresses into the graph's buffer and replay it.
 
 At most :data:`MAX_GRAPHS` keys are remembered (the oldest is dropped first, with its graph and
-its memory), for calls of at most :data:`MAX_WORK`. ``SPARGE_CUDA_GRAPHS=0`` turns replay off.
+its memory), for calls whose graph keeps at most :data:`MAX_HELD_BYTES` (:func:`held_bytes`).
+``SPARGE_CUDA_GRAPHS=0`` turns replay off.
 """
 
 from __future__ import annotations
@@ -41,9 +42,10 @@ from .. import settings
 Q, K, V, OUT, MASK = (tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3),
                       tl.constexpr(4))
 MAX_GRAPHS = 8
-# B * Hq * Lq * Lk * D of the largest call replayed (L8192 at H32, D128): beyond it a call's GPU
-# time hides its host time, and a graph would hold the call's quantized copies for good
-MAX_WORK = 2 ** 38
+# The most memory one graph may keep, as held_bytes estimates it: 2^27 bytes admit L8192 at H32
+# or L32768 at H8 (D128). The limit is on memory, not on work: a call that skips most blocks is
+# host-bound at any length.
+MAX_HELD_BYTES = 2 ** 27
 
 
 @triton.jit
@@ -69,6 +71,14 @@ _GRAPHS: dict[tuple, _Graph | str] = {}
 
 def enabled() -> bool:
     return settings.CUDA_GRAPHS.enabled()
+
+
+def held_bytes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_bytes: int) -> int:
+    """Bytes a graph of a call on q, k, v keeps in its memory pool, estimated by its quantized
+    copies: one byte per element of q and k, ``v_bytes`` per element of v (1 for FP8, 2 for
+    FP16). The statistics, pooled scores, mask and lookup table come on top: a graph of the
+    demo's call (L32768 at H8, D128) reserved 120 MiB where this gives 96 MiB."""
+    return q.numel() + k.numel() + v.numel() * v_bytes
 
 
 def aligned(*tensors: torch.Tensor) -> bool:
@@ -189,5 +199,5 @@ def clear() -> None:
         _drop(key)
 
 
-__all__ = ["K", "MASK", "MAX_GRAPHS", "MAX_WORK", "OUT", "Q", "V", "address_buffer", "aligned",
-           "caller_pointer", "clear", "enabled", "run"]
+__all__ = ["K", "MASK", "MAX_GRAPHS", "MAX_HELD_BYTES", "OUT", "Q", "V", "address_buffer",
+           "aligned", "caller_pointer", "clear", "enabled", "held_bytes", "run"]

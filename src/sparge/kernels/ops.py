@@ -127,7 +127,7 @@ def sparse_attention_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
                                 blocks, *flags, out_dtype)
     thresholds = (pv_threshold, sim, rule)
     out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
-    if _replayable(q, k, v, blocks, _hnd(k, layout).shape[2], mode):
+    if _replayable(q, k, v, blocks, mode):
         # threshold tensors by value, as (Hq,) float32 device tensors the graph copies
         values = tuple(on_device(t).detach().contiguous() for t in thresholds
                        if isinstance(t, torch.Tensor))
@@ -161,19 +161,20 @@ def _layout_key(x: torch.Tensor) -> tuple:
 
 
 def _replayable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor | None,
-                k_len: int, mode: str) -> bool:
+                mode: str) -> bool:
     """Whether an eager call may be replayed as a CUDA graph: on a GPU, not during the caller's
     own capture, in a quantized mode that reads q, k and v only in the pre-pass (not a float16 V
     in ``int8_fp16`` mode, which the attention kernel reads as it is), the inputs and a given
-    mask's ``blocks`` 16-byte aligned, and B * Hq * Lq * Lk * D at most
-    :data:`sparge.kernels.graphs.MAX_WORK`. Thresholds may be numbers or tensors (a tensor's
-    values are copied into the graph's own copy before each replay)."""
+    mask's ``blocks`` 16-byte aligned, and the graph's quantized copies within
+    :data:`sparge.kernels.graphs.MAX_HELD_BYTES`. Thresholds may be numbers or tensors (a
+    tensor's values are copied into the graph's own copy before each replay)."""
     if not graphs.enabled() or not q.is_cuda or mode not in (PV_FP8, PV_FP16):
         return False
     if mode == PV_FP16 and v.dtype == torch.float16:
         return False
     given = () if blocks is None else (blocks,)
-    return (q.numel() * k_len <= graphs.MAX_WORK and graphs.aligned(q, k, v, *given)
+    held = graphs.held_bytes(q, k, v, v_bytes=2 if mode == PV_FP16 else 1)
+    return (held <= graphs.MAX_HELD_BYTES and graphs.aligned(q, k, v, *given)
             and not torch.cuda.is_current_stream_capturing())
 
 
