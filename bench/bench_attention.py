@@ -70,7 +70,8 @@ class Row:
 
 # ------------------------------------------------------------------------------------ inputs
 def random_inputs(b: int, h: int, length: int, d: int, gen: torch.Generator):
-    return tuple(torch.randn(b, h, length, d, generator=gen, device=DEVICE,
+    """Gaussian Q, K and V (bf16) on ``gen``'s device."""
+    return tuple(torch.randn(b, h, length, d, generator=gen, device=gen.device,
                              dtype=torch.bfloat16) for _ in range(3))
 
 
@@ -80,17 +81,18 @@ def local_inputs(b: int, h: int, length: int, d: int, gen: torch.Generator):
     Each channel is white noise low-passed by a Gaussian of width 64 tokens (unit variance), so
     neighbouring tokens are alike (blocks are self-similar) and q_i . k_j decays with |i - j|:
     attention is local, as in video diffusion transformers. The amplitude keeps the score range
-    independent of D. V is random.
+    independent of D. V is random. On ``gen``'s device.
     """
-    eps = torch.randn(b, h, d, length, generator=gen, device=DEVICE)
-    freq = torch.fft.rfftfreq(length, device=DEVICE)
+    device = gen.device
+    eps = torch.randn(b, h, d, length, generator=gen, device=device)
+    freq = torch.fft.rfftfreq(length, device=device)
     smooth = torch.fft.irfft(torch.fft.rfft(eps) * torch.exp(-0.5 * (2 * math.pi * freq * 64) ** 2),
                              n=length)
     z = (smooth / smooth.std(dim=-1, keepdim=True)).transpose(-1, -2)
     amp = (64 / d) ** 0.25
-    q = amp * z + 0.3 * torch.randn(z.shape, generator=gen, device=DEVICE)
-    k = amp * z + 0.3 * torch.randn(z.shape, generator=gen, device=DEVICE)
-    v = torch.randn(b, h, length, d, generator=gen, device=DEVICE)
+    q = amp * z + 0.3 * torch.randn(z.shape, generator=gen, device=device)
+    k = amp * z + 0.3 * torch.randn(z.shape, generator=gen, device=device)
+    v = torch.randn(b, h, length, d, generator=gen, device=device)
     return tuple(t.to(torch.bfloat16).contiguous() for t in (q, k, v))
 
 
