@@ -37,12 +37,13 @@ import triton
 import triton.language as tl
 
 from .. import settings
+from ..mask import num_blocks
 
 # the slots of the address buffer (constexpr: the kernels read them)
 Q, K, V, OUT, MASK = (tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3),
                       tl.constexpr(4))
 MAX_GRAPHS = 8
-# The most memory one graph may keep, as held_bytes estimates it: 2^27 bytes admit L8192 at H32
+# The most memory one graph may keep, as held_bytes counts it: 2^27 bytes admit L8192 at H32
 # or L32768 at H8 (D128). The limit is on memory, not on work: a call that skips most blocks is
 # host-bound at any length.
 MAX_HELD_BYTES = 2 ** 27
@@ -73,12 +74,28 @@ def enabled() -> bool:
     return settings.CUDA_GRAPHS.enabled()
 
 
-def held_bytes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_bytes: int) -> int:
-    """Bytes a graph of a call on q, k, v keeps in its memory pool, estimated by its quantized
-    copies: one byte per element of q and k, ``v_bytes`` per element of v (1 for FP8, 2 for
-    FP16). The statistics, pooled scores, mask and lookup table come on top: a graph of the
-    demo's call (L32768 at H8, D128) reserved 120 MiB where this gives 96 MiB."""
-    return q.numel() + k.numel() + v.numel() * v_bytes
+def held_bytes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, v_bytes: int,
+               block_q: int, block_k: int, mask: str | None) -> int:
+    """Bytes a graph of a call keeps in its memory pool, from the sizes of its largest buffers.
+
+    q (B, Hq, Lq, D) and k, v (B, Hk, Lk, D) in HND order. The quantized copies take one byte
+    per element of q and k and ``v_bytes`` per element of v (1 for FP8, 2 for FP16). Per block
+    pair (b, query head, query block, key block), a given mask (``mask="given"``) adds the
+    lookup table's int32 index, a predicted one (``"predicted"``) also the pooled scores
+    (float32) and the mask (bool), with the blocks' float32 means; dense calls (None) add
+    nothing. Scales, per-block statistics and the allocator's rounding come on top (a graph of
+    the demo's call, L32768 at H8 and D128, reserved 120 MiB where this gives 108 MiB)."""
+    batch, heads_q, q_len = q.shape[:3]
+    pairs = batch * heads_q * num_blocks(q_len, block_q) * num_blocks(k.shape[2], block_k)
+    total = q.numel() + k.numel() + v.numel() * v_bytes + _PAIR_BYTES[mask] * pairs
+    if mask == "predicted":
+        total += 4 * (q.numel() // block_q + k.numel() // block_k)
+    return total
+
+
+# bytes per block pair: the lookup table's int32 index; with a prediction also its float32
+# pooled score and its bool mask entry
+_PAIR_BYTES = {None: 0, "given": 4, "predicted": 4 + 4 + 1}
 
 
 def aligned(*tensors: torch.Tensor) -> bool:

@@ -127,7 +127,11 @@ def sparse_attention_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
                                 blocks, *flags, out_dtype)
     thresholds = (pv_threshold, sim, rule)
     out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
-    if _replayable(q, k, v, blocks, mode):
+    held = graphs.held_bytes(_hnd(q, layout), _hnd(k, layout), v,
+                             v_bytes=2 if mode == PV_FP16 else 1, block_q=block_q,
+                             block_k=block_k, mask="predicted" if selection is not None
+                             else None if mask is None else "given")
+    if _replayable(q, k, v, blocks, mode, held):
         # threshold tensors by value, as (Hq,) float32 device tensors the graph copies
         values = tuple(on_device(t).detach().contiguous() for t in thresholds
                        if isinstance(t, torch.Tensor))
@@ -161,11 +165,12 @@ def _layout_key(x: torch.Tensor) -> tuple:
 
 
 def _replayable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor | None,
-                mode: str) -> bool:
+                mode: str, held: int) -> bool:
     """Whether an eager call may be replayed as a CUDA graph: on a GPU, not during the caller's
     own capture, in a quantized mode that reads q, k and v only in the pre-pass (not a float16 V
     in ``int8_fp16`` mode, which the attention kernel reads as it is), the inputs and a given
-    mask's ``blocks`` 16-byte aligned, and the graph's quantized copies within
+    mask's ``blocks`` 16-byte aligned, and the graph's memory (``held`` bytes, as
+    :func:`sparge.kernels.graphs.held_bytes` estimates it) within
     :data:`sparge.kernels.graphs.MAX_HELD_BYTES`. Thresholds may be numbers or tensors (a
     tensor's values are copied into the graph's own copy before each replay)."""
     if not graphs.enabled() or not q.is_cuda or mode not in (PV_FP8, PV_FP16):
@@ -173,7 +178,6 @@ def _replayable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: torch
     if mode == PV_FP16 and v.dtype == torch.float16:
         return False
     given = () if blocks is None else (blocks,)
-    held = graphs.held_bytes(q, k, v, v_bytes=2 if mode == PV_FP16 else 1)
     return (held <= graphs.MAX_HELD_BYTES and graphs.aligned(q, k, v, *given)
             and not torch.cuda.is_current_stream_capturing())
 
