@@ -41,6 +41,16 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str) ->
     _check_tensors(("q", "k", "v"), (q, k, v), layout)
 
 
+def check_attention_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, *,
+                         quant: str, backend: str, out_dtype: torch.dtype | None) -> None:
+    """The checks every attention entry point makes: q, k and v in their layout, then the
+    quantization mode, the backend and the output dtype."""
+    check_qkv(q, k, v, layout)
+    check_choice("quant", quant, QUANT_CHOICES)
+    check_choice("backend", backend, BACKENDS)
+    check_out_dtype(out_dtype)
+
+
 def _check_tensors(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...],
                    layout: str) -> None:
     """The checks of :func:`check_qk` and :func:`check_qkv`, ``names`` naming ``tensors``."""

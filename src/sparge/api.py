@@ -186,11 +186,9 @@ def sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         The attention output in the layout of q, or ``(output, stats)``.
     """
     checks.check_unsupported(attn_mask, dropout_p)
-    checks.check_qkv(q, k, v, layout)
+    checks.check_attention_call(q, k, v, layout, quant=quant, backend=backend,
+                                out_dtype=out_dtype)
     checks.check_block_sizes(block_q, block_k)
-    checks.check_choice("quant", quant, checks.QUANT_CHOICES)
-    checks.check_choice("backend", backend, checks.BACKENDS)
-    checks.check_out_dtype(out_dtype)
     checks.check_flags(attention_sink=attention_sink, is_causal=is_causal,
                        return_stats=return_stats)
     heads_q = checks.to_hnd(q, layout).shape[1]
@@ -254,10 +252,8 @@ def block_sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         pv_threshold, scale, layout, quant, out_dtype, backend, return_stats: as in
             :func:`sparse_attn`.
     """
-    checks.check_qkv(q, k, v, layout)
-    checks.check_choice("quant", quant, checks.QUANT_CHOICES)
-    checks.check_choice("backend", backend, checks.BACKENDS)
-    checks.check_out_dtype(out_dtype)
+    checks.check_attention_call(q, k, v, layout, quant=quant, backend=backend,
+                                out_dtype=out_dtype)
     checks.check_flags(is_causal=is_causal, return_stats=return_stats)
     qh, kh = checks.to_hnd(q, layout), checks.to_hnd(k, layout)
     if isinstance(mask, torch.Tensor) and mask.device != q.device:
@@ -284,11 +280,9 @@ def quantized_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_caus
     granularity (one INT8 scale per block of rows).
     """
     checks.check_unsupported(attn_mask, dropout_p)
-    checks.check_qkv(q, k, v, layout)
+    checks.check_attention_call(q, k, v, layout, quant=quant, backend=backend,
+                                out_dtype=out_dtype)
     checks.check_block_sizes(block_q, block_k)
-    checks.check_choice("quant", quant, checks.QUANT_CHOICES)
-    checks.check_choice("backend", backend, checks.BACKENDS)
-    checks.check_out_dtype(out_dtype)
     checks.check_flags(is_causal=is_causal)
     return _run(q, k, v, layout=layout, mask=None, selection=None, block_q=block_q,
                 block_k=block_k, causal=bool(is_causal), scale=scale, pv_threshold=float("inf"),
