@@ -61,7 +61,8 @@ def compile_kernel(args) -> triton.compiler.CompiledKernel:
                      BLOCK_Q=args.block_m, MODE=0 if fp8 else 1, CAUSAL=args.causal,
                      SPARSE=args.sparse, PV_SKIP=False, EVEN_D=True, IEEE_DOT=False,
                      ROUND_FP8=False, FAST_CVT=True, FOLD=not args.no_fold, TMA=tma,
-                     INDIRECT=False, PDL=dependent(args))
+                     ONES_SPLAT=attention.ones_splat(divmod(args.arch, 10)), INDIRECT=False,
+                     PDL=dependent(args))
     if not tma:
         constants.update(KDesc=None, VDesc=None)
     # unit strides: the channels of Q, K and the output, V's keys in the FP8 buffer (its channels

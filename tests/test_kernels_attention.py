@@ -149,6 +149,47 @@ def test_interpreter_tile_skip_is_exact(interpreter_results: dict) -> None:
     assert res["max_abs"] == 0.0, res
 
 
+def test_interpreter_row_sums_by_either_operand_agree(interpreter_results: dict) -> None:
+    """The row sums taken with one column of ones and with a splat of ones (the largest of its
+    equal columns) give the same output, FP8 and FP16 P.V, every element written."""
+    res = interpreter_results["__ones_splat_toggle__"]
+    assert "error" not in res, res
+    for mode in ("int8_fp8", "int8_fp16"):
+        assert res[mode]["unwritten"] == 0, res
+        assert res[mode]["max_abs"] <= 1e-6 * res[mode]["out_max"], res
+
+
+def test_ones_splat_where_the_tensor_cores_read_registers() -> None:
+    """mma.sync GPUs (Ampere, Ada, consumer Blackwell) take the splat; wgmma and tcgen05 GPUs
+    (Hopper, datacenter Blackwell), which read the operand from shared memory, and the CPU
+    interpreter keep one column of ones."""
+    from sparge.kernels.attention import ones_splat
+
+    takes = {cap: ones_splat(cap) for cap in ((8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0))}
+    assert takes == {(8, 0): True, (8, 6): True, (8, 9): True, (9, 0): False, (10, 0): False,
+                     (12, 0): True}
+    assert not ones_splat(None)
+
+
+@pytest.mark.parametrize("arch", [89, 120])
+def test_row_sums_operand_stays_in_registers(arch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiled offline for Ada (sm_89) and consumer Blackwell (sm_120) at D128, the kernel loads
+    no single bytes from shared memory: with one column of ones the operand was reloaded byte
+    by byte on every key block (128 ``ld.shared.b8`` in the PTX, 64 per loop)."""
+    import argparse
+    import re
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    from sass_report import compile_kernel
+
+    args = argparse.Namespace(dim=128, block_m=64, block_n=128, causal=False, sparse=False,
+                              no_fold=False, no_tma=False, warps=4, stages=2, max_registers=0,
+                              arch=arch, no_pdl=False)
+    ptx = compile_kernel(args).asm["ptx"]
+    assert re.findall(r"ld\.shared\.[us]?b?8\b", ptx) == []
+    assert "ldmatrix" in ptx  # the operands still come through shared memory, by ldmatrix
+
+
 # --------------------------------------------------------------------------------------- helpers
 def _random_mask(case, gen, device):
     from sparge.mask import SparseMask, num_blocks
@@ -289,6 +330,36 @@ def _pv_skip_toggle(seed: int, device: str = "cpu") -> dict:
             "skipped_rows": int(((ref - full).abs().amax(-1) > 0).sum())}
 
 
+def _ones_splat_toggle(seed: int, device: str = "cpu") -> dict:
+    """The same launches with the row sums' operand as one column of ones (the default off the
+    GPU) and as a splat of ones (mma.sync GPUs, see ``attention.ones_splat``), FP8 and FP16 P.V,
+    causal, on a mask."""
+    from sparge.kernels import attention, block_table, launch, prepare_qkv
+
+    gen = torch.Generator().manual_seed(seed)
+    result: dict = {"seed": seed}
+    for mode in ("int8_fp8", "int8_fp16"):
+        case = _case(mode=mode, Hq=2, Hk=1, Lq=200, Lk=300, D=64, kind="mask", density=0.7,
+                     causal=True)
+        q, k, v = _inputs(case, gen, device)
+        mask = _random_mask(case, gen, device)
+        quant, _, _ = prepare_qkv(q, k, v, block_q=64, block_k=128, mode=mode,
+                                  with_stats=False)
+        outs = []
+        for splat in (False, True):
+            attention.ones_splat = lambda capability, splat=splat: splat
+            out = _poisoned_out(case, device)
+            launch(quant.q, quant.k, quant.v, out=out, q_scale=quant.q_scale,
+                   k_scale=quant.k_scale, v_scale=quant.v_scale, table=block_table(mask),
+                   block_q=64, block_k=128, causal=True, scale=case["D"] ** -0.5,
+                   pv_threshold=torch.full((2,), 50.0), mode=mode)
+            outs.append(out.float())
+        result[mode] = {"max_abs": float((outs[0] - outs[1]).abs().max()),
+                        "out_max": float(outs[0].abs().max()),
+                        "unwritten": int(outs[1].isnan().sum())}
+    return result
+
+
 def _interpreter_main() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     results = {}
@@ -304,6 +375,11 @@ def _interpreter_main() -> None:
         results["__pv_skip_toggle__"] = _pv_skip_toggle(seed)
     except Exception as exc:  # noqa: BLE001
         results["__pv_skip_toggle__"] = {"seed": seed, "error": f"{type(exc).__name__}: {exc}"}
+    seed = int.from_bytes(os.urandom(4), "little")
+    try:
+        results["__ones_splat_toggle__"] = _ones_splat_toggle(seed)
+    except Exception as exc:  # noqa: BLE001
+        results["__ones_splat_toggle__"] = {"seed": seed, "error": f"{type(exc).__name__}: {exc}"}
     print("RESULT " + json.dumps(results), flush=True)
 
 

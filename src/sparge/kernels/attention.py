@@ -50,8 +50,9 @@ Loads: from sm90 on (and in the interpreter) the K and V tiles of unmasked block
 host tensor descriptors (TMA); masked blocks and older GPUs use pointer loads.
 
 Row sums (quantized modes): the sum of the rounded P the P.V product uses, computed as one more
-small product on the tensor cores (P times a column of ones), which costs less than the BLOCK_N
-float adds per row it replaces and makes the weights of the V rows sum to one.
+small product on the tensor cores (P times a column of ones, or a splat of ones where the tensor
+cores take operands from registers: :func:`ones_splat`), which costs less than the BLOCK_N float
+adds per row it replaces and makes the weights of the V rows sum to one.
 """
 
 from __future__ import annotations
@@ -275,18 +276,28 @@ def _softmax_tile(qk, c, m_i, s_i, lam, offs_m, keys, start_n, k_len,
 
 
 @triton.jit
-def _ones_column(BLOCK_N: tl.constexpr, DTYPE: tl.constexpr, FIRST: tl.constexpr):
-    """(BLOCK_N, 16) DTYPE with ones in column 0 and zeros elsewhere: the row sums' operand
-    (see :func:`_row_sums`).
+def _ones_column(BLOCK_N: tl.constexpr, DTYPE: tl.constexpr, FIRST: tl.constexpr,
+                 ONES_SPLAT: tl.constexpr):
+    """The row sums' operand (see :func:`_row_sums`): (BLOCK_N, 16) DTYPE with ones in column 0
+    and zeros elsewhere, or with ``ONES_SPLAT`` ones everywhere.
 
-    Each of the kernel's two loops gets its own copy (``FIRST`` picks one of two equal
-    expressions, which the compiler does not merge), and the second loop its own load of the Q
-    tile. Shared buffers that live through both loops are placed by Triton's allocator after a
-    16-byte pipeline barrier of the first loop, behind 1008 bytes of alignment padding; scoped to
-    one loop they pack without it. At D128 with two pipeline stages the kernel then takes 75,812
-    bytes of shared memory instead of 76,820, and three programs fit on a Hopper SM only at
-    76,800 bytes or less (228 KB, 1 KB reserved per program).
+    Where the tensor cores read the operand from shared memory (wgmma on Hopper, tcgen05 on
+    datacenter Blackwell) the one-column operand is stored there once, before the loop. Each of
+    the kernel's two loops gets its own copy (``FIRST`` picks one of two equal expressions, which
+    the compiler does not merge), and the second loop its own load of the Q tile. Shared buffers
+    that live through both loops are placed by Triton's allocator after a 16-byte pipeline
+    barrier of the first loop, behind 1008 bytes of alignment padding; scoped to one loop they
+    pack without it. At D128 with two pipeline stages the kernel then takes 75,812 bytes of
+    shared memory instead of 76,820, and three programs fit on a Hopper SM only at 76,800 bytes
+    or less (228 KB, 1 KB reserved per program).
+
+    Where they take it from registers (mma.sync on Ampere, Ada and consumer Blackwell) the
+    one-column operand is reloaded from shared memory byte by byte on every key block (64
+    ``LDS.U8`` and 48 ``PRMT`` per thread at D128, compiled for sm_89 and sm_120); a splat of ones
+    is a constant in registers instead.
     """
+    if ONES_SPLAT:
+        return tl.full([BLOCK_N, 16], 1.0, tl.float32).to(DTYPE)
     col = tl.arange(0, 16)
     if FIRST:
         first = col == 0
@@ -296,16 +307,19 @@ def _ones_column(BLOCK_N: tl.constexpr, DTYPE: tl.constexpr, FIRST: tl.constexpr
 
 
 @triton.jit
-def _row_sums(p, p_op, sum_col, MODE: tl.constexpr):
+def _row_sums(p, p_op, sum_col, MODE: tl.constexpr, ONES_SPLAT: tl.constexpr):
     """float32 (BLOCK_M,) row sums of one tile's P.
 
     In the quantized modes, of the rounded P that the P.V product uses, taken on the tensor
-    cores (p_op . sum_col, sum_col holding ones in column 0 and zeros elsewhere) instead of by
-    BLOCK_N float adds per row: the output is then a weighted mean of V rows whose weights sum
-    to one.
+    cores (p_op . sum_col, see :func:`_ones_column`) instead of by BLOCK_N float adds per row:
+    the output is then a weighted mean of V rows whose weights sum to one. With ones in column
+    0 only, the sum of the product's columns is column 0; with ones everywhere every column is
+    the same row sum, and their maximum is it.
     """
     if MODE == 2:
         return tl.sum(p, 1)
+    if ONES_SPLAT:
+        return tl.max(tl.dot(p_op, sum_col), 1)
     return tl.sum(tl.dot(p_op, sum_col), 1)
 
 
@@ -326,7 +340,7 @@ def _attend_blocks(acc, l_i, m_i, s_i, q, q_scale, offs_m, offs_d,
                    CAUSAL: tl.constexpr, SPARSE: tl.constexpr, PV_SKIP: tl.constexpr,
                    EVEN_D: tl.constexpr, IEEE_DOT: tl.constexpr, ROUND_FP8: tl.constexpr,
                    FAST_CVT: tl.constexpr, FOLD: tl.constexpr, PV_DTYPE: tl.constexpr,
-                   TMA: tl.constexpr):
+                   TMA: tl.constexpr, ONES_SPLAT: tl.constexpr):
     """Online softmax over the key blocks ``lo <= i < hi`` of one query tile, one block at a time.
 
     acc: float32 (BLOCK_M, HEAD_DIM); l_i, m_i, s_i: float32 (BLOCK_M,), the running row sum, the
@@ -359,7 +373,7 @@ def _attend_blocks(acc, l_i, m_i, s_i, q, q_scale, offs_m, offs_d,
                 acc = _accumulate_pv(acc, p_op, v, MODE, IEEE_DOT)
         else:
             acc = _accumulate_pv(acc, p_op, v, MODE, IEEE_DOT)
-        l_i = l_i * alpha + _row_sums(p, p_op, sum_col, MODE)
+        l_i = l_i * alpha + _row_sums(p, p_op, sum_col, MODE, ONES_SPLAT)
     return acc, l_i, m_i, s_i
 
 
@@ -393,7 +407,8 @@ def _sparse_attn_fwd(
         BLOCK_Q: tl.constexpr, MODE: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
         PV_SKIP: tl.constexpr, EVEN_D: tl.constexpr, IEEE_DOT: tl.constexpr,
         ROUND_FP8: tl.constexpr, FAST_CVT: tl.constexpr, FOLD: tl.constexpr,
-        TMA: tl.constexpr, INDIRECT: tl.constexpr, PDL: tl.constexpr):
+        TMA: tl.constexpr, ONES_SPLAT: tl.constexpr, INDIRECT: tl.constexpr,
+        PDL: tl.constexpr):
     """One program: BLOCK_M query rows of one (batch, query head).
 
     Q (B, Hq, Lq, D) int8 (or float for MODE 2); K (B, Hk, Lk, D) int8 / float; V float16 or
@@ -405,7 +420,8 @@ def _sparse_attn_fwd(
     Lam (Hq,) float32. Counts, NFull (B, Hq, nQ) int32 and Indices (B, Hq, nQ, nK) int32 when
     SPARSE. KDesc, VDesc: tensor descriptors of K's and V's 2-D views when TMA (see
     :func:`_load_kt`, :func:`_load_v`), else None. With INDIRECT, Out gives only the type: the
-    output's address is in the int64 Addresses (:mod:`sparge.kernels.graphs`).
+    output's address is in the int64 Addresses (:mod:`sparge.kernels.graphs`). ONES_SPLAT: the
+    row sums' operand (see :func:`_ones_column`, :func:`ones_splat`).
     Grid: (cdiv(Lq, BLOCK_M), B * Hq), heaviest causal tiles first. PDL: see
     :func:`launcher.dependent_launch`.
     """
@@ -469,7 +485,7 @@ def _sparse_attn_fwd(
             hi = n_k
             mid = k_len // BLOCK_N
 
-    sum_col = _ones_column(BLOCK_N, pv_dtype, True)
+    sum_col = _ones_column(BLOCK_N, pv_dtype, True, ONES_SPLAT)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     s_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -484,18 +500,18 @@ def _sparse_attn_fwd(
         acc, l_i, m_i, s_i, q, q_scale, offs_m, offs_d, k_base, v_base, KDesc, VDesc, k_row,
         v_row, ks_base, idx_base, sum_col, stride_kn, stride_kd, stride_vn, stride_vd, stride_ksn,
         0, mid, k_len, head_dim, lam, BLOCK_N, MODE, False, CAUSAL, SPARSE, PV_SKIP, EVEN_D,
-        IEEE_DOT, ROUND_FP8, FAST_CVT, FOLD, pv_dtype, TMA)
+        IEEE_DOT, ROUND_FP8, FAST_CVT, FOLD, pv_dtype, TMA, ONES_SPLAT)
     # The causal diagonal and the last partial key block: element mask on. This loop takes its
     # own copies of the Q tile and the ones column, so that the shared-memory buffers of the
     # first loop's operands end with it (see _ones_column); the Q tile is loaded again with
     # another cache modifier, which keeps the compiler from merging the two loads.
     q = tl.load(q_ptrs, mask=q_mask, other=0.0, cache_modifier=".cg")
-    sum_col = _ones_column(BLOCK_N, pv_dtype, False)
+    sum_col = _ones_column(BLOCK_N, pv_dtype, False, ONES_SPLAT)
     acc, l_i, m_i, s_i = _attend_blocks(
         acc, l_i, m_i, s_i, q, q_scale, offs_m, offs_d, k_base, v_base, KDesc, VDesc, k_row,
         v_row, ks_base, idx_base, sum_col, stride_kn, stride_kd, stride_vn, stride_vd, stride_ksn,
         mid, hi, k_len, head_dim, lam, BLOCK_N, MODE, True, CAUSAL, SPARSE, PV_SKIP, EVEN_D,
-        IEEE_DOT, ROUND_FP8, FAST_CVT, False, pv_dtype, False)
+        IEEE_DOT, ROUND_FP8, FAST_CVT, False, pv_dtype, False, ONES_SPLAT)
 
     has_keys = l_i > 0
     inv_l = 1.0 / tl.where(has_keys, l_i, 1.0)
@@ -638,6 +654,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tens
     # moves more P values across an FP8 / FP16 rounding midpoint than the CPU interpreter cases'
     # flip-level tolerance allows (seen: 1e-4 to 3e-4 rel L1): it runs, and is tested, on the GPU.
     fold = fast_cvt and device.type == "cuda"
+    splat = ones_splat(capability_of(device) if device.type == "cuda" else None)
 
     if mode_id == 2:
         qs = ks = vs = torch.empty(1, 1, 1, dtype=torch.float32, device=device)
@@ -687,7 +704,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tens
             MODE=mode_id, CAUSAL=causal, SPARSE=table is not None, PV_SKIP=pv_skip,
             EVEN_D=dim == head_dim, IEEE_DOT=q.dtype == torch.float32,
             ROUND_FP8=device.type != "cuda", FAST_CVT=fast_cvt, FOLD=fold,
-            TMA=descriptors is not None, INDIRECT=addresses is not None,
+            TMA=descriptors is not None, ONES_SPLAT=splat, INDIRECT=addresses is not None,
             **launcher.dependent_launch(device), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             enable_fp_fusion=True, **caps)
 
@@ -696,6 +713,14 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tens
         config = _choose_config(run, device, mode, q.dtype, head_dim, block_q, block_k, causal,
                                 table is not None, pv_skip, q_len, k_len, sizes)
     return run(config)
+
+
+def ones_splat(capability: tuple[int, int] | None) -> bool:
+    """Whether the row sums' operand is a splat of ones (see :func:`_ones_column`) on a GPU of
+    ``capability`` (None: the CPU interpreter): where the tensor cores take it from registers
+    (mma.sync: compute capability 8.x and 12.x), not where they read it from shared memory (9.x
+    and 10.x)."""
+    return capability is not None and capability[0] in (8, 12)
 
 
 def _tma_descriptors(k: torch.Tensor, v: torch.Tensor, block_k: int, head_dim: int,
