@@ -47,6 +47,9 @@ MAX_GRAPHS = 8
 # or L32768 at H8 (D128). The limit is on memory, not on work: a call that skips most blocks is
 # host-bound at any length.
 MAX_HELD_BYTES = 2 ** 27
+# bytes per block pair (see held_bytes): the lookup table's int32 index; with a prediction also
+# its float32 pooled score and its bool mask entry
+_PAIR_BYTES = {None: 0, "given": 4, "predicted": 4 + 4 + 1}
 
 
 @triton.jit
@@ -91,11 +94,6 @@ def held_bytes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, v_bytes: in
     if mask == "predicted":
         total += 4 * (q.numel() // block_q + k.numel() // block_k)
     return total
-
-
-# bytes per block pair: the lookup table's int32 index; with a prediction also its float32
-# pooled score and its bool mask entry
-_PAIR_BYTES = {None: 0, "given": 4, "predicted": 4 + 4 + 1}
 
 
 def aligned(*tensors: torch.Tensor) -> bool:

@@ -127,10 +127,10 @@ def sparse_attention_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
                                 blocks, *flags, out_dtype)
     thresholds = (pv_threshold, sim, rule)
     out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
+    kind = "predicted" if selection is not None else ("given" if mask is not None else None)
     held = graphs.held_bytes(_hnd(q, layout), _hnd(k, layout), v,
                              v_bytes=2 if mode == PV_FP16 else 1, block_q=block_q,
-                             block_k=block_k, mask="predicted" if selection is not None
-                             else None if mask is None else "given")
+                             block_k=block_k, mask=kind)
     if _replayable(q, k, v, blocks, mode, held):
         # threshold tensors by value, as (Hq,) float32 device tensors the graph copies
         values = tuple(on_device(t).detach().contiguous() for t in thresholds
@@ -170,7 +170,7 @@ def _replayable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: torch
     own capture, in a quantized mode that reads q, k and v only in the pre-pass (not a float16 V
     in ``int8_fp16`` mode, which the attention kernel reads as it is), the inputs and a given
     mask's ``blocks`` 16-byte aligned, and the graph's memory (``held`` bytes, as
-    :func:`sparge.kernels.graphs.held_bytes` estimates it) within
+    :func:`sparge.kernels.graphs.held_bytes` counts it) within
     :data:`sparge.kernels.graphs.MAX_HELD_BYTES`. Thresholds may be numbers or tensors (a
     tensor's values are copied into the graph's own copy before each replay)."""
     if not graphs.enabled() or not q.is_cuda or mode not in (PV_FP8, PV_FP16):
