@@ -6,8 +6,9 @@
 # the radial benchmark.
 # Logs go to $OUT/logs, tables to $OUT/results, both packed into $OUT/session.tar.gz at the end.
 #   BENCH_ARGS="--shapes 32768:128:0" SKIP_INFO=1 bash bench/gpu_session.sh
-# The whole GPU suite takes about 10 minutes on an H200 (tests/test_kernels_*.py most of it;
-# its random-case test alone took 4 minutes with an empty Triton cache, under 1 with it):
+# The whole GPU suite takes about 10 minutes on an H200 (tests/test_kernels_*.py most of it:
+# 6.6 minutes, and more than 8.7 on a fresh machine; its random-case test alone took 4 minutes
+# with an empty Triton cache, under 1 with it):
 # where one command may run less, run it in two parts with TESTS, e.g.
 #   TESTS="tests/test_kernels_attention.py tests/test_kernels_prepass.py" SKIP_BENCH=1 \
 #     SKIP_PIPELINE=1 SKIP_RADIAL=1 SKIP_INFO=1 bash bench/gpu_session.sh
