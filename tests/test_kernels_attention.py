@@ -18,6 +18,7 @@ Every case draws fresh random inputs; the seed is recorded in the result (CPU) o
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -362,24 +363,16 @@ def _ones_splat_toggle(seed: int, device: str = "cpu") -> dict:
 
 def _interpreter_main() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
+    runs = {name: functools.partial(run_case, case) for name, case in CPU_CASES.items()}
+    runs.update(__pv_skip_toggle__=_pv_skip_toggle, __ones_splat_toggle__=_ones_splat_toggle)
     results = {}
-    for name, case in CPU_CASES.items():
+    for name, run in runs.items():
         seed = int.from_bytes(os.urandom(4), "little")
         try:
-            results[name] = run_case(case, seed)
+            results[name] = run(seed)
         except Exception as exc:  # noqa: BLE001 - reported per case to the parent
             results[name] = {"seed": seed, "error": f"{type(exc).__name__}: {exc}"}
         print(name, results[name], flush=True)
-    seed = int.from_bytes(os.urandom(4), "little")
-    try:
-        results["__pv_skip_toggle__"] = _pv_skip_toggle(seed)
-    except Exception as exc:  # noqa: BLE001
-        results["__pv_skip_toggle__"] = {"seed": seed, "error": f"{type(exc).__name__}: {exc}"}
-    seed = int.from_bytes(os.urandom(4), "little")
-    try:
-        results["__ones_splat_toggle__"] = _ones_splat_toggle(seed)
-    except Exception as exc:  # noqa: BLE001
-        results["__ones_splat_toggle__"] = {"seed": seed, "error": f"{type(exc).__name__}: {exc}"}
     print("RESULT " + json.dumps(results), flush=True)
 
 
