@@ -96,9 +96,7 @@ def compile_quantize(args) -> tuple[triton.compiler.CompiledKernel, str]:
     ``prepass._quantize`` gives them; returns the kernel and a description of the shape."""
     fn = prepass._quantize_kernel
     names = list(fn.arg_names)
-    # V with Q or K in one statistics launch: below prepass._SPLIT_MIN_ELEMS elements of K
-    shape = prepass._launch_shape(args.stats, any(j in args.jobs for j in "QK"),
-                                  "V" in args.jobs)
+    shape = prepass._launch_shape(args.stats, any(j in args.jobs for j in "QK"))
     block_q, block_k = args.block_m, args.block_n
     v_fp8 = args.arch >= 89  # FP8 V where the GPU has FP8 tensor cores, else its float16 cast
     # one-warp statistics programs take K's channel mean finished by the launch before
@@ -192,6 +190,9 @@ def main() -> None:
                         help="without programmatic dependent launch (the library uses it from "
                              "sm90 on)")
     args = parser.parse_args()
+    if args.kernel == "quantize" and args.stats and "V" in args.jobs:
+        parser.error("with --stats the library runs V's job in a launch of its own: "
+                     "--jobs QK --stats, and --jobs MV for that launch")
 
     if args.kernel == "quantize":
         kernel, described = compile_quantize(args)

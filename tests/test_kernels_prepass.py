@@ -305,24 +305,25 @@ def _quantize_launches(monkeypatch=None) -> list:
 
 
 def case_statistics_launch_of_their_own():
-    """From _SPLIT_MIN_ELEMS elements of K on (forced here at small sizes), a launch of four-warp
-    programs quantizes V and finishes K's channel mean (M), and the statistics of Q and K run in a
-    second launch, of one-warp programs, which reads that mean; below, one launch runs Q, K and V.
-    Both give the reference's results."""
+    """With the statistics, a launch of four-warp programs quantizes V and finishes K's channel
+    mean (M), and the statistics of Q and K run in a second launch, of one-warp programs, which
+    reads that mean; without them one launch runs Q, K and V. Both give the reference's
+    results."""
     _fresh_seed()
     _poison_allocations()
-    from sparge.kernels import prepass
+    from sparge.kernels.prepass import prepare_qkv
 
     launches = _quantize_launches()
-    for split, expected in ((0, [("MV", 4), ("QK", 1)]), (1 << 62, [("QKV", 4)])):
-        prepass._SPLIT_MIN_ELEMS = split
-        for b, hq, hk, lq, lk, d, bq, bk in SHAPES[::2]:
-            q = torch.randn(b, hq, lq, d) * 3
-            k = torch.randn(b, hk, lk, d) * 2 + torch.randn(b, hk, 1, d) * 5
-            v = torch.randn(b, hk, lk, d) * 4
-            launches.clear()
-            check_prepare_qkv(q, k, v, bq, bk, "int8_fp8")
-            assert launches[:len(expected)] == expected, launches
+    for b, hq, hk, lq, lk, d, bq, bk in SHAPES[::2]:
+        q = torch.randn(b, hq, lq, d) * 3
+        k = torch.randn(b, hk, lk, d) * 2 + torch.randn(b, hk, 1, d) * 5
+        v = torch.randn(b, hk, lk, d) * 4
+        launches.clear()
+        check_prepare_qkv(q, k, v, bq, bk, "int8_fp8")
+        assert launches[:2] == [("MV", 4), ("QK", 1)], launches
+        launches.clear()
+        prepare_qkv(q, k, v, block_q=bq, block_k=bk, mode="int8_fp8", with_stats=False)
+        assert launches == [("QKV", 4)], launches
 
 
 def case_prepare_qkv_strides_zeros_and_large_values():
@@ -834,14 +835,9 @@ def test_interpreted(case):
     (1, 2, 1, 777, 2049, 256, 64, 64),
     (1, 3, 1, 1, 5, 64, 64, 128),
 ])
-@pytest.mark.parametrize("split", [False, True], ids=["one_launch", "statistics_apart"])
-def test_prepare_qkv_gpu(dtype, shape, split, monkeypatch):
+def test_prepare_qkv_gpu(dtype, shape, monkeypatch):
     _fresh_seed()
     _poison_allocations(monkeypatch)
-    from sparge.kernels import prepass
-
-    # the arrangement of the quantization launches that long sequences get, at these sizes too
-    monkeypatch.setattr(prepass, "_SPLIT_MIN_ELEMS", 0 if split else 1 << 62)
     launches = _quantize_launches(monkeypatch)
     b, hq, hk, lq, lk, d, bq, bk = shape
     q = torch.randn(b, lq, hq, d, device="cuda").to(dtype).transpose(1, 2) * 3
@@ -854,7 +850,7 @@ def test_prepare_qkv_gpu(dtype, shape, split, monkeypatch):
         launches.clear()
         check_prepare_qkv(q, k, v, bq, bk, mode)
         if mode == "int8_fp8" or dtype != torch.float16:  # a V job: quantize, or cast
-            assert launches[:2] == ([("MV", 4), ("QK", 1)] if split else [("QKV", 4)]), launches
+            assert launches[:2] == [("MV", 4), ("QK", 1)], launches
         else:  # float16 V for FP16 P.V: no V job; K's mean in a launch of its own, then Q and K
             assert launches == [("M", 4), ("QK", 1)], launches
 

@@ -1,5 +1,5 @@
 """The fused pre-pass: quantization of Q, K and V and the predictor's block statistics, in two
-kernel launches (three with the statistics of long sequences or of a float16 V for FP16 P.V).
+kernel launches (three with the statistics).
 
 What it computes is specified by :mod:`sparge.predict` (``block_stats``, ``smooth_k``) and
 :mod:`sparge.quant` (``quantize_int8_per_block``, ``quantize_v_fp8``):
@@ -24,11 +24,10 @@ The launches:
    channel scales, then each quantizes its rows (and computes the statistics of its blocks).
    The K programs also leave each head's largest K scale, which the attention kernel reads
    (an atomic maximum into a buffer the first launch zeroed: the same bits in any order).
-   With the statistics, at lengths where the GPU time outweighs the host time (and whenever V
-   needs no job), the Q and K jobs run in a launch of one-warp programs, where the statistics'
-   reductions need no barrier between warps. Those programs neither run V's job nor finish the
-   mean, which would take their registers: a launch before them does both, V's job and a fourth
-   job that finishes each head's channel mean into a small (B, Hk, D) buffer.
+   With the statistics, the Q and K jobs run in a launch of one-warp programs, where the
+   statistics' reductions need no barrier between warps. Those programs neither run V's job nor
+   finish the mean, which would take their registers: a launch before them does both, V's job
+   and a fourth job that finishes each head's channel mean into a small (B, Hk, D) buffer.
 
 The channel mean is summed in another order than torch's ``mean``: within a chunk, each row slot
 of a tile adds its tokens in order and the slots are then added up (Triton's reduction tree); the
@@ -114,26 +113,19 @@ _V_ALONE = _LaunchShape(16384, 4, None, max_rows=128)
 # Q and K with their statistics: one warp per program, so that the statistics' reductions across
 # rows and across channels stay inside a warp (no barrier); 2048-element tiles. On an H100 at
 # L32768 D128 the Q and K jobs took 0.15 and 0.20 ms instead of 0.22 and 0.36 ms in 4-warp
-# programs (8192-element tiles, 168 registers), whose cross-warp reductions were most of the cost.
-# V's job is slow in one-warp programs, so with V it takes a launch of its own ...
+# programs (8192-element tiles, 168 registers), whose cross-warp reductions were most of the cost;
+# on an H200 the whole pre-pass at L4096 D128 (B1 H24) took 79 us instead of 107 us in one launch
+# of 4-warp programs, and at L1024 39 us instead of 42 us (bench/NOTES.md). V's job is slow in
+# one-warp programs, so it takes a launch of its own (_V_ALONE).
 _WITH_STATS = _LaunchShape(2048, 1, None)
-# ... from _SPLIT_MIN_ELEMS elements of K (B * Hk * Lk * D) on. Below, where a call's host time
-# exceeds its GPU time, one launch of 4-warp programs (the fastest of the sweep in bench/NOTES.md)
-# runs all three jobs: the second launch costs about 50 us of host time (H100 machine), more than
-# it saves on the GPU there.
-_SPLIT_MIN_ELEMS = 1 << 24
-_STATS_WITH_V = _LaunchShape(8192, 4, 168)
 
 
-def _launch_shape(stats: bool, has_qk: bool, has_v: bool) -> _LaunchShape:
+def _launch_shape(stats: bool, has_qk: bool) -> _LaunchShape:
     """The launch shape of one quantization launch: of V's job without Q's or K's (K's mean
-    may be finished beside it), else of Q's and K's jobs with or without the statistics, and with
-    the statistics whether V's job shares their launch."""
+    may be finished beside it), else of Q's and K's jobs with or without the statistics."""
     if not has_qk:
         return _V_ALONE
-    if not stats:
-        return _QUANTIZE
-    return _STATS_WITH_V if has_v else _WITH_STATS
+    return _WITH_STATS if stats else _QUANTIZE
 
 
 @triton.jit
@@ -552,16 +544,14 @@ def _quantize(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | 
     is quantized, ``k_scale_max`` (B, Hk), zeroed by :func:`_channel_stats`, receives each head's
     largest K scale.
 
-    With the statistics, Q and K run in one-warp programs (see ``_WITH_STATS``) unless a V
-    smaller than ``_SPLIT_MIN_ELEMS`` elements shares their launch. With ``addresses``, q, k and v
-    are read at the addresses found there (see :func:`_channel_stats`). Those programs neither run
-    V's job (slow there) nor combine K's partial sums (a 64 x 128 tile of partials takes a
-    one-warp program's registers): the launch before them finishes K's channel mean, with V's
-    job if V is given.
+    With the statistics, Q and K run in one-warp programs (see ``_WITH_STATS``). Those programs
+    neither run V's job (slow there) nor combine K's partial sums (a 64 x 128 tile of partials
+    takes a one-warp program's registers): the launch before them finishes K's channel mean, with
+    V's job if V is given. With ``addresses``, q, k and v are read at the addresses found there
+    (see :func:`_channel_stats`).
     """
     args = dict(block_q=block_q, block_k=block_k, quant=quant, v_fp8=v_fp8, addresses=addresses)
-    one_warp = stats and (q is not None or k is not None) and (
-        v is None or v.numel() >= _SPLIT_MIN_ELEMS)
+    one_warp = stats and (q is not None or k is not None)
     mean_first = k is not None and ksum is not None
     if one_warp and (v is not None or mean_first):
         k_mean = None
@@ -597,7 +587,7 @@ def _launch(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | No
     given = next(t for t in (q, kv) if t is not None)
     batch, dim, dev = given.shape[0], given.shape[3], given.device
     dp = _dim_pad(dim)
-    shape = _launch_shape(stats, q is not None or run_k, v is not None)
+    shape = _launch_shape(stats, q is not None or run_k)
     tile_rows = shape.tile_rows(dp)
     partials = ksum if ksum is not None else vmax
     n_chunks = 1 if partials is None else partials.shape[2]
@@ -680,7 +670,8 @@ def channel_mean(k: torch.Tensor) -> torch.Tensor:
 
 def block_stats_gpu(x: torch.Tensor, block: int, *, smooth: bool = False) -> BlockStats:
     """Pooled mean and self-similarity per block, as :func:`sparge.predict.block_stats` computes
-    them (of ``smooth_k(x)`` when ``smooth``), without quantizing. One launch, two if ``smooth``."""
+    them (of ``smooth_k(x)`` when ``smooth``), without quantizing. One launch, three if ``smooth``
+    (K's channel sums, its mean, then the statistics)."""
     if smooth:
         ksum, _ = _channel_stats(x, None)
         return _quantize(None, x, None, ksum, None, block_q=block, block_k=block, quant=False,
@@ -694,8 +685,7 @@ def prepare_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_q: i
                 ) -> tuple[QuantizedQKV, BlockStats | None, BlockStats | None]:
     """Quantize Q, smoothed K and V for the attention kernel, with the predictor's statistics.
 
-    Two kernel launches, three with the statistics of long sequences or of a float16 V in
-    ``int8_fp16`` mode (see the module docstring).
+    Two kernel launches, three with the statistics (see the module docstring).
 
     Args:
         q: (B, Hq, Lq, D); k, v: (B, Hk, Lk, D); layout HND, any strides, float16, bfloat16 or
