@@ -219,9 +219,9 @@ def stubbed_capture(monkeypatch):
 
     log = []
 
-    def capture(call, addresses, values):
+    def capture(call, addresses, values, made):
         log.append("capture")
-        return graphs._Graph(_FakeGraph(log), addresses, values, "captured result")
+        return graphs._Graph(_FakeGraph(log), addresses, values, "captured result", made)
 
     monkeypatch.setattr(graphs, "_capture", capture)
     monkeypatch.setattr(graphs, "_GRAPHS", {})
@@ -262,10 +262,35 @@ def test_first_call_eager_second_captures_then_replays(stubbed_capture):
     assert all(torch.equal(a, b) for a, b in zip(own, values[2], strict=True))
 
 
+def test_graph_keeps_what_the_call_made_before_its_capture(monkeypatch):
+    """On a key's second call the call runs eagerly, then under capture: a constant it keeps in
+    ``made`` on the first run is there for the capture to read, and the graph keeps it."""
+    pytest.importorskip("triton")
+    from sparge.kernels import graphs
+
+    monkeypatch.setattr(graphs, "_GRAPHS", {})
+    captured = []
+
+    def capture(call, addresses, values, made):
+        captured.append(dict(made))  # what the capture would read
+        return graphs._Graph(_FakeGraph([]), addresses, values, None, made)
+
+    monkeypatch.setattr(graphs, "_capture", capture)
+    made = {}
+
+    def call(addresses, values):
+        made.setdefault("threshold", torch.full((2,), 0.5))
+
+    graphs.run("key", _tensors(), call, (), {})  # first call: eager, its own container
+    graphs.run("key", _tensors(), call, (), made)
+    assert captured[0]["threshold"] is made["threshold"]
+    assert graphs._GRAPHS["key"].made is made
+
+
 def test_failed_capture_stays_eager(stubbed_capture, monkeypatch):
     from sparge.kernels import graphs
 
-    monkeypatch.setattr(graphs, "_capture", lambda call, addresses, values: graphs._EAGER)
+    monkeypatch.setattr(graphs, "_capture", lambda call, addresses, values, made: graphs._EAGER)
     calls = []
     for _ in range(4):
         graphs.run("key", _tensors(), lambda addresses, values: calls.append(addresses))
@@ -492,6 +517,44 @@ def test_long_call_of_few_heads_replays_within_its_memory_estimate_gpu(monkeypat
     assert len(replays) == 1
     assert torch.equal(out, _eager(monkeypatch, lambda: sparge.sparse_attn(
         q, k, v, cdf_threshold=0.5)))
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("name", ["sparse_attn", "sparse_attn causal topk sink",
+                                  "quantized_attn", "block_sparse_attn"])
+@pytest.mark.parametrize("stream", ["default", "side"])
+def test_replays_run_only_the_pipelines_kernels_gpu(name, stream, monkeypatch):
+    """A replayed call with number thresholds runs the copy of its addresses and the pipeline's
+    Triton kernels, and no PyTorch kernel: the thresholds were filled before the capture, and
+    the selection kernel reads a CDF threshold of 1 or more as keeping every block itself."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import sparge
+
+    replays = _replays(monkeypatch)
+    b, hq, lq, d = 1, 4, 1024, 64
+    entry, kwargs = CALLS[name]
+    fn = getattr(sparge, entry)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side if stream == "side" else torch.cuda.current_stream()):
+        for i in range(3):
+            q, k, v = (torch.randn(b, hq, lq, d, device="cuda", dtype=torch.bfloat16)
+                       for _ in range(3))
+            args, kw = _call_args(entry, kwargs, b, hq, lq, lq)
+            torch.cuda.synchronize()
+            if i < 2:
+                fn(q, k, v, *args, **kw)  # eager, then the capture
+                continue
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                fn(q, k, v, *args, **kw)
+                torch.cuda.synchronize()
+    assert len(replays) == 1
+    names = [e.name for e in prof.events()
+             if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = [n for n in names if not n.startswith("Memcpy")]
+    assert kernels and all(n.startswith("_") for n in kernels), names
 
 
 @pytest.mark.gpu

@@ -66,6 +66,7 @@ class _Graph:
     addresses: torch.Tensor  # int64 (4 or 5,) on the device, read by the graph's kernels
     values: tuple[torch.Tensor, ...] = ()  # the graph's copies of the caller's values
     result: Any = None  # what the captured call returned: tensors the replays write
+    made: Any = None  # tensors the call made before the capture and read under it
 
 
 _SEEN = "seen"  # the key's first call ran eagerly
@@ -115,7 +116,7 @@ def address_buffer(tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
 
 def run(key: tuple, tensors: tuple[torch.Tensor, ...],
         call: Callable[[torch.Tensor | None, tuple[torch.Tensor, ...]], Any],
-        values: tuple[torch.Tensor, ...] = ()) -> Any:
+        values: tuple[torch.Tensor, ...] = (), made: Any = None) -> Any:
     """Run ``call`` eagerly or as a replay of its graph (see the module docstring).
 
     ``tensors`` are the caller's (q, k, v, out), or (q, k, v, out, mask blocks), in slot order,
@@ -124,9 +125,12 @@ def run(key: tuple, tensors: tuple[torch.Tensor, ...],
     the whole call with ordinary kernels; ``call(addresses, own)`` the same with ``INDIRECT``
     kernels reading the tensors' addresses from ``addresses`` and the values from ``own``
     (copies of the same shapes and dtypes), using nothing of the caller's tensors but their
-    addresses and making every other tensor it uses itself. ``key`` must name everything
-    ``call`` depends on but the addresses and the values' contents: the current stream and
-    the values' shapes and dtypes included.
+    addresses and making every other tensor it uses itself. On a key's second call it runs
+    twice, eagerly and then under capture: tensors that depend only on the key (filled
+    constants) may be made by the first run, kept in ``made`` (a container of the caller's), and
+    read by the second, which then captures no operation for them; the graph keeps ``made``.
+    ``key`` must name everything ``call`` depends on but the addresses and the values'
+    contents: the current stream and the values' shapes and dtypes included.
 
     Returns what ``call`` returns; on a replay, what the captured call returned: tensors of the
     graph's own, which the next replay overwrites (copy what is kept).
@@ -145,7 +149,7 @@ def run(key: tuple, tensors: tuple[torch.Tensor, ...],
         except Exception as error:  # noqa: BLE001 - the ordinary kernels still serve
             _GRAPHS[key] = _eager_from_now("kernels reading addresses", error)
             return call(None, values)
-        _GRAPHS[key] = _capture(call, addresses, own)
+        _GRAPHS[key] = _capture(call, addresses, own, made)
         return result
     if entry is _EAGER:
         return call(None, values)
@@ -178,10 +182,11 @@ def _capture_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 def _capture(call: Callable[[torch.Tensor | None, tuple[torch.Tensor, ...]], Any],
-             addresses: torch.Tensor, values: tuple[torch.Tensor, ...]) -> _Graph | str:
+             addresses: torch.Tensor, values: tuple[torch.Tensor, ...], made: Any
+             ) -> _Graph | str:
     """``call(addresses, values)`` captured into a graph with a memory pool of its own, on a
-    side stream (a capture may not run on the default stream), with what the call returned;
-    ``_EAGER`` if the capture fails."""
+    side stream (a capture may not run on the default stream), with what the call returned and
+    ``made`` (see :func:`run`); ``_EAGER`` if the capture fails."""
     caller = torch.cuda.current_stream(addresses.device)
     side = _capture_stream(addresses.device)
     side.wait_stream(caller)
@@ -197,7 +202,7 @@ def _capture(call: Callable[[torch.Tensor | None, tuple[torch.Tensor, ...]], Any
         return _eager_from_now("capturing a CUDA graph", error)
     finally:
         caller.wait_stream(side)
-    return _Graph(graph, addresses, values, result)
+    return _Graph(graph, addresses, values, result, made)
 
 
 def _eager_from_now(step: str, error: Exception) -> str:

@@ -136,12 +136,20 @@ def sparse_attention_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
         values = tuple(on_device(t).detach().contiguous() for t in thresholds
                        if isinstance(t, torch.Tensor))
 
+        # number thresholds as device tensors, made by call's first run (eager): a capture
+        # reads them without a fill node each, and the graph keeps them
+        numbers: dict[int, torch.Tensor | None] = {}
+
+        def number(i: int) -> torch.Tensor | None:
+            if i not in numbers:
+                numbers[i] = on_device(thresholds[i])
+            return numbers[i]
+
         def call(addresses: torch.Tensor | None, given: tuple[torch.Tensor, ...]
                  ) -> SparseMask | None:
-            # number thresholds are filled inside: a captured graph owns its fills
             tensor = iter(given)
-            pv, s, r = (next(tensor) if isinstance(t, torch.Tensor) else on_device(t)
-                        for t in thresholds)
+            pv, s, r = (next(tensor) if isinstance(t, torch.Tensor) else number(i)
+                        for i, t in enumerate(thresholds))
             return _attend(q, k, v, out, pv, s, r, blocks, *flags, addresses=addresses)
 
         index = q.device.index
@@ -149,7 +157,7 @@ def sparse_attention_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
         key = (index, current_stream(index), *_layout_key(q), *_layout_key(k), *_layout_key(v),
                None if blocks is None else _layout_key(blocks), out_dtype,
                *(torch.Tensor if isinstance(t, torch.Tensor) else t for t in thresholds), *flags)
-        predicted = graphs.run(key, tensors, call, values)
+        predicted = graphs.run(key, tensors, call, values, numbers)
         if predicted is not None and with_mask:  # a replay's mask is the graph's own: copied
             predicted = SparseMask._of_valid_blocks(predicted.blocks.clone(), predicted.block_q,
                                                     predicted.block_k, predicted.q_len,

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ..mask import SparseMask
-from ..predict import BlockStats, Selection, cdf_rule, per_head, pooled_products, select_blocks
+from ..predict import BlockStats, Selection, per_head, pooled_products, select_blocks
 from . import launcher
 from .graphs import MASK as SLOT_MASK
 from .graphs import caller_pointer
@@ -116,7 +116,9 @@ def _select_kernel(products_ptr,  # float32 (B, Hq, nQ, nK) contiguous: pooled p
     if TOPK:
         keep = tl.floor(tl.load(rule_ptr + h) * NK).to(tl.int32)
     else:
-        within = (tl.cumsum(ranked, 0) <= tl.load(rule_ptr + h)) & inb
+        tau = tl.load(rule_ptr + h)
+        tau = tl.where(tau >= 1.0, float("inf"), tau)  # as sparge.predict.cdf_rule: keep all
+        within = (tl.cumsum(ranked, 0) <= tau) & inb
         keep = tl.sum(within.to(tl.int32), 0)
     keep = tl.maximum(keep, 1)
     cut = tl.sum(tl.where(j == keep - 1, ranked, 0.0), 0)  # the keep-th largest probability
@@ -177,8 +179,9 @@ def _select(q_stats: BlockStats, k_stats: BlockStats, selection: Selection, q_le
     device = q_stats.mean.device
     products = pooled_products_gpu(q_stats, k_stats)
     topk = selection.topk is not None
-    rule = (per_head(selection.topk, heads_q, device) if topk
-            else cdf_rule(selection.cdf_threshold, heads_q, device))
+    # the kernel reads a CDF threshold of 1 or more as cdf_rule does: no tensor operation here,
+    # so a threshold tensor costs no launch (nor a node in a replayed graph)
+    rule = per_head(selection.topk if topk else selection.cdf_threshold, heads_q, device)
     sim_thr = per_head(selection.sim_threshold, heads_q, device)
     blocks = _alloc(batch, heads_q, n_q, n_k, dtype=torch.bool, device=device)
     lut = counts = n_full = blocks  # placeholders when no table is asked for
