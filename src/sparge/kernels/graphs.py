@@ -10,10 +10,11 @@ are new tensors on every call. The kernels that touch them therefore read their 
 compiled with ``INDIRECT``, from a small int64 device buffer (:func:`caller_pointer`, slots
 :data:`Q`, :data:`K`, :data:`V`, :data:`OUT`, and :data:`MASK` for a caller's block mask, which
 the lookup-table kernel reads); every other tensor of the call (the quantized copies,
-statistics, thresholds, the predicted mask and the lookup table) is the graph's own, in its
-private memory pool. Thresholds given as tensors are read by value: the graph holds its own
-copies, into which each replay first copies the caller's current values (one small device
-copy each). A key naming everything the launches depend on (shapes, strides, dtypes, device,
+statistics, the predicted mask and the lookup table) is the graph's own, in its private memory
+pool. Thresholds given as numbers are filled before the capture, by the eager run that
+precedes it, and kept with the graph, so that a replay runs the library's kernels alone.
+Thresholds given as tensors are read by value: the graph holds its own copies, into which each
+replay first copies the caller's current values (one small device copy each). A key naming everything the launches depend on (shapes, strides, dtypes, device,
 stream, arguments) selects the graph:
 
 1. the first call of a key runs eagerly (compiling and tuning its kernels);
