@@ -14,8 +14,9 @@ statistics, the predicted mask and the lookup table) is the graph's own, in its 
 pool. Thresholds given as numbers are filled before the capture, by the eager run that
 precedes it, and kept with the graph, so that a replay runs the library's kernels alone.
 Thresholds given as tensors are read by value: the graph holds its own copies, into which each
-replay first copies the caller's current values (one small device copy each). A key naming everything the launches depend on (shapes, strides, dtypes, device,
-stream, arguments) selects the graph:
+replay first copies the caller's current values (one small device copy each). A key naming
+everything the launches depend on (shapes, strides, dtypes, device, stream, arguments) selects
+the graph:
 
 1. the first call of a key runs eagerly (compiling and tuning its kernels);
 2. the second runs eagerly with ``INDIRECT`` kernels, then captures itself into a graph;
