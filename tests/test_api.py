@@ -78,6 +78,32 @@ def test_inputs_of_magnitude_1e4_give_finite_output(rng):
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("tensor", ["q", "k", "v"])
+def test_check_finite_switch_names_the_tensor_with_nan_or_infinity(rng, tensor, monkeypatch):
+    """Off by default: no call reads its inputs' values back. With SPARGE_CHECK_FINITE=1 every
+    attention entry point raises on a NaN or an infinity, naming the tensor and the counts."""
+    q, k, v = qkv(rng, lq=130, lk=150)
+    bad = dict(q=q, k=k, v=v)
+    bad[tensor] = bad[tensor].clone()
+    bad[tensor][0, 1, 7, 3] = math.nan
+    bad[tensor][0, 0, 2, :2] = -math.inf
+    mask = sparge.SparseMask.full(1, 4, 130, 150)
+    calls = [lambda a: sparge.sparse_attn(*a), lambda a: sparge.quantized_attn(*a),
+             lambda a: sparge.block_sparse_attn(*a, mask)]
+    monkeypatch.delenv("SPARGE_CHECK_FINITE", raising=False)
+    for call in calls:
+        call((bad["q"], bad["k"], bad["v"]))
+    monkeypatch.setenv("SPARGE_CHECK_FINITE", "1")
+    for call in calls:
+        with pytest.raises(ValueError, match=f"^{tensor} holds 1 NaN and 2 infinite values"):
+            call((bad["q"], bad["k"], bad["v"]))
+        assert torch.isfinite(call((q, k, v))).all()
+    # where nothing may be read back, the switch says so instead of skipping the check
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with pytest.raises(RuntimeError, match="SPARGE_CHECK_FINITE=1 .* torch.compile"):
+        sparge.quantized_attn(q, k, v)
+
+
 def test_stats_report_exact_sparsity_of_the_mask_used(rng):
     q, k, v = local_video_tokens(rng)
     out, stats = sparge.sparse_attn(q, k, v, cdf_threshold=0.9, sim_threshold=-1.0,

@@ -21,7 +21,8 @@ def test_defaults_are_the_documented_ones():
     on = {s.name for s in settings.SWITCHES if s.default_on}
     assert on == {"SPARGE_AUTOTUNE", "SPARGE_LAUNCH_CACHE", "SPARGE_CUDA_GRAPHS",
                   "SPARGE_DEPENDENT_LAUNCH"}
-    assert {s.name for s in settings.SWITCHES} - on == {"TRITON_INTERPRET", "SPARGE_PV_TILE_SKIP"}
+    assert {s.name for s in settings.SWITCHES} - on == {"TRITON_INTERPRET", "SPARGE_PV_TILE_SKIP",
+                                                       "SPARGE_CHECK_FINITE"}
 
 
 def test_cuda_graphs_names_every_replayed_entry_point():

@@ -8,6 +8,7 @@ from collections import OrderedDict
 
 import torch
 
+from . import settings
 from .mask import check_block_sizes as check_block_sizes  # the entry points' checks, here too
 from .quant import EXACT, PV_FP8, PV_FP16
 
@@ -43,12 +44,31 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str) ->
 
 def check_attention_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, *,
                          quant: str, backend: str, out_dtype: torch.dtype | None) -> None:
-    """The checks every attention entry point makes: q, k and v in their layout, then the
-    quantization mode, the backend and the output dtype."""
+    """The checks every attention entry point makes: q, k and v in their layout (and, with
+    ``SPARGE_CHECK_FINITE=1``, their values), then the quantization mode, the backend and the
+    output dtype."""
     check_qkv(q, k, v, layout)
+    if settings.CHECK_FINITE.enabled():
+        check_finite(q=q, k=k, v=v)
     check_choice("quant", quant, QUANT_CHOICES)
     check_choice("backend", backend, BACKENDS)
     check_out_dtype(out_dtype)
+
+
+def check_finite(**tensors: torch.Tensor) -> None:
+    """Raise ValueError if a tensor holds NaN or an infinity. Reads one flag per tensor back
+    from its device, so it cannot run where nothing may be read back: under ``torch.compile``
+    or while a CUDA graph is being captured, where it raises RuntimeError instead."""
+    if torch.compiler.is_compiling() or (torch.cuda.is_available()
+                                         and torch.cuda.is_current_stream_capturing()):
+        raise RuntimeError(
+            f"{settings.CHECK_FINITE.name}=1 checks the inputs' values, which cannot be read "
+            "back under torch.compile or during CUDA graph capture: unset it there")
+    for name, t in tensors.items():
+        if not bool(torch.isfinite(t).all()):
+            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            raise ValueError(f"{name} holds {nan} NaN and {inf} infinite values "
+                             f"({settings.CHECK_FINITE.name}=1)")
 
 
 def _check_tensors(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...],

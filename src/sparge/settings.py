@@ -43,8 +43,12 @@ DEPENDENT_LAUNCH = Switch("SPARGE_DEPENDENT_LAUNCH", True,
                           "it finishes (programmatic dependent launch)")
 PV_TILE_SKIP = Switch("SPARGE_PV_TILE_SKIP", False,
                       "leave out the P.V product of tiles whose rows all skip")
+CHECK_FINITE = Switch("SPARGE_CHECK_FINITE", False,
+                      "raise when q, k or v holds NaN or an infinity (reads a flag back from the "
+                      "GPU on every call)")
 
-SWITCHES = (INTERPRET, AUTOTUNE, LAUNCH_CACHE, CUDA_GRAPHS, DEPENDENT_LAUNCH, PV_TILE_SKIP)
+SWITCHES = (INTERPRET, AUTOTUNE, LAUNCH_CACHE, CUDA_GRAPHS, DEPENDENT_LAUNCH, PV_TILE_SKIP,
+            CHECK_FINITE)
 
-__all__ = ["AUTOTUNE", "CUDA_GRAPHS", "DEPENDENT_LAUNCH", "INTERPRET", "LAUNCH_CACHE",
-           "PV_TILE_SKIP", "SWITCHES", "Switch"]
+__all__ = ["AUTOTUNE", "CHECK_FINITE", "CUDA_GRAPHS", "DEPENDENT_LAUNCH", "INTERPRET",
+           "LAUNCH_CACHE", "PV_TILE_SKIP", "SWITCHES", "Switch"]
