@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -357,14 +358,46 @@ def test_triton_path_from_ampere_on(capability, runs, monkeypatch):
 
     pytest.importorskip("triton")
     monkeypatch.setattr(backend, "capability_of", lambda device: capability)
+    monkeypatch.setattr(backend, "_WARNED", set())
     cuda = torch.device("cuda", 0)
     ok, why = backend.triton_status(cuda)
     assert ok == runs
-    assert backend.choose_backend("auto", cuda) == ("triton" if runs else "reference")
-    if not runs:
-        assert "below 8.0" in why
-        with pytest.raises(RuntimeError, match="below 8.0"):
-            backend.choose_backend("triton", cuda)
+    if runs:
+        assert backend.choose_backend("auto", cuda) == "triton"
+        return
+    assert "below 8.0" in why
+    with pytest.warns(RuntimeWarning, match="below 8.0.* slower than scaled_dot_product"):
+        assert backend.choose_backend("auto", cuda) == "reference"
+    with pytest.raises(RuntimeError, match="below 8.0"):
+        backend.choose_backend("triton", cuda)
+
+
+@pytest.mark.parametrize("version,runs", [("3.3.1", False), ("3.4.0", False), ("3.5.1", True),
+                                          ("3.6.0+git9a8b7c6", True), ("4.0.0", True)])
+def test_triton_older_than_3_5_takes_the_reference_path_and_says_why(version, runs, monkeypatch):
+    """Triton before 3.4 has no host-side tensor descriptors and 3.4 cannot compile the
+    kernels' dependent-launch wait: on a GPU, "auto" then takes the reference path with one
+    warning, and an explicit "triton" refuses, naming the version. The CPU path says nothing."""
+    from sparge import backend
+
+    pytest.importorskip("triton")
+    monkeypatch.setattr(backend, "capability_of", lambda device: (9, 0))
+    monkeypatch.setattr(backend, "triton_version", lambda: version)
+    monkeypatch.setattr(backend, "_WARNED", set())
+    cuda = torch.device("cuda", 0)
+    assert backend.triton_status(cuda)[0] == runs
+    if runs:
+        assert backend.choose_backend("auto", cuda) == "triton"
+        return
+    message = f"Triton {version} is older than 3.5"
+    with pytest.warns(RuntimeWarning, match=message):
+        assert backend.choose_backend("auto", cuda) == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per reason
+        assert backend.choose_backend("auto", cuda) == "reference"
+        assert backend.choose_backend("auto", torch.device("cpu")) == "reference"
+    with pytest.raises(RuntimeError, match=message):
+        backend.choose_backend("triton", cuda)
 
 
 def test_import_does_not_import_torch_dynamo():
@@ -385,7 +418,7 @@ def test_constant_lookups_are_marked_as_pytorch_marks_them():
         return 0
 
     torch.compiler.assume_constant_result(lookup)
-    for fn in (backend.cuda_capability, backend.triton_installed):
+    for fn in (backend.cuda_capability, backend.triton_installed, backend.triton_version):
         assert {k: v for k, v in vars(fn).items() if k.startswith("_dynamo")} == vars(lookup)
 
 

@@ -10,13 +10,21 @@
   widened to FP16 it compiles to FMA loops whose tiles need 128 KB of shared memory, where
   Turing has 64 KB.
 
+The kernels need Triton 3.5 or newer: older releases have no host-side tensor descriptors
+(before 3.4) or cannot compile the kernels' dependent-launch wait (3.4). A CUDA call with
+``backend="auto"`` that cannot take the kernels warns once per reason, since the reference path
+is slower than SDPA.
+
 The PV product runs in FP8 e4m3 where the GPU has FP8 tensor cores (compute capability 8.9 and
 newer) and in FP16 elsewhere, CPU included, unless the caller chooses.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import re
+import warnings
 
 import torch
 
@@ -25,6 +33,7 @@ from .quant import PV_FP8, PV_FP16
 
 MIN_CAPABILITY = (8, 0)
 FP8_CAPABILITY = (8, 9)
+MIN_TRITON = (3, 5)
 
 
 def _constant_under_compile(fn):
@@ -70,6 +79,32 @@ def triton_installed() -> bool:
     return _TRITON_FOUND[0]
 
 
+_TRITON_VERSION: list[str] = []
+
+
+@_constant_under_compile
+def triton_version() -> str:
+    """The installed Triton's version string (``triton``, or ``triton-windows`` on Windows),
+    looked up once without importing Triton; "" if neither distribution is found."""
+    if not _TRITON_VERSION:
+        found = ""
+        for dist in ("triton", "triton-windows"):
+            try:
+                found = importlib.metadata.version(dist)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
+        _TRITON_VERSION.append(found)
+    return _TRITON_VERSION[0]
+
+
+def version_tuple(version: str) -> tuple[int, int] | None:
+    """``(major, minor)`` of a version string such as ``3.6.0`` or ``3.5.0+git1a2b``; None if it
+    does not start with two numbers."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return None if match is None else (int(match[1]), int(match[2]))
+
+
 def interpreter_enabled() -> bool:
     return settings.INTERPRET.enabled()
 
@@ -78,6 +113,11 @@ def triton_status(device: torch.device) -> tuple[bool, str]:
     """Whether the Triton kernels can run on ``device``, and the reason."""
     if not triton_installed():
         return False, "Triton is not installed"
+    version = triton_version()
+    parsed = version_tuple(version)
+    if parsed is not None and parsed < MIN_TRITON:
+        return False, (f"Triton {version} is older than {MIN_TRITON[0]}.{MIN_TRITON[1]}, the "
+                       "oldest release that compiles the kernels")
     if device.type == "cuda":
         major, minor = capability_of(device)
         if (major, minor) < MIN_CAPABILITY:
@@ -89,8 +129,12 @@ def triton_status(device: torch.device) -> tuple[bool, str]:
     return False, f"no Triton kernels for device type {device.type!r}"
 
 
+_WARNED: set[str] = set()
+
+
 def choose_backend(requested: str, device: torch.device) -> str:
-    """Resolve ``"auto"``; refuse an explicit ``"triton"`` that cannot run."""
+    """Resolve ``"auto"``; refuse an explicit ``"triton"`` that cannot run. A CUDA device that
+    cannot run the kernels takes the reference path with a warning, once per reason."""
     if requested == "reference":
         return "reference"
     ok, why = triton_status(device)
@@ -100,6 +144,11 @@ def choose_backend(requested: str, device: torch.device) -> str:
         return "triton"
     if ok and device.type == "cuda":
         return "triton"
+    if device.type == "cuda" and why not in _WARNED and not torch.compiler.is_compiling():
+        _WARNED.add(why)
+        warnings.warn(f"sparge: the Triton kernels cannot run on this GPU ({why}); calls take "
+                      "the PyTorch reference path, which is slower than "
+                      "scaled_dot_product_attention", RuntimeWarning, stacklevel=3)
     return "reference"
 
 

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import importlib.util
 import math
 import os
@@ -136,15 +135,6 @@ def video_like_qkv(seq_len: int, heads: int, head_dim: int = 64, *, height: int 
 
 
 # --------------------------------------------------------------------------------------- info
-def _package_version(*names: str) -> str | None:
-    for name in names:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
-
-
 def _devices() -> list[torch.device]:
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
@@ -158,8 +148,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"python          {platform.python_version()} ({platform.system()} "
           f"{platform.machine()})")
     print(f"torch           {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
-    triton_version = _package_version("triton", "triton-windows")
-    print(f"triton          {triton_version or 'not installed'}")
+    print(f"triton          {dispatch.triton_version() or 'not installed'}")
     for switch in settings.SWITCHES:
         state = "on" if switch.enabled() else "off"
         print(f"{switch.name}={switch.value()}  ({state}: {switch.meaning})")
