@@ -36,6 +36,7 @@ from triton.compiler import ASTSource
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 attention = importlib.import_module("sparge.kernels.attention")
 prepass = importlib.import_module("sparge.kernels.prepass")
+launcher = importlib.import_module("sparge.kernels.launcher")
 
 POINTERS = {"Q": "*i8", "K": "*i8", "V": "*fp8e4nv", "Out": "*bf16", "QS": "*fp32", "KS": "*fp32",
             "KSMax": "*fp32", "VS": "*fp32", "Lam": "*fp32", "Counts": "*i32", "NFull": "*i32",
@@ -45,8 +46,8 @@ UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_od", "group")
 
 def dependent(args) -> bool:
     """Whether the kernel is compiled for programmatic dependent launch, as the library
-    launches it from sm90 on (``--no-pdl``: without)."""
-    return args.arch >= 90 and not args.no_pdl
+    launches it from sm90 on where Triton can compile it (``--no-pdl``: without)."""
+    return args.arch >= 90 and not args.no_pdl and launcher.gdc_wait is not None
 
 
 def compile_kernel(args) -> triton.compiler.CompiledKernel:

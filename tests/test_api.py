@@ -372,12 +372,12 @@ def test_triton_path_from_ampere_on(capability, runs, monkeypatch):
         backend.choose_backend("triton", cuda)
 
 
-@pytest.mark.parametrize("version,runs", [("3.3.1", False), ("3.4.0", False), ("3.5.1", True),
+@pytest.mark.parametrize("version,runs", [("3.2.0", False), ("3.3.1", False), ("3.4.0", True),
                                           ("3.6.0+git9a8b7c6", True), ("4.0.0", True)])
-def test_triton_older_than_3_5_takes_the_reference_path_and_says_why(version, runs, monkeypatch):
-    """Triton before 3.4 has no host-side tensor descriptors and 3.4 cannot compile the
-    kernels' dependent-launch wait: on a GPU, "auto" then takes the reference path with one
-    warning, and an explicit "triton" refuses, naming the version. The CPU path says nothing."""
+def test_triton_older_than_3_4_takes_the_reference_path_and_says_why(version, runs, monkeypatch):
+    """Triton before 3.4 has no host-side tensor descriptors: on a GPU, "auto" then takes the
+    reference path with one warning, and an explicit "triton" refuses, naming the version. The
+    CPU path says nothing."""
     from sparge import backend
 
     pytest.importorskip("triton")
@@ -389,7 +389,7 @@ def test_triton_older_than_3_5_takes_the_reference_path_and_says_why(version, ru
     if runs:
         assert backend.choose_backend("auto", cuda) == "triton"
         return
-    message = f"Triton {version} is older than 3.5"
+    message = f"Triton {version} is older than 3.4"
     with pytest.warns(RuntimeWarning, match=message):
         assert backend.choose_backend("auto", cuda) == "reference"
     with warnings.catch_warnings():
@@ -398,6 +398,15 @@ def test_triton_older_than_3_5_takes_the_reference_path_and_says_why(version, ru
         assert backend.choose_backend("auto", torch.device("cpu")) == "reference"
     with pytest.raises(RuntimeError, match=message):
         backend.choose_backend("triton", cuda)
+
+
+@pytest.mark.parametrize("version,compiles", [("3.4.0", False), ("3.5.0", True),
+                                               ("3.5.1+git1a2b3c4", True), ("3.10.0", True),
+                                               ("unknown", False)])
+def test_dependent_launch_from_triton_3_5_on(version, compiles):
+    """Triton 3.4 cannot compile the dependent-launch wait: kernels there launch without it."""
+    launcher = pytest.importorskip("sparge.kernels.launcher")
+    assert launcher.compiles_dependent_launch(version) is compiles
 
 
 def test_import_does_not_import_torch_dynamo():

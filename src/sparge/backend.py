@@ -10,8 +10,9 @@
   widened to FP16 it compiles to FMA loops whose tiles need 128 KB of shared memory, where
   Turing has 64 KB.
 
-The kernels need Triton 3.5 or newer: older releases have no host-side tensor descriptors
-(before 3.4) or cannot compile the kernels' dependent-launch wait (3.4). A CUDA call with
+The kernels need Triton 3.4 or newer: older releases have no host-side tensor descriptors
+(with 3.4 they run without programmatic dependent launch, see :mod:`sparge.kernels.launcher`).
+A CUDA call with
 ``backend="auto"`` that cannot take the kernels warns once per reason, since the reference path
 is slower than SDPA.
 
@@ -33,7 +34,7 @@ from .quant import PV_FP8, PV_FP16
 
 MIN_CAPABILITY = (8, 0)
 FP8_CAPABILITY = (8, 9)
-MIN_TRITON = (3, 5)
+MIN_TRITON = (3, 4)
 
 
 def _constant_under_compile(fn):

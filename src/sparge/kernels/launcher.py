@@ -37,11 +37,19 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .. import settings
-from ..backend import capability_of
+from ..backend import capability_of, version_tuple
 
-try:  # Triton 3.3 and newer
+
+def compiles_dependent_launch(triton_version: str) -> bool:
+    """Whether Triton ``triton_version`` compiles the dependent-launch wait: from 3.5 on. Triton
+    3.4 has the functions, but its compiler calls them with an argument they do not take
+    (``_semantic``)."""
+    return (version_tuple(triton_version) or (0, 0)) >= (3, 5)
+
+
+if compiles_dependent_launch(triton.__version__):
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # pragma: no cover - older Triton: no dependent launches
+else:
     gdc_launch_dependents = gdc_wait = None
 
 MAX_ENTRIES = 4096  # launches remembered (one per kernel, specialisation and shape)
