@@ -12,9 +12,8 @@
 
 The kernels need Triton 3.4 or newer: older releases have no host-side tensor descriptors
 (with 3.4 they run without programmatic dependent launch, see :mod:`sparge.kernels.launcher`).
-A CUDA call with
-``backend="auto"`` that cannot take the kernels warns once per reason, since the reference path
-is slower than SDPA.
+A CUDA call with ``backend="auto"`` that cannot take the kernels warns once per reason, since
+the reference path is slower than SDPA.
 
 The PV product runs in FP8 e4m3 where the GPU has FP8 tensor cores (compute capability 8.9 and
 newer) and in FP16 elsewhere, CPU included, unless the caller chooses.
