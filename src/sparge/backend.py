@@ -84,11 +84,12 @@ _TRITON_VERSION: list[str] = []
 
 @_constant_under_compile
 def triton_version() -> str:
-    """The installed Triton's version string (``triton``, or ``triton-windows`` on Windows),
-    looked up once without importing Triton; "" if neither distribution is found."""
+    """The installed Triton's version string (the ``triton`` distribution, ``triton-windows``
+    on Windows, or ``pytorch-triton`` with PyTorch's nightly builds), looked up once without
+    importing Triton; "" if none is found."""
     if not _TRITON_VERSION:
         found = ""
-        for dist in ("triton", "triton-windows"):
+        for dist in ("triton", "triton-windows", "pytorch-triton"):
             try:
                 found = importlib.metadata.version(dist)
                 break
