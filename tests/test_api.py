@@ -400,6 +400,24 @@ def test_triton_older_than_3_4_takes_the_reference_path_and_says_why(version, ru
         backend.choose_backend("triton", cuda)
 
 
+@pytest.mark.parametrize("dist", ["triton", "triton-windows", "pytorch-triton", None])
+def test_triton_version_is_read_from_each_distribution(dist, monkeypatch):
+    """Triton installs as ``triton``, as ``triton-windows`` on Windows and as ``pytorch-triton``
+    with PyTorch's nightly builds; the version comes from whichever is there."""
+    import importlib.metadata
+
+    from sparge import backend
+
+    def version(name):
+        if name != dist:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return "3.6.0+git1a2b3c4"
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    monkeypatch.setattr(backend, "_TRITON_VERSION", [])
+    assert backend.triton_version() == ("" if dist is None else "3.6.0+git1a2b3c4")
+
+
 @pytest.mark.parametrize("version,compiles", [("3.4.0", False), ("3.5.0", True),
                                                ("3.5.1+git1a2b3c4", True), ("3.10.0", True),
                                                ("unknown", False)])
