@@ -86,7 +86,8 @@ class Selection:
     :func:`cdf_rule`) and ``topk`` (keep floor(topk * nK) blocks, at least one) is set. Blocks
     whose self-similarity is not above ``sim_threshold`` are forced on: a dissimilar key block
     for every query block, a dissimilar query block for every key block. ``attention_sink``
-    forces key block 0 on.
+    forces key block 0 on. A query block with a pooled score that is NaN or infinite (its
+    tokens, or K's, hold a NaN or an infinity) keeps every block.
     """
 
     sim_threshold: float | torch.Tensor = 0.6
@@ -141,6 +142,9 @@ def select_blocks(q_stats: BlockStats, k_stats: BlockStats, selection: Selection
     q_similar = q_stats.similarity > sim_thr  # (B, Hq, nQ)
 
     scores = pooled_scores(q_stats, k_stats)
+    # A NaN or an infinity in a block's statistics comes from one in its tokens; the query
+    # block then keeps every block, so that the attention meets the value as SDPA would.
+    not_finite = ~torch.isfinite(scores).all(dim=-1, keepdim=True)  # (B, Hq, nQ, 1)
     allowed = k_similar[:, :, None, :]
     if causal:
         valid = causal_block_mask(q_len, k_len, block_q, block_k, device)
@@ -163,6 +167,7 @@ def select_blocks(q_stats: BlockStats, k_stats: BlockStats, selection: Selection
 
     chosen |= ~k_similar[:, :, None, :]
     chosen |= ~q_similar[:, :, :, None]
+    chosen |= not_finite
     if attention_sink:
         chosen[..., 0] = True
     return SparseMask(chosen, block_q, block_k, q_len, k_len, causal)  # drops causally invalid

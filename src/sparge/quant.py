@@ -9,11 +9,13 @@
   P (FP8 or FP16) that the P.V product uses, so the output is a weighted mean of V rows whose
   weights sum to one.
 
-Rounding is round-half-to-even, as ``torch.round`` does.
+Rounding is round-half-to-even, as ``torch.round`` does. A block (a V channel) that holds a NaN or
+an infinity gets a NaN scale, which carries it into every product the block takes part in.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,13 +35,16 @@ QUANT_MODES = (PV_FP8, PV_FP16, EXACT)
 
 
 def _safe_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
-    """amax / qmax, with 1 where the block is all zeros (any scale represents it exactly).
+    """amax / qmax, with 1 where the block is all zeros (any scale represents it exactly) and
+    NaN where it holds a NaN or an infinity (amax NaN or inf), so that the non-finite value
+    reaches every product the block takes part in instead of being rounded away.
 
     The divisor is a tensor so that every device rounds the quotient the same (IEEE) way; a
     Python-scalar divisor becomes a multiplication by its reciprocal on CUDA.
     """
     divisor = torch.tensor(qmax, dtype=amax.dtype, device=amax.device)
-    return torch.where(amax > 0, amax / divisor, torch.ones_like(amax))
+    scale = torch.where(amax < math.inf, amax / divisor, math.nan)
+    return torch.where(amax == 0, torch.ones_like(amax), scale)
 
 
 def quantize_int8_per_block(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -51,7 +51,9 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
         out_dtype: output dtype; q's dtype when None.
 
     Returns:
-        (B, Hq, Lq, D) in ``out_dtype``. Rows with no kept key are zero.
+        (B, Hq, Lq, D) in ``out_dtype``. Rows with no kept key are zero. A NaN or an infinity
+        in the inputs gives NaN (or infinity) where it enters: a row's scores, or, in the
+        quantized modes, the scale of its block (see :func:`sparge.quant.quantize_qkv`).
     """
     batch, heads_q, q_len, dim = q.shape
     heads_k, k_len = k.shape[1], k.shape[2]
@@ -130,6 +132,8 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     denom = row_sum[..., None]
     if mode == PV_FP8:  # the factor 448 of P is in both acc and row_sum
         acc = acc * v_scale.reshape(batch * heads_k, 1, dim)[kv_of_row]
-    out = torch.where(denom > 0, acc / denom.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+    # A row without a contributing key has a sum of exactly 0; a NaN sum (a non-finite input
+    # reached the row) must stay NaN, so the test is != 0, not > 0.
+    out = torch.where(denom != 0, acc / denom.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
     out = out.reshape(batch, heads_q, n_q * bq, dim)[:, :, :q_len]
     return out.to(out_dtype or q.dtype)

@@ -513,7 +513,9 @@ def _sparse_attn_fwd(
         mid, hi, k_len, head_dim, lam, BLOCK_N, MODE, True, CAUSAL, SPARSE, PV_SKIP, EVEN_D,
         IEEE_DOT, ROUND_FP8, FAST_CVT, False, pv_dtype, False, ONES_SPLAT)
 
-    has_keys = l_i > 0
+    # no contributing key: a sum of exactly 0; a NaN sum (a NaN or an infinity in the inputs
+    # reached the row) stays NaN, as in the reference
+    has_keys = l_i != 0
     inv_l = 1.0 / tl.where(has_keys, l_i, 1.0)
     o = acc * inv_l[:, None]
     if MODE == 0:

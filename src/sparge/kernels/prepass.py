@@ -60,7 +60,15 @@ from .graphs import V as SLOT_V
 from .graphs import caller_pointer
 from .launcher import cdiv, next_pow2, wait_for_previous_kernel
 from .layout import to_pv_order
-from .rounding import divide, fp8_scale, int8_scale, reciprocal, round_to_e4m3, to_int8
+from .rounding import (
+    divide,
+    fp8_scale,
+    int8_scale,
+    max_keeping_nan,
+    reciprocal,
+    round_to_e4m3,
+    to_int8,
+)
 
 _FLT_MIN = tl.constexpr(1.1754943508222875e-38)  # smallest normal float32
 
@@ -171,11 +179,11 @@ def _channel_stats_kernel(
         ksum += tl.load(k_base + rows * skl, mask=m, other=0.0).to(tl.float32)
         if V_MAX:
             x = tl.load(v_base + rows * svl, mask=m, other=0.0).to(tl.float32)
-            vmax = tl.maximum(vmax, tl.abs(x))
+            vmax = tl.maximum(vmax, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
     out = (bh.to(tl.int64) * n_chunks + c) * D + cols
     tl.store(ksum_ptr + out, tl.sum(ksum, axis=0), mask=cmask)
     if V_MAX:
-        tl.store(vmax_ptr + out, tl.max(vmax, axis=0), mask=cmask)
+        tl.store(vmax_ptr + out, max_keeping_nan(vmax, 0), mask=cmask)
 
 
 @triton.jit
@@ -190,7 +198,7 @@ def _combine_partials(part_ptr, n_chunks, D, LOG_NC: tl.constexpr, DP: tl.conste
     cols = tl.arange(0, DP)[None, :]
     x = tl.load(part_ptr + rows * D + cols, mask=(rows < n_chunks) & (cols < D), other=0.0)
     if MAX:
-        return tl.max(x, axis=0)
+        return max_keeping_nan(x, 0)
     for step in tl.static_range(1, LOG_NC + 1):
         x = tl.sum(tl.reshape(x, (2, NC >> step, DP)), axis=0)  # one addition per element
     return tl.reshape(x, (DP,))
@@ -293,7 +301,7 @@ def _block_job(
         if S == 1:
             x, rows, m = _load_part(x_base, sxl, mu, row0, L, D, R, DP, SMOOTH, MEAN_GIVEN,
                                     "evict_first")
-            amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+            amax = max_keeping_nan(max_keeping_nan(tl.abs(x), 1), 0)
             col_sum = tl.sum(x, axis=0)
             scale = int8_scale(amax)
             unit_sum = _finish_part(x, rows, m, scale, reciprocal(scale), xq_base, D, QUANT,
@@ -304,7 +312,8 @@ def _block_job(
             for part in range(S):  # not unrolled: one part in registers at a time
                 x, rows, m = _load_part(x_base, sxl, mu, row0 + part * R, L, D, R, DP, SMOOTH,
                                         MEAN_GIVEN, "evict_last")
-                amax = tl.maximum(amax, tl.max(tl.max(tl.abs(x), axis=1), axis=0))
+                amax = tl.maximum(amax, max_keeping_nan(max_keeping_nan(tl.abs(x), 1), 0),
+                                  propagate_nan=tl.PropagateNan.ALL)
                 col_sum += tl.sum(x, axis=0)
             scale = int8_scale(amax)
             inv_scale = reciprocal(scale)
@@ -325,7 +334,7 @@ def _block_job(
         if QUANT:
             tl.store(scale_ptr + stat_row, scale)
         if SCALE_MAX:
-            largest = tl.maximum(largest, scale)
+            largest = tl.maximum(largest, scale, propagate_nan=tl.PropagateNan.ALL)
     if SCALE_MAX:
         tl.atomic_max(scale_max_ptr + bh, largest)
 

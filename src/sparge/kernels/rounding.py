@@ -29,8 +29,23 @@ _INTERPRETED = tl.constexpr(settings.INTERPRET.enabled())
 
 @triton.jit
 def _safe_scale(amax, QMAX: tl.constexpr):
-    """amax / QMAX (IEEE), 1 where amax is 0: ``sparge.quant._safe_scale``."""
-    return tl.where(amax > 0, tl.math.div_rn(amax, QMAX), 1.0)
+    """amax / QMAX (IEEE), 1 where amax is 0, NaN where amax is NaN or infinite:
+    ``sparge.quant._safe_scale``."""
+    scale = tl.where(amax < float("inf"), tl.math.div_rn(amax, QMAX), float("nan"))
+    return tl.where(amax == 0, 1.0, scale)
+
+
+@triton.jit
+def _maximum_keeping_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def max_keeping_nan(x, axis):
+    """``tl.max(x, axis)``, but NaN where a reduced element is NaN, as ``torch.amax`` (the GPU's
+    default maximum returns the other operand of a NaN: a block's NaN would vanish from its
+    amax, and so from its scale)."""
+    return tl.reduce(x, axis, _maximum_keeping_nan)
 
 
 @triton.jit
@@ -157,5 +172,5 @@ def round_to_e4m3(y):
     return r_bits.to(tl.float32, bitcast=True)
 
 
-__all__ = ["RINT_MAGIC", "divide", "fp8_scale", "int8_scale", "reciprocal", "round_to_e4m3",
-           "to_int8"]
+__all__ = ["RINT_MAGIC", "divide", "fp8_scale", "int8_scale", "max_keeping_nan", "reciprocal",
+           "round_to_e4m3", "to_int8"]

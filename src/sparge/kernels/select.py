@@ -106,6 +106,8 @@ def _select_kernel(products_ptr,  # float32 (B, Hq, nQ, nK) contiguous: pooled p
         allowed = allowed & (j * block_k <= last_q)
     row = (bh.to(tl.int64) * NQ + i) * NK
     s = tl.math.div_rn(tl.load(products_ptr + row + j, mask=inb, other=0.0), sqrt_d)
+    # a NaN or an infinity among the row's scores: every block is kept (as the reference)
+    not_finite = tl.max(tl.where(tl.abs(s) < float("inf"), 0, 1), 0) > 0
     s = tl.where(allowed, s, float("-inf"))
     m = tl.max(s, 0)
     e = tl.where(allowed, tl.exp(s - tl.where(m > float("-inf"), m, 0.0)), 0.0)
@@ -128,7 +130,7 @@ def _select_kernel(products_ptr,  # float32 (B, Hq, nQ, nK) contiguous: pooled p
     ranked_in = above | (tied & (tie_rank <= keep - tl.sum(above.to(tl.int32), 0)))
     q_similar = (tl.load(q_sim_ptr + bh.to(tl.int64) * NQ + i) > thr).to(tl.int32)
     # dissimilar blocks are forced on
-    chosen = ranked_in | ~k_similar | ((tl.zeros_like(j) + q_similar) == 0)
+    chosen = ranked_in | ~k_similar | ((tl.zeros_like(j) + q_similar) == 0) | not_finite
     if SINK:
         chosen = chosen | (j == 0)
     if CAUSAL:
