@@ -681,16 +681,19 @@ def check_cdf_threshold_one(device):
     q_mean[0, 0, range(n_q), range(n_q)] = math.sqrt(n_q)
     q_stats = BlockStats(q_mean, torch.ones(1, 1, n_q, device=device))
     above_one = 0
-    for n_k in (2, 3, 5, 9):
-        k_mean = torch.randn(1, 1, n_k, n_q, device=device)
-        k_stats = BlockStats(k_mean, torch.ones(1, 1, n_k, device=device))
-        probs = torch.softmax(k_mean[0, 0].T, dim=-1).sort(dim=-1, descending=True).values
-        above_one += int((probs.cumsum(-1)[:, -1] > 1.0).sum())
-        kw = dict(q_len=n_q * 64, k_len=n_k * 64, block_q=64, block_k=64)
-        for tau in (1.0, torch.ones(1, device=device)):
-            for select in (select_blocks, select_blocks_gpu):
-                mask = select(q_stats, k_stats, Selection(0.0, tau), **kw)
-                assert bool(mask.blocks.all()), (select.__name__, n_k, mask.blocks)
+    for _ in range(20):  # fresh scores until a row's sum rounds above 1 (most draws have one)
+        for n_k in (2, 3, 5, 9):
+            k_mean = torch.randn(1, 1, n_k, n_q, device=device)
+            k_stats = BlockStats(k_mean, torch.ones(1, 1, n_k, device=device))
+            probs = torch.softmax(k_mean[0, 0].T, dim=-1).sort(dim=-1, descending=True).values
+            above_one += int((probs.cumsum(-1)[:, -1] > 1.0).sum())
+            kw = dict(q_len=n_q * 64, k_len=n_k * 64, block_q=64, block_k=64)
+            for tau in (1.0, torch.ones(1, device=device)):
+                for select in (select_blocks, select_blocks_gpu):
+                    mask = select(q_stats, k_stats, Selection(0.0, tau), **kw)
+                    assert bool(mask.blocks.all()), (select.__name__, n_k, mask.blocks)
+        if above_one:
+            break
     assert above_one > 0  # the rounding this guards against did occur
 
 
