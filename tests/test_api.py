@@ -55,6 +55,33 @@ def test_dense_exact_mode_matches_sdpa_in_both_layouts(rng, layout, causal):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("fn", [sparge.sparse_attn, sparge.quantized_attn])
+def test_sdpa_arguments_by_position_or_by_name(rng, fn):
+    """SDPA's arguments come first, in SDPA's order (query, key, value, attn_mask, dropout_p,
+    is_causal, scale, enable_gqa), so that a call written for SDPA runs unchanged."""
+    q, k, v = qkv(rng, lq=150, lk=150)
+    by_name = fn(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, scale=0.1,
+                 enable_gqa=True)
+    torch.testing.assert_close(fn(q, k, v, None, 0.0, True, 0.1, True), by_name, rtol=0, atol=0)
+    torch.testing.assert_close(fn(q, k, v, is_causal=True, scale=0.1), by_name, rtol=0, atol=0)
+    assert rel_l1(by_name, sdpa(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                is_causal=True, scale=0.1)) < 0.05
+    with pytest.raises(TypeError):  # sparge's own arguments are keyword-only
+        fn(q, k, v, None, 0.0, True, 0.1, True, "HND")
+
+
+@pytest.mark.parametrize("fn", [sparge.sparse_attn, sparge.quantized_attn])
+def test_enable_gqa_false_requires_equal_head_counts_as_in_sdpa(rng, fn):
+    q, k, v = qkv(rng, lq=70, lk=90)  # Hq 4, Hk 2
+    with pytest.raises(ValueError, match=r"enable_gqa=False needs as many query heads as key "
+                                         r"heads \(as SDPA\), got Hq=4 and Hk=2"):
+        fn(q, k, v, enable_gqa=False)
+    assert fn(q[:, :2], k, v, enable_gqa=False).shape == (1, 2, 70, 64)
+    assert fn(q, k, v, enable_gqa=None).shape == fn(q, k, v, enable_gqa=True).shape
+    with pytest.raises(TypeError, match="enable_gqa must be a bool or None, got 1"):
+        fn(q, k, v, enable_gqa=1)
+
+
 def test_non_contiguous_inputs_and_custom_scale(rng):
     q, k, v = qkv(rng, hq=2, hk=2, lq=150, lk=150, d=32)
     q, k, v = (t.transpose(2, 3).contiguous().transpose(2, 3) for t in (q, k, v))

@@ -139,6 +139,17 @@ def check_unsupported(attn_mask: object, dropout_p: float) -> None:
                                   "sparge is an inference kernel")
 
 
+def check_gqa(enable_gqa: object, heads_q: int, heads_k: int) -> None:
+    """SDPA's ``enable_gqa``: None (sparge's default) and True let Hq be a multiple of Hk; False
+    requires Hq == Hk, as SDPA does."""
+    if enable_gqa is not None and not isinstance(enable_gqa, bool):
+        raise TypeError(f"enable_gqa must be a bool or None, got {enable_gqa!r}")
+    if enable_gqa is False and heads_q != heads_k:
+        raise ValueError(f"enable_gqa=False needs as many query heads as key heads (as SDPA), got "
+                         f"Hq={heads_q} and Hk={heads_k}: pass enable_gqa=True, or leave it out, "
+                         "for grouped-query attention")
+
+
 def resolve_scale(scale: float | None, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)

@@ -137,13 +137,13 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str,
     return out, AttentionStats(mask, backend, mode, heads_q)
 
 
-def sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-                sim_threshold: Threshold = 0.6, cdf_threshold: Threshold | None = None,
-                topk: Threshold | None = None, pv_threshold: Threshold = 50.0,
-                attention_sink: bool = False, is_causal: bool = False,
-                scale: float | None = None, layout: str = "HND", block_q: int = 64,
-                block_k: int = 128, quant: str = "auto", out_dtype: torch.dtype | None = None,
-                attn_mask: None = None, dropout_p: float = 0.0, backend: str = "auto",
+def sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: None = None,
+                dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                enable_gqa: bool | None = None, *, sim_threshold: Threshold = 0.6,
+                cdf_threshold: Threshold | None = None, topk: Threshold | None = None,
+                pv_threshold: Threshold = 50.0, attention_sink: bool = False,
+                layout: str = "HND", block_q: int = 64, block_k: int = 128, quant: str = "auto",
+                out_dtype: torch.dtype | None = None, backend: str = "auto",
                 return_stats: bool = False) -> torch.Tensor | tuple[torch.Tensor, AttentionStats]:
     """Sparse attention with a predicted block mask: a drop-in for
     ``scaled_dot_product_attention`` on long sequences.
@@ -154,9 +154,17 @@ def sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     always computed. The kernel then visits only the kept blocks, with INT8 QK and FP8 (or FP16)
     PV unless ``quant="none"``.
 
+    The arguments up to ``enable_gqa`` are SDPA's, in SDPA's order (positional or by name); the
+    others are sparge's, by name only.
+
     Args:
         q: (B, Hq, Lq, D) for layout "HND", (B, Lq, Hq, D) for "NHD".
         k, v: (B, Hk, Lk, D) or (B, Lk, Hk, D); Hq a multiple of Hk (grouped-query attention).
+        attn_mask, dropout_p: accepted for SDPA compatibility; anything but the defaults raises.
+        is_causal: causal masking, exact per element, top-left aligned like SDPA.
+        scale: softmax scale; 1 / sqrt(D) when None.
+        enable_gqa: as SDPA's; None (the default) and True accept Hq a multiple of Hk, False
+            requires Hq == Hk.
         sim_threshold: self-similarity above which a block may be summarised by its mean; a
             negative value makes every block eligible.
         cdf_threshold: CDF rule: keep the top blocks whose cumulative pooled mass is <= this
@@ -167,15 +175,12 @@ def sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             many base-2 units below the row's running maximum (>= 0; the default 50 never skips
             in practice).
         attention_sink: always keep the first key block.
-        is_causal: causal masking, exact per element, top-left aligned like SDPA.
-        scale: softmax scale; 1 / sqrt(D) when None.
         block_q, block_k: mask granularity, 64 or 128 each. The same call gives the same mask on
             every device.
         quant: ``"auto"`` (INT8 QK, FP8 PV where the GPU has FP8 tensor cores, else FP16 PV),
             ``"int8_fp8"``, ``"int8_fp16"`` or ``"none"`` (no quantization: the error of sparsity
             alone).
         out_dtype: output dtype; q's dtype when None.
-        attn_mask, dropout_p: accepted for SDPA compatibility; anything but the defaults raises.
         backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see :mod:`sparge.backend`).
         return_stats: also return :class:`AttentionStats` (reading its sparsities reads the
             mask back to the host; returning them does not).
@@ -192,6 +197,7 @@ def sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     checks.check_flags(attention_sink=attention_sink, is_causal=is_causal,
                        return_stats=return_stats)
     heads_q = checks.to_hnd(q, layout).shape[1]
+    checks.check_gqa(enable_gqa, heads_q, checks.to_hnd(k, layout).shape[1])
     cdf_threshold, topk = checks.check_selection(sim_threshold, cdf_threshold, topk, heads_q)
     selection = Selection(sim_threshold, cdf_threshold, topk, bool(attention_sink))
     return _run(q, k, v, layout=layout, mask=None, selection=selection, block_q=block_q,
@@ -269,21 +275,23 @@ def block_sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 return_stats=return_stats)
 
 
-def quantized_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool = False,
-                   scale: float | None = None, layout: str = "HND", block_q: int = 64,
+def quantized_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: None = None,
+                   dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                   enable_gqa: bool | None = None, *, layout: str = "HND", block_q: int = 64,
                    block_k: int = 128, quant: str = "auto", out_dtype: torch.dtype | None = None,
-                   attn_mask: None = None, dropout_p: float = 0.0,
                    backend: str = "auto") -> torch.Tensor:
     """Dense attention with quantization only (every block computed, no mask, no lookup table).
 
-    Arguments as in :func:`sparse_attn`; ``block_q`` and ``block_k`` set the quantization
-    granularity (one INT8 scale per block of rows).
+    Arguments as in :func:`sparse_attn` (SDPA's first, in SDPA's order); ``block_q`` and
+    ``block_k`` set the quantization granularity (one INT8 scale per block of rows).
     """
     checks.check_unsupported(attn_mask, dropout_p)
     checks.check_attention_call(q, k, v, layout, quant=quant, backend=backend,
                                 out_dtype=out_dtype)
     checks.check_block_sizes(block_q, block_k)
     checks.check_flags(is_causal=is_causal)
+    checks.check_gqa(enable_gqa, checks.to_hnd(q, layout).shape[1],
+                     checks.to_hnd(k, layout).shape[1])
     return _run(q, k, v, layout=layout, mask=None, selection=None, block_q=block_q,
                 block_k=block_k, causal=bool(is_causal), scale=scale, pv_threshold=float("inf"),
                 quant=quant, out_dtype=out_dtype, backend=backend, return_stats=False)
