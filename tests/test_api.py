@@ -71,6 +71,34 @@ def test_sdpa_arguments_by_position_or_by_name(rng, fn):
 
 
 @pytest.mark.parametrize("fn", [sparge.sparse_attn, sparge.quantized_attn])
+def test_sdpa_shapes_without_heads_or_with_more_leading_dimensions(rng, fn):
+    """As SDPA: (N, L, D) is one head per batch entry; (N, M, H, L, D) runs as (N * M, H, L, D)
+    and comes back in q's shape."""
+    q3, k3, v3 = (torch.randn(3, 130, 32, generator=rng) for _ in range(3))
+    out = fn(q3, k3, v3, is_causal=True)
+    assert out.shape == q3.shape
+    as_heads = fn(q3[:, None], k3[:, None], v3[:, None], is_causal=True)[:, 0]
+    torch.testing.assert_close(out, as_heads, rtol=0, atol=0)
+    assert rel_l1(out, sdpa(q3, k3, v3, is_causal=True)) < 0.05
+
+    q5 = torch.randn(2, 3, 4, 100, 32, generator=rng)
+    k5, v5 = (torch.randn(2, 3, 2, 120, 32, generator=rng) for _ in range(2))
+    out = fn(q5, k5, v5)
+    flat = fn(*(t.reshape(6, *t.shape[2:]) for t in (q5, k5, v5)))
+    torch.testing.assert_close(out, flat.reshape(q5.shape), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="q, k and v must share their leading dimensions"):
+        fn(q5, k5[:1], v5[:1])
+    with pytest.raises(ValueError, match="q must be 4-D"):  # NHD stays 4-D only
+        fn(q5, k5, v5, layout="NHD")
+
+
+def test_sparse_attn_mask_of_flattened_leading_dimensions(rng):
+    q, k, v = (torch.randn(2, 3, 2, 200, 32, generator=rng) for _ in range(3))
+    out, stats = sparge.sparse_attn(q, k, v, return_stats=True)
+    assert out.shape == q.shape and stats.mask.shape == (6, 2, 4, 2)
+
+
+@pytest.mark.parametrize("fn", [sparge.sparse_attn, sparge.quantized_attn])
 def test_enable_gqa_false_requires_equal_head_counts_as_in_sdpa(rng, fn):
     q, k, v = qkv(rng, lq=70, lk=90)  # Hq 4, Hk 2
     with pytest.raises(ValueError, match=r"enable_gqa=False needs as many query heads as key "

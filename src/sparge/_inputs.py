@@ -26,6 +26,25 @@ def to_hnd(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x if layout == "HND" else x.transpose(1, 2)
 
 
+def as_4d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+          layout: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Size | None]:
+    """SDPA's other shapes, in layout "HND", as (B, H, L, D): (N, L, D) without a head
+    dimension as (N, 1, L, D), and (N, ..., H, L, D) with the leading dimensions (the same for
+    q, k and v) flattened into B. Returns the three tensors and q's shape, None when nothing
+    changed (4-D inputs, other layouts, shapes the checks refuse)."""
+    dims = {t.dim() if isinstance(t, torch.Tensor) else -1 for t in (q, k, v)}
+    if layout != "HND" or len(dims) != 1 or dims == {4} or dims.pop() < 3:
+        return q, k, v, None
+    if q.dim() == 3:
+        return q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), q.shape
+    lead = q.shape[:-3]
+    if k.shape[:-3] != lead or v.shape[:-3] != lead:
+        raise ValueError(f"q, k and v must share their leading dimensions (N, ...), got shapes "
+                         f"{tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}")
+    return (q.reshape(-1, *q.shape[-3:]), k.reshape(-1, *k.shape[-3:]),
+            v.reshape(-1, *v.shape[-3:]), q.shape)
+
+
 def check_layout(layout: str, name: str = "layout") -> None:
     """``layout`` (the argument ``name``) is one of :data:`LAYOUTS`."""
     if layout not in LAYOUTS:

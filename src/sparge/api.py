@@ -89,6 +89,16 @@ def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, return_stats: boo
     return _NoBackward.apply(result[0], q, k, v), result[1]
 
 
+def _in_shape(result: torch.Tensor | tuple[torch.Tensor, AttentionStats],
+              shape: torch.Size | None) -> torch.Tensor | tuple[torch.Tensor, AttentionStats]:
+    """The output of a call made on :func:`sparge._inputs.as_4d`'s views, in q's shape."""
+    if shape is None:
+        return result
+    if isinstance(result, tuple):
+        return result[0].reshape(shape), result[1]
+    return result.reshape(shape)
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str,
             mask: SparseMask | None, selection: Selection | None, block_q: int, block_k: int,
             causal: bool, scale: float | None, pv_threshold: Threshold, quant: str,
@@ -158,8 +168,11 @@ def sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: No
     others are sparge's, by name only.
 
     Args:
-        q: (B, Hq, Lq, D) for layout "HND", (B, Lq, Hq, D) for "NHD".
-        k, v: (B, Hk, Lk, D) or (B, Lk, Hk, D); Hq a multiple of Hk (grouped-query attention).
+        q: (B, Hq, Lq, D) for layout "HND", (B, Lq, Hq, D) for "NHD". In layout "HND" also
+            SDPA's other shapes: (N, ..., Hq, Lq, D), the leading dimensions acting as B (the
+            mask's batch is their product), and (N, Lq, D), one head.
+        k, v: (B, Hk, Lk, D) or (B, Lk, Hk, D), or shaped as q; Hq a multiple of Hk
+            (grouped-query attention).
         attn_mask, dropout_p: accepted for SDPA compatibility; anything but the defaults raises.
         is_causal: causal masking, exact per element, top-left aligned like SDPA.
         scale: softmax scale; 1 / sqrt(D) when None.
@@ -191,6 +204,7 @@ def sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: No
         The attention output in the layout of q, or ``(output, stats)``.
     """
     checks.check_unsupported(attn_mask, dropout_p)
+    q, k, v, shape = checks.as_4d(q, k, v, layout)
     checks.check_attention_call(q, k, v, layout, quant=quant, backend=backend,
                                 out_dtype=out_dtype)
     checks.check_block_sizes(block_q, block_k)
@@ -200,9 +214,10 @@ def sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: No
     checks.check_gqa(enable_gqa, heads_q, checks.to_hnd(k, layout).shape[1])
     cdf_threshold, topk = checks.check_selection(sim_threshold, cdf_threshold, topk, heads_q)
     selection = Selection(sim_threshold, cdf_threshold, topk, bool(attention_sink))
-    return _run(q, k, v, layout=layout, mask=None, selection=selection, block_q=block_q,
-                block_k=block_k, causal=bool(is_causal), scale=scale, pv_threshold=pv_threshold,
-                quant=quant, out_dtype=out_dtype, backend=backend, return_stats=return_stats)
+    return _in_shape(_run(q, k, v, layout=layout, mask=None, selection=selection,
+                          block_q=block_q, block_k=block_k, causal=bool(is_causal), scale=scale,
+                          pv_threshold=pv_threshold, quant=quant, out_dtype=out_dtype,
+                          backend=backend, return_stats=return_stats), shape)
 
 
 def as_sparse_mask(mask: SparseMask | torch.Tensor, *, batch: int, heads: int, q_len: int,
@@ -286,15 +301,17 @@ def quantized_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask:
     ``block_k`` set the quantization granularity (one INT8 scale per block of rows).
     """
     checks.check_unsupported(attn_mask, dropout_p)
+    q, k, v, shape = checks.as_4d(q, k, v, layout)
     checks.check_attention_call(q, k, v, layout, quant=quant, backend=backend,
                                 out_dtype=out_dtype)
     checks.check_block_sizes(block_q, block_k)
     checks.check_flags(is_causal=is_causal)
     checks.check_gqa(enable_gqa, checks.to_hnd(q, layout).shape[1],
                      checks.to_hnd(k, layout).shape[1])
-    return _run(q, k, v, layout=layout, mask=None, selection=None, block_q=block_q,
-                block_k=block_k, causal=bool(is_causal), scale=scale, pv_threshold=float("inf"),
-                quant=quant, out_dtype=out_dtype, backend=backend, return_stats=False)
+    return _in_shape(_run(q, k, v, layout=layout, mask=None, selection=None, block_q=block_q,
+                          block_k=block_k, causal=bool(is_causal), scale=scale,
+                          pv_threshold=float("inf"), quant=quant, out_dtype=out_dtype,
+                          backend=backend, return_stats=False), shape)
 
 
 def predict_mask(q: torch.Tensor, k: torch.Tensor, *, sim_threshold: Threshold = 0.6,
