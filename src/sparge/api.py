@@ -4,6 +4,8 @@ given mask, dense quantized attention, and the mask predictor on its own.
 All take q (B, Hq, Lq, D), k and v (B, Hk, Lk, D) in layout "HND" (or (B, L, H, D) with
 ``layout="NHD"``), float16, bfloat16 or float32, Hq a multiple of Hk, any lengths >= 1, head dim up
 to 256, and return the output in the same layout, in q's dtype unless ``out_dtype`` says otherwise.
+:func:`sparse_attn` and :func:`quantized_attn` take SDPA's arguments first, in SDPA's order, and
+in layout "HND" also SDPA's (N, L, D) and (N, ..., H, L, D) shapes.
 """
 
 from __future__ import annotations
