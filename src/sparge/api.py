@@ -4,7 +4,7 @@ given mask, dense quantized attention, and the mask predictor on its own.
 All take q (B, Hq, Lq, D), k and v (B, Hk, Lk, D) in layout "HND" (or (B, L, H, D) with
 ``layout="NHD"``), float16, bfloat16 or float32, Hq a multiple of Hk, any lengths >= 1, head dim up
 to 256, and return the output in the same layout, in q's dtype unless ``out_dtype`` says otherwise.
-:func:`sparse_attn` and :func:`quantized_attn` take SDPA's arguments first, in SDPA's order, and
+:func:`sparse_attn` and :func:`quantized_attn` take SDPA's arguments as SDPA takes them, and
 in layout "HND" also SDPA's (N, L, D) and (N, ..., H, L, D) shapes.
 """
 
@@ -150,8 +150,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str,
 
 
 def sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: None = None,
-                dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
-                enable_gqa: bool | None = None, *, sim_threshold: Threshold = 0.6,
+                dropout_p: float = 0.0, is_causal: bool = False, *, scale: float | None = None,
+                enable_gqa: bool | None = None, sim_threshold: Threshold = 0.6,
                 cdf_threshold: Threshold | None = None, topk: Threshold | None = None,
                 pv_threshold: Threshold = 50.0, attention_sink: bool = False,
                 layout: str = "HND", block_q: int = 64, block_k: int = 128, quant: str = "auto",
@@ -166,8 +166,9 @@ def sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: No
     always computed. The kernel then visits only the kept blocks, with INT8 QK and FP8 (or FP16)
     PV unless ``quant="none"``.
 
-    The arguments up to ``enable_gqa`` are SDPA's, in SDPA's order (positional or by name); the
-    others are sparge's, by name only.
+    The arguments up to ``enable_gqa`` are SDPA's, taken as SDPA takes them (``attn_mask``,
+    ``dropout_p`` and ``is_causal`` by position or by name, ``scale`` and ``enable_gqa`` by name);
+    the others are sparge's, by name only.
 
     Args:
         q: (B, Hq, Lq, D) for layout "HND", (B, Lq, Hq, D) for "NHD". In layout "HND" also
@@ -293,13 +294,14 @@ def block_sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def quantized_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: None = None,
-                   dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
-                   enable_gqa: bool | None = None, *, layout: str = "HND", block_q: int = 64,
+                   dropout_p: float = 0.0, is_causal: bool = False, *,
+                   scale: float | None = None, enable_gqa: bool | None = None,
+                   layout: str = "HND", block_q: int = 64,
                    block_k: int = 128, quant: str = "auto", out_dtype: torch.dtype | None = None,
                    backend: str = "auto") -> torch.Tensor:
     """Dense attention with quantization only (every block computed, no mask, no lookup table).
 
-    Arguments as in :func:`sparse_attn` (SDPA's first, in SDPA's order); ``block_q`` and
+    Arguments as in :func:`sparse_attn` (SDPA's first, as SDPA takes them); ``block_q`` and
     ``block_k`` set the quantization granularity (one INT8 scale per block of rows).
     """
     checks.check_unsupported(attn_mask, dropout_p)
