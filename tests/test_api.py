@@ -90,6 +90,7 @@ def test_sdpa_shapes_without_heads_or_with_more_leading_dimensions(rng, fn):
     torch.testing.assert_close(out, flat.reshape(q5.shape), rtol=0, atol=0)
     with pytest.raises(ValueError, match="q, k and v must share their leading dimensions"):
         fn(q5, k5[:1], v5[:1])
+    assert fn(q5[:0], k5[:0], v5[:0]).shape == (0, 3, 4, 100, 32)
     with pytest.raises(ValueError, match="q must be 4-D"):  # NHD stays 4-D only
         fn(q5, k5, v5, layout="NHD")
 

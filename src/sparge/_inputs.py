@@ -41,8 +41,9 @@ def as_4d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if k.shape[:-3] != lead or v.shape[:-3] != lead:
         raise ValueError(f"q, k and v must share their leading dimensions (N, ...), got shapes "
                          f"{tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}")
-    return (q.reshape(-1, *q.shape[-3:]), k.reshape(-1, *k.shape[-3:]),
-            v.reshape(-1, *v.shape[-3:]), q.shape)
+    batch = math.prod(lead)
+    return (q.reshape(batch, *q.shape[-3:]), k.reshape(batch, *k.shape[-3:]),
+            v.reshape(batch, *v.shape[-3:]), q.shape)
 
 
 def check_layout(layout: str, name: str = "layout") -> None:
