@@ -8,8 +8,11 @@ The quantized modes spread a non-finite input further, through the scale it ente
   all tokens, so every key block of that head holds the value);
 - v: its channel in every row of those heads, in the FP8 mode (one V scale per channel).
 
-Every other output stays finite. The predictor keeps every key block for a query block whose
-pooled scores are not finite, so the attention meets the value wherever SDPA would.
+In every mode a value of v also reaches its channel in all rows of each query block that computes
+its key block, the rows that causal masking hides it from included (P.V on the tensor cores
+multiplies it by their zero weights). Every other output stays finite. The predictor keeps every
+key block for a query block whose pooled scores are not finite, so the attention meets the value
+wherever SDPA would.
 
 The cases run on the reference path (CPU), through Triton's interpreter (CPU, one child process,
 fewer cases) and on a GPU at larger shapes. Each case draws fresh inputs and a fresh position.
