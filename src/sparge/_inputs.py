@@ -32,10 +32,12 @@ def as_4d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     dimension as (N, 1, L, D), and (N, ..., H, L, D) with the leading dimensions (the same for
     q, k and v) flattened into B. Returns the three tensors and q's shape, None when nothing
     changed (4-D inputs, other layouts, shapes the checks refuse)."""
-    dims = {t.dim() if isinstance(t, torch.Tensor) else -1 for t in (q, k, v)}
-    if layout != "HND" or len(dims) != 1 or dims == {4} or dims.pop() < 3:
+    if layout != "HND" or not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
         return q, k, v, None
-    if q.dim() == 3:
+    dim = q.dim()
+    if dim < 3 or dim == 4 or k.dim() != dim or v.dim() != dim:
+        return q, k, v, None
+    if dim == 3:
         return q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), q.shape
     lead = q.shape[:-3]
     if k.shape[:-3] != lead or v.shape[:-3] != lead:
