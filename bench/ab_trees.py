@@ -6,9 +6,11 @@ one card in alternation: one subprocess per tree and round, so that each imports
     python bench/ab_trees.py --tree /tmp/base/src:base --tree src:new --quant int8_fp16
 
 Each subprocess times, with do_bench medians (25 ms warm-up, 300 ms), ``prepare_qkv`` without and
-with the block statistics, ``sparge.quantized_attn`` and causal ``sparge.sparse_attn``, on the
-same seeded B1 H24 bf16 random inputs. The attention kernel runs its first candidate
-configuration (``SPARGE_AUTOTUNE=0``), so that both trees launch the same configuration.
+with the block statistics (called, and replayed from a CUDA graph, which leaves out the host
+time), ``sparge.quantized_attn``, ``sparge.block_sparse_attn`` on a random mask keeping 10 % of
+the blocks, and causal ``sparge.sparse_attn``, on the same seeded B1 H24 bf16 random inputs. The
+attention kernel runs its first candidate configuration (``SPARGE_AUTOTUNE=0``), so that both
+trees launch the same configuration.
 """
 
 from __future__ import annotations
@@ -38,8 +40,22 @@ def measure(args) -> str:
         return lambda: prepare_qkv(q, k, v, block_q=64, block_k=128, mode=args.quant,
                                    with_stats=stats)
 
+    def graphed(fn):
+        fn()  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph.replay
+
+    n_q, n_k = -(-args.length // 64), -(-args.length // 128)
+    blocks = torch.rand(1, args.heads, n_q, n_k, device="cuda", generator=gen) >= 0.9
+    mask = sparge.SparseMask(blocks, 64, 128, args.length, args.length, False)
     steps = {"prepare_qkv": prepass(False), "prepare_qkv+stats": prepass(True),
+             "prepare_qkv graph": graphed(prepass(False)),
+             "prepare_qkv+stats graph": graphed(prepass(True)),
              "quantized_attn": lambda: sparge.quantized_attn(q, k, v, quant=args.quant),
+             "block_sparse_attn 90%": lambda: sparge.block_sparse_attn(q, k, v, mask,
+                                                                       quant=args.quant),
              "sparse_attn causal": lambda: sparge.sparse_attn(q, k, v, is_causal=True,
                                                               quant=args.quant)}
     times = []

@@ -304,26 +304,40 @@ def _quantize_launches(monkeypatch=None) -> list:
     return seen
 
 
-def case_statistics_launch_of_their_own():
+def check_launch_arrangements(q, k, v, block_q, block_k, launches):
     """With the statistics, a launch of four-warp programs quantizes V and finishes K's channel
     mean (M), and the statistics of Q and K run in a second launch, of one-warp programs, which
-    reads that mean; without them one launch runs Q, K and V. Both give the reference's
-    results."""
-    _fresh_seed()
-    _poison_allocations()
+    reads that mean. Without them, head dims up to 64 take the same two launches (the second of
+    four-warp programs) and larger ones one launch of Q, K and V. Both give the same bits.
+    ``launches``: the list :func:`_quantize_launches` fills."""
     from sparge.kernels.prepass import prepare_qkv
 
+    launches.clear()
+    with_stats = prepare_qkv(q, k, v, block_q=block_q, block_k=block_k, mode="int8_fp8",
+                             with_stats=True)[0]
+    assert launches == [("MV", 4), ("QK", 1)], launches
+    launches.clear()
+    without = prepare_qkv(q, k, v, block_q=block_q, block_k=block_k, mode="int8_fp8",
+                          with_stats=False)[0]
+    expected = [("MV", 4), ("QK", 4)] if q.shape[3] <= 64 else [("QKV", 4)]
+    assert launches == expected, launches
+    for name in ("q", "q_scale", "k", "k_scale", "v_scale", "k_scale_max"):
+        assert torch.equal(getattr(without, name), getattr(with_stats, name)), name
+    assert torch.equal(without.v.view(torch.uint8), with_stats.v.view(torch.uint8))
+
+
+def case_launch_arrangements():
+    """See :func:`check_launch_arrangements`; every other shape also against the reference."""
+    _fresh_seed()
+    _poison_allocations()
     launches = _quantize_launches()
-    for b, hq, hk, lq, lk, d, bq, bk in SHAPES[::2]:
+    for i, (b, hq, hk, lq, lk, d, bq, bk) in enumerate(SHAPES):
         q = torch.randn(b, hq, lq, d) * 3
         k = torch.randn(b, hk, lk, d) * 2 + torch.randn(b, hk, 1, d) * 5
         v = torch.randn(b, hk, lk, d) * 4
-        launches.clear()
-        check_prepare_qkv(q, k, v, bq, bk, "int8_fp8")
-        assert launches[:2] == [("MV", 4), ("QK", 1)], launches
-        launches.clear()
-        prepare_qkv(q, k, v, block_q=bq, block_k=bk, mode="int8_fp8", with_stats=False)
-        assert launches == [("QKV", 4)], launches
+        if i % 2 == 0:
+            check_prepare_qkv(q, k, v, bq, bk, "int8_fp8")
+        check_launch_arrangements(q, k, v, bq, bk, launches)
 
 
 def case_prepare_qkv_strides_zeros_and_large_values():
@@ -856,6 +870,17 @@ def test_prepare_qkv_gpu(dtype, shape, monkeypatch):
             assert launches[:2] == [("MV", 4), ("QK", 1)], launches
         else:  # float16 V for FP16 P.V: no V job; K's mean in a launch of its own, then Q and K
             assert launches == [("M", 4), ("QK", 1)], launches
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dim", [64, 128])
+def test_launch_arrangements_gpu(dim, monkeypatch):
+    _fresh_seed()
+    _poison_allocations(monkeypatch)
+    q, k, v = (torch.randn(2, h, 3000 + 17, dim, device="cuda", dtype=torch.bfloat16)
+               for h in (8, 2, 2))
+    check_launch_arrangements(q, k * 2 + 5, v, 64, 128, _quantize_launches(monkeypatch))
 
 
 @pytest.mark.gpu

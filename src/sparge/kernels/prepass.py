@@ -1,5 +1,5 @@
 """The fused pre-pass: quantization of Q, K and V and the predictor's block statistics, in two
-kernel launches (three with the statistics).
+kernel launches (three with the statistics or at head dims up to 64).
 
 What it computes is specified by :mod:`sparge.predict` (``block_stats``, ``smooth_k``) and
 :mod:`sparge.quant` (``quantize_int8_per_block``, ``quantize_v_fp8``):
@@ -28,6 +28,8 @@ The launches:
    statistics' reductions need no barrier between warps. Those programs neither run V's job nor
    finish the mean, which would take their registers: a launch before them does both, V's job
    and a fourth job that finishes each head's channel mean into a small (B, Hk, D) buffer.
+   Without the statistics, head dims up to 64 take the same two launches (the second of
+   four-warp programs), which is faster there than one launch (``_V_APART_DIM``).
 
 The channel mean is summed in another order than torch's ``mean``: within a chunk, each row slot
 of a tile adds its tokens in order and the slots are then added up (Triton's reduction tree); the
@@ -126,6 +128,13 @@ _V_ALONE = _LaunchShape(16384, 4, None, max_rows=128)
 # of 4-warp programs, and at L1024 39 us instead of 42 us (bench/NOTES.md). V's job is slow in
 # one-warp programs, so it takes a launch of its own (_V_ALONE).
 _WITH_STATS = _LaunchShape(2048, 1, None)
+# Without the statistics, head dims (padded) up to _V_APART_DIM quantize V and finish K's mean in
+# the launch of V's job (_V_ALONE), and Q and K in a second launch (_QUANTIZE): V's 64-element
+# rows make 64-row tiles in one launch, whose K-major stores fill half of each channel's 128-byte
+# line. H200, each launch in a CUDA graph, L2 flushed (bench/prepass_stages.py,
+# bench/results/prepass-stages-H200-2026-11-27-*.log): at D64, L4096 29.9 instead of 38.8 us
+# and L8192 49.4 instead of 56.8 us; at D128 slower (L4096 52.2 against 46.1 us).
+_V_APART_DIM = 64
 
 
 def _launch_shape(stats: bool, has_qk: bool) -> _LaunchShape:
@@ -544,7 +553,8 @@ def _quantize(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | 
               ) -> tuple[_Blocks | None, _Blocks | None,
                          tuple[torch.Tensor, torch.Tensor | None] | None]:
     """Quantization (and statistics) of the tensors given, in one launch of
-    ``_quantize_kernel``, or in two where Q's and K's statistics run in one-warp programs.
+    ``_quantize_kernel``, or in two where Q's and K's statistics run in one-warp programs, or
+    where V's job runs apart at small head dims (``_V_APART_DIM``).
 
     q (B, Hq, Lq, D); k (B, Hk, Lk, D) with its partial channel sums ``ksum``; v (B, Hk, Lk, D)
     with its partial abs-maxima ``vmax`` (see :func:`_channel_stats`), or, unless ``v_fp8``,
@@ -556,20 +566,24 @@ def _quantize(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | 
     With the statistics, Q and K run in one-warp programs (see ``_WITH_STATS``). Those programs
     neither run V's job (slow there) nor combine K's partial sums (a 64 x 128 tile of partials
     takes a one-warp program's registers): the launch before them finishes K's channel mean, with
-    V's job if V is given. With ``addresses``, q, k and v are read at the addresses found there
-    (see :func:`_channel_stats`).
+    V's job if V is given. Without the statistics, head dims up to ``_V_APART_DIM`` take the
+    same two launches, the second of ``_QUANTIZE`` programs. With ``addresses``, q, k and v are
+    read at the addresses found there (see :func:`_channel_stats`).
     """
     args = dict(block_q=block_q, block_k=block_k, quant=quant, v_fp8=v_fp8, addresses=addresses)
-    one_warp = stats and (q is not None or k is not None)
+    has_qk = q is not None or k is not None
+    one_warp = stats and has_qk
+    v_apart = (has_qk and v is not None
+               and _dim_pad((q if q is not None else k).shape[3]) <= _V_APART_DIM)
     mean_first = k is not None and ksum is not None
-    if one_warp and (v is not None or mean_first):
+    if (one_warp and (v is not None or mean_first)) or v_apart:
         k_mean = None
         if mean_first:
             k_mean = _alloc(k.shape[0], k.shape[1], k.shape[3], dtype=torch.float32,
                             device=k.device)
         v_out = _launch(None, k, v, ksum, vmax, k_mean, jobs="MV" if mean_first else "V",
                         stats=False, **args)[2]
-        q_out, k_out, _ = _launch(q, k, None, None, None, k_mean, jobs="QK", stats=True,
+        q_out, k_out, _ = _launch(q, k, None, None, None, k_mean, jobs="QK", stats=stats,
                                   k_scale_max=k_scale_max, **args)
         return q_out, k_out, v_out
     return _launch(q, k, v, ksum, vmax, None, jobs="QKV", stats=stats, k_scale_max=k_scale_max,
@@ -694,7 +708,8 @@ def prepare_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_q: i
                 ) -> tuple[QuantizedQKV, BlockStats | None, BlockStats | None]:
     """Quantize Q, smoothed K and V for the attention kernel, with the predictor's statistics.
 
-    Two kernel launches, three with the statistics (see the module docstring).
+    Two kernel launches, three with the statistics or at head dims up to 64 (see the module
+    docstring).
 
     Args:
         q: (B, Hq, Lq, D); k, v: (B, Hk, Lk, D); layout HND, any strides, float16, bfloat16 or

@@ -1,0 +1,179 @@
+"""The predicted-mask pipeline's launches before the attention kernel, each timed alone (CUDA).
+
+    PYTHONPATH=src python3 bench/prepass_stages.py [--shapes 4096:128,8192:64] [--variants]
+
+For B1 H24 bf16 random inputs, each stage is captured in a CUDA graph of its own (so no host
+time enters) and timed with ``triton.testing.do_bench`` (median; L2 flushed before every replay),
+rotating over three input sets:
+
+- ``channel stats``: K's channel sums and V's channel abs-maxima (``prepass._channel_stats``);
+- ``V + K mean``: V's FP8 job and K's mean finished (the launch before the statistics launch);
+- ``Q, K + stats``: the one-warp launch of Q's and K's quantization with the block statistics;
+- ``Q, K, V``: the quantization launch without statistics (``quantized_attn``'s);
+- ``selection``: pooled products, block selection and lookup table (``select_with_table``);
+- ``pre-pass + stats`` and ``pre-pass``: ``prepare_qkv`` with and without the statistics.
+
+``--variants`` also times the channel statistics with other chunk sizes and the statistics launch
+with other tile shapes, each against the library's constants in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.testing
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from sparge.kernels import prepass  # noqa: E402
+from sparge.kernels.select import select_with_table  # noqa: E402
+from sparge.predict import Selection  # noqa: E402
+
+HEADS = 24
+SETS = 3
+
+
+def graph_time(make_step) -> float:
+    """Median microseconds of one replay of a CUDA graph of ``make_step(i)`` (a callable that
+    launches the stage on input set i), rotating over the sets."""
+    graphs = []
+    for i in range(SETS):
+        step = make_step(i)
+        step()  # compile outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        graphs.append(graph)
+    state = {"i": 0}
+
+    def replay():
+        graphs[state["i"] % SETS].replay()
+        state["i"] += 1
+
+    return triton.testing.do_bench(replay, warmup=25, rep=200, return_mode="median") * 1e3
+
+
+def stages(length: int, dim: int) -> dict[str, object]:
+    """name -> make_step for every stage at one shape."""
+    gen = torch.Generator(device="cuda").manual_seed(length + dim)
+    sets = [tuple(torch.randn(1, HEADS, length, dim, device="cuda", dtype=torch.bfloat16,
+                              generator=gen) for _ in range(3)) for _ in range(SETS)]
+    kw = dict(block_q=64, block_k=128, quant=True)
+
+    def prepared(i):
+        q, k, v = sets[i]
+        kmax = torch.zeros(1, HEADS, device="cuda")
+        ksum, vmax = prepass._channel_stats(k, v, kmax)
+        k_mean = torch.empty(1, HEADS, dim, device="cuda")
+        prepass._launch(None, k, v, ksum, vmax, k_mean, jobs="MV", stats=False, **kw)
+        q_out, k_out, _ = prepass._launch(q, k, None, None, None, k_mean, jobs="QK", stats=True,
+                                          k_scale_max=kmax, **kw)
+        return q, k, v, kmax, ksum, vmax, k_mean, q_out.stats, k_out.stats
+
+    inputs = [prepared(i) for i in range(SETS)]
+
+    def channel_stats(i):
+        q, k, v, kmax, *_ = inputs[i]
+        return lambda: prepass._channel_stats(k, v, kmax)
+
+    def v_and_mean(i):
+        q, k, v, kmax, ksum, vmax, k_mean, *_ = inputs[i]
+        return lambda: prepass._launch(None, k, v, ksum, vmax, k_mean, jobs="MV", stats=False,
+                                       **kw)
+
+    def qk_stats(i):
+        q, k, v, kmax, ksum, vmax, k_mean, *_ = inputs[i]
+        return lambda: prepass._launch(q, k, None, None, None, k_mean, jobs="QK", stats=True,
+                                       k_scale_max=kmax, **kw)
+
+    def qkv(i):
+        q, k, v, kmax, ksum, vmax, *_ = inputs[i]
+        return lambda: prepass._launch(q, k, v, ksum, vmax, None, jobs="QKV", stats=False,
+                                       k_scale_max=kmax, **kw)
+
+    def split(i):
+        q, k, v, kmax, ksum, vmax, k_mean, *_ = inputs[i]
+
+        def step():
+            prepass._launch(None, k, v, ksum, vmax, k_mean, jobs="MV", stats=False, **kw)
+            prepass._launch(q, k, None, None, None, k_mean, jobs="QK", stats=False,
+                            k_scale_max=kmax, **kw)
+        return step
+
+    def selection(i):
+        q_stats, k_stats = inputs[i][7:]
+        return lambda: select_with_table(q_stats, k_stats, Selection(), q_len=length,
+                                         k_len=length, block_q=64, block_k=128, causal=False)
+
+    def whole(stats):
+        def make(i):
+            q, k, v = sets[i]
+            return lambda: prepass.prepare_qkv(q, k, v, block_q=64, block_k=128,
+                                               mode="int8_fp8", with_stats=stats)
+        return make
+
+    return {"channel stats": channel_stats, "V + K mean": v_and_mean, "Q, K + stats": qk_stats,
+            "Q, K, V": qkv, "V + K mean, then Q, K": split, "selection": selection,
+            "pre-pass + stats": whole(True), "pre-pass": whole(False)}
+
+
+def variants(length: int, dim: int, make: dict[str, object]) -> None:
+    """Other launch constants of the channel statistics and of the statistics launch, each
+    timed beside the library's."""
+    library = (prepass._CHUNK_ROWS, prepass._STATS_PROGRAMS, prepass._WITH_STATS,
+               prepass._ROWS_PER_PARTIAL, prepass._QUANTIZE)
+    rows = []
+    try:
+        for chunk_rows, programs in ((256, 1024), (128, 1024), (128, 2048), (64, 2048)):
+            prepass._CHUNK_ROWS, prepass._STATS_PROGRAMS = chunk_rows, programs
+            rows.append((f"channel stats, chunks of {chunk_rows}+ rows, ~{programs} programs",
+                         graph_time(make["channel stats"])))
+        prepass._CHUNK_ROWS, prepass._STATS_PROGRAMS = library[:2]
+        for shape in (library[2], prepass._LaunchShape(1024, 1, None),
+                      prepass._LaunchShape(4096, 2, None), prepass._LaunchShape(2048, 2, None),
+                      prepass._LaunchShape(8192, 4, None)):
+            prepass._WITH_STATS = shape
+            rows.append((f"Q, K + stats, {shape.tile_elems} elements, {shape.num_warps} warps",
+                         graph_time(make["Q, K + stats"])))
+        prepass._WITH_STATS = library[2]
+        for rows_per_partial in (8, 4):
+            prepass._ROWS_PER_PARTIAL = rows_per_partial
+            rows.append((f"Q, K, V, {rows_per_partial} rows a partial",
+                         graph_time(make["Q, K, V"])))
+        prepass._ROWS_PER_PARTIAL = library[3]
+        for shape in (prepass._LaunchShape(2048, 1, None), prepass._LaunchShape(4096, 4, None)):
+            prepass._QUANTIZE = shape
+            rows.append((f"V + K mean, then Q, K in {shape.tile_elems} elements, "
+                         f"{shape.num_warps} warps", graph_time(make["V + K mean, then Q, K"])))
+    finally:
+        (prepass._CHUNK_ROWS, prepass._STATS_PROGRAMS, prepass._WITH_STATS,
+         prepass._ROWS_PER_PARTIAL, prepass._QUANTIZE) = library
+    for name, us in rows:
+        print(f"  {us:8.1f} us  {name}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default="4096:64,4096:128,8192:128,32768:128",
+                        help="L:D pairs")
+    parser.add_argument("--variants", action="store_true")
+    args = parser.parse_args()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton "
+          f"{triton.__version__}; B1 H{HEADS} bf16, CUDA graphs, L2 flushed", flush=True)
+    for pair in args.shapes.split(","):
+        length, dim = (int(x) for x in pair.split(":"))
+        make = stages(length, dim)
+        print(f"\nL{length} D{dim}", flush=True)
+        for name, step in make.items():
+            print(f"  {graph_time(step):8.1f} us  {name}", flush=True)
+        if args.variants:
+            variants(length, dim, make)
+
+
+if __name__ == "__main__":
+    main()
