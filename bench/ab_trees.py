@@ -7,10 +7,10 @@ one card in alternation: one subprocess per tree and round, so that each imports
 
 Each subprocess times, with do_bench medians (25 ms warm-up, 300 ms), ``prepare_qkv`` without and
 with the block statistics (called, and replayed from a CUDA graph, which leaves out the host
-time), ``sparge.quantized_attn``, ``sparge.block_sparse_attn`` on a random mask keeping 10 % of
-the blocks, and causal ``sparge.sparse_attn``, on the same seeded B1 H24 bf16 random inputs. The
-attention kernel runs its first candidate configuration (``SPARGE_AUTOTUNE=0``), so that both
-trees launch the same configuration.
+time), ``sparge.quantized_attn`` (causal and not), ``sparge.block_sparse_attn`` on a random
+mask keeping 10 % of the blocks, and causal ``sparge.sparse_attn``, on the same seeded B1 H24
+bf16 random inputs. The attention kernel runs its first candidate configuration
+(``SPARGE_AUTOTUNE=0``), so that both trees launch the same configuration.
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ def measure(args) -> str:
              "prepare_qkv graph": graphed(prepass(False)),
              "prepare_qkv+stats graph": graphed(prepass(True)),
              "quantized_attn": lambda: sparge.quantized_attn(q, k, v, quant=args.quant),
+             "quantized_attn causal": lambda: sparge.quantized_attn(q, k, v, is_causal=True,
+                                                                    quant=args.quant),
              "block_sparse_attn 90%": lambda: sparge.block_sparse_attn(q, k, v, mask,
                                                                        quant=args.quant),
              "sparse_attn causal": lambda: sparge.sparse_attn(q, k, v, is_causal=True,

@@ -51,7 +51,7 @@ def main() -> None:
                     for stages in (1, 2, 3):
                         def run(k, v, rows=rows, warps=warps, stages=stages, n=n, chunk=chunk,
                                 ksum=ksum, vmax=vmax):
-                            prepass._channel_stats_kernel[(n, HEADS)](
+                            prepass._channel_stats_kernel[(HEADS, n)](
                                 k, *k.stride(), v, *v.stride(), ksum, vmax, ksum, ksum, HEADS,
                                 k.shape[2], k.shape[3], chunk, n, ROWS=rows, DP=k.shape[3],
                                 V_MAX=True, ZERO_KMAX=False, INDIRECT=False, PDL=False,

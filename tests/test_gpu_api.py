@@ -91,3 +91,32 @@ def test_tensors_on_another_gpu_than_the_current_one():
             got = call()
             assert got.device == q.device, name
             assert torch.equal(got, expected), name
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("call", ["sparse_attn", "quantized_attn", "block_sparse_attn"])
+def test_more_heads_than_a_grid_axis_holds(call):
+    """B * H = 65540, past the 65535 programs that a CUDA grid's second and third axes hold:
+    every kernel puts (batch, head) on the first axis. Each head's output is that head's output
+    computed alone, bit for bit."""
+    gen = torch.Generator(device="cuda").manual_seed(torch.seed() % 2**31)
+    batch, heads, length = 2, 32770, 130
+    q, k, v = (torch.randn(batch, heads, length, 64, generator=gen, device="cuda",
+                           dtype=torch.bfloat16) for _ in range(3))
+    blocks = torch.rand(batch, heads, 3, 2, generator=gen, device="cuda") < 0.5
+
+    def run(b: slice, h: slice) -> torch.Tensor:
+        if call == "sparse_attn":
+            return sparge.sparse_attn(q[b, h], k[b, h], v[b, h], cdf_threshold=0.5,
+                                      is_causal=True)
+        if call == "quantized_attn":
+            return sparge.quantized_attn(q[b, h], k[b, h], v[b, h])
+        mask = sparge.SparseMask(blocks[b, h], 64, 128, length, length, True)
+        return sparge.block_sparse_attn(q[b, h], k[b, h], v[b, h], mask)
+
+    out = run(slice(None), slice(None))
+    assert torch.isfinite(out).all()
+    for b, h in ((0, 0), (1, heads - 1), (1, 12345)):
+        alone = run(slice(b, b + 1), slice(h, h + 1))
+        assert torch.equal(out[b:b + 1, h:h + 1], alone), (b, h)

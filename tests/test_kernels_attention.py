@@ -19,6 +19,7 @@ Every case draws fresh random inputs; the seed is recorded in the result (CPU) o
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import math
 import os
@@ -34,9 +35,10 @@ from conftest import exact_attention, rel_l1
 # --------------------------------------------------------------------------------------- cases
 # name -> parameters. kind: "dense" (no mask), "mask" (random block mask of the given density),
 # "selection" (the fused pipeline), "api" (sparge.sparse_attn backend="triton" vs "reference").
+# group_heads: the causal grid's groups of heads (attention._head_groups) made this small.
 _BASE = dict(B=1, Hq=2, Hk=1, Lq=150, Lk=200, D=40, bq=64, bk=128, mode="int8_fp16",
              causal=False, kind="dense", density=1.0, lam=50.0, dtype="float16",
-             out_dtype="float32", layout="HND", empty_rows=False, scale_x=1.0)
+             out_dtype="float32", layout="HND", empty_rows=False, scale_x=1.0, group_heads=None)
 
 
 def _case(**kw) -> dict:
@@ -47,6 +49,11 @@ CPU_CASES = {
     "fp16pv_dense": _case(),
     "fp16pv_dense_causal_lq_gt_lk": _case(Lq=200, Lk=130, causal=True),
     "fp16pv_dense_causal_lq_lt_lk": _case(Lq=90, Lk=300, causal=True, D=64),
+    "fp16pv_causal_head_groups_3_3_1": _case(B=1, Hq=7, Hk=7, Lq=200, Lk=200, D=32,
+                                             causal=True, group_heads=3),
+    "fp8_mask_causal_head_groups_2_2_2": _case(mode="int8_fp8", B=2, Hq=3, Hk=3, Lq=260,
+                                               Lk=260, D=32, causal=True, kind="mask",
+                                               density=0.6, group_heads=2),
     "fp16pv_mask_causal_gqa_bq128_bk64": _case(B=2, Hq=2, Hk=1, Lq=300, Lk=260, causal=True,
                                                kind="mask", density=0.5, bq=128, bk=64),
     "fp16pv_mask_empty_rows": _case(Hq=3, Hk=3, Lq=260, Lk=270, kind="mask", density=0.6,
@@ -134,6 +141,8 @@ def test_interpreter_matches_reference(name: str, interpreter_results: dict) -> 
         assert res["rel_l1_exact"] <= 0.05, info
     if case["empty_rows"]:
         assert res["empty_rows"] > 0 and res["empty_rows_max_abs"] == 0.0, info
+    if case["group_heads"] is not None:  # the groups the case name promises were made
+        assert res["head_groups"] == case["group_heads"], info
     if isinstance(case["lam"], list) and min(case["lam"]) < 1.0:
         # The thresholds must matter, or this case would not test skipping at all.
         assert res["pv_effect"] > 1e-3, info
@@ -228,8 +237,32 @@ def _poisoned_out(case, device):
     return torch.full((b, hq, lq, d), float("nan"), dtype=dtype, device=device)
 
 
+def _head_groups_of(case: dict) -> int:
+    """Heads per group of the causal grid for ``case``, as the launch computes them."""
+    from sparge.kernels.attention import _head_groups
+
+    kv_head_bytes = case["Lk"] * case["D"] * (2 if case["mode"] == "int8_fp8" else 3)
+    return _head_groups(case["causal"], case["B"] * case["Hq"], case["Hq"] // case["Hk"],
+                        kv_head_bytes)
+
+
 def run_case(case: dict, seed: int, device: str = "cpu") -> dict:
-    """Run one case through the kernel and the reference; returns the measurements."""
+    """Run one case through the kernel and the reference; returns the measurements. With
+    ``group_heads``, the causal grid's groups hold that many heads (K and V bytes per group
+    made that small)."""
+    attention_module = importlib.import_module("sparge.kernels.attention")
+    default = attention_module._GROUP_BYTES
+    if case["group_heads"] is not None:
+        pv_bytes = 1 if case["mode"] == "int8_fp8" else 2
+        attention_module._GROUP_BYTES = case["group_heads"] * case["Lk"] * case["D"] \
+            * (1 + pv_bytes)
+    try:
+        return _run_case(case, seed, device)
+    finally:
+        attention_module._GROUP_BYTES = default
+
+
+def _run_case(case: dict, seed: int, device: str) -> dict:
     from sparge import kernels, sparse_attn
     from sparge.mask import SparseMask
     from sparge.predict import Selection, per_head, predict_mask_reference
@@ -242,6 +275,8 @@ def run_case(case: dict, seed: int, device: str = "cpu") -> dict:
                    case["Hq"], torch.device(device)).contiguous()
     out = _poisoned_out(case, device)
     res: dict = {"seed": seed}
+    if case["group_heads"] is not None:
+        res["head_groups"] = _head_groups_of(case)
 
     if case["kind"] == "api":
         layout = case["layout"]
@@ -670,3 +705,17 @@ def test_gpu_every_candidate_configuration(dim: int, causal: bool) -> None:
 
 if __name__ == "__main__" and "--interpret" in sys.argv:
     _interpreter_main()
+
+
+def test_head_groups_of_the_causal_grid() -> None:
+    """Causal launches interleave the tiles of groups of heads whose K and V fit the group
+    budget; without causal masking each head runs alone. Groups are evened out."""
+    from sparge.kernels.attention import _GROUP_BYTES, _head_groups
+
+    head = 2 * 32768 * 128  # INT8 K and FP8 V of one head at L32768 D128: 8 MiB
+    assert _head_groups(False, 24, 1, 1024) == 1
+    assert _head_groups(True, 24, 1, head) == _GROUP_BYTES // head == 2
+    assert _head_groups(True, 24, 2, head) == 4  # two query heads read each key head
+    assert _head_groups(True, 24, 1, head // 8) == 12  # 16 heads fit: two groups of 12
+    assert _head_groups(True, 7, 1, 1) == 7  # never more than there are heads
+    assert _head_groups(True, 24, 1, 4 * _GROUP_BYTES) == 1  # a head larger than the budget

@@ -402,7 +402,7 @@ def _sparse_attn_fwd(
         stride_vsb, stride_vsh, stride_vsd,
         stride_cb, stride_ch, stride_cm,
         stride_ib, stride_ih, stride_im,
-        heads_q, group, q_len, k_len, head_dim, sm_scale_log2,
+        heads_q, group, q_len, k_len, head_dim, sm_scale_log2, heads_per_group,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_Q: tl.constexpr, MODE: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr,
         PV_SKIP: tl.constexpr, EVEN_D: tl.constexpr, IEEE_DOT: tl.constexpr,
@@ -422,13 +422,21 @@ def _sparse_attn_fwd(
     :func:`_load_kt`, :func:`_load_v`), else None. With INDIRECT, Out gives only the type: the
     output's address is in the int64 Addresses (:mod:`sparge.kernels.graphs`). ONES_SPLAT: the
     row sums' operand (see :func:`_ones_column`, :func:`ones_splat`).
-    Grid: (cdiv(Lq, BLOCK_M), B * Hq), heaviest causal tiles first. PDL: see
+    Grid: (B * Hq * cdiv(Lq, BLOCK_M),), one dimension (no limit of 65535 on either count),
+    in groups of ``heads_per_group`` consecutive (batch, head) pairs (see :func:`_head_groups`):
+    group after group, and within a group the query tiles from the last (under causal masking
+    the heaviest) to the first, the group's heads side by side. PDL: see
     :func:`launcher.dependent_launch`.
     """
     wait_for_previous_kernel(PDL)
-    n_tiles = tl.num_programs(0)
-    pid_m = n_tiles - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    n_tiles = tl.cdiv(q_len, BLOCK_M)
+    pid = tl.program_id(0)
+    group_programs = n_tiles * heads_per_group
+    first_bh = pid // group_programs * heads_per_group
+    in_group = pid % group_programs
+    group_heads = tl.minimum(heads_per_group, tl.num_programs(0) // n_tiles - first_bh)
+    pid_m = n_tiles - 1 - in_group // group_heads
+    pid_bh = first_bh + in_group % group_heads
     b = (pid_bh // heads_q).to(tl.int64)
     h = pid_bh % heads_q
     hk = (h // group).to(tl.int64)
@@ -690,7 +698,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tens
     k_desc, v_desc = descriptors if descriptors is not None else (None, None)
 
     def run(cfg: KernelConfig):
-        grid = (cdiv(q_len, cfg.block_m), batch * heads_q)
+        grid = (cdiv(q_len, cfg.block_m) * batch * heads_q,)
         caps = {} if cfg.max_registers is None else {"maxnreg": cfg.max_registers}
         # Multiply-adds contracted into FMAs (the exponent, the accumulator's rescaling), asked
         # for explicitly: Triton 3.9 warns that its default turns to no contraction in 3.10.
@@ -702,6 +710,8 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tens
             *qs.stride(), *ks.stride(), *ks_max.stride(), *vs.stride(),
             *counts.stride(), *indices.stride()[:3],
             heads_q, heads_q // heads_k, q_len, k_len, dim, scale * LOG2E,
+            _head_groups(causal, batch * heads_q, heads_q // heads_k, k_len * dim
+                         * (k.element_size() + v.element_size())),
             HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=block_k, BLOCK_Q=block_q,
             MODE=mode_id, CAUSAL=causal, SPARSE=table is not None, PV_SKIP=pv_skip,
             EVEN_D=dim == head_dim, IEEE_DOT=q.dtype == torch.float32,
@@ -715,6 +725,27 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tens
         config = _choose_config(run, device, mode, q.dtype, head_dim, block_q, block_k, causal,
                                 table is not None, pv_skip, q_len, k_len, sizes)
     return run(config)
+
+
+# K and V bytes that the programs of one group of heads read (see _head_groups): well within
+# the 50 MB of L2 of an H100 or H200.
+_GROUP_BYTES = 16 << 20
+
+
+def _head_groups(causal: bool, heads: int, group: int, kv_head_bytes: int) -> int:
+    """(batch, query head) pairs per group of the attention grid, of ``heads`` in all.
+
+    Without causal masking, 1: the tiles of a head run together and share its K and V in L2.
+    Under causal masking the tiles' work grows with their index; at short lengths, head after
+    head leaves the heavy tiles of the last heads to start late, and the call waits on them
+    (H200, B1 H24 L4096 D64: 0.172 ms against 0.148 ms for the heavy tiles of every head
+    first). Every head at once spreads K and V over all heads instead (L32768 D128: 11.6
+    against 8.9 ms). So groups of as many heads as the query heads reading ``_GROUP_BYTES`` of
+    K and V (``kv_head_bytes`` per key head, shared by ``group`` query heads), evened out."""
+    if not causal:
+        return 1
+    size = max(1, min(heads, _GROUP_BYTES * group // max(1, kv_head_bytes)))
+    return cdiv(heads, cdiv(heads, size))
 
 
 def ones_splat(capability: tuple[int, int] | None) -> bool:

@@ -155,7 +155,8 @@ def _channel_stats_kernel(
         H, L, D, chunk, n_chunks,
         ROWS: tl.constexpr, DP: tl.constexpr, V_MAX: tl.constexpr, ZERO_KMAX: tl.constexpr,
         STAGES: tl.constexpr, INDIRECT: tl.constexpr, PDL: tl.constexpr):
-    """Partials of tokens [c * chunk, (c + 1) * chunk) of one (batch, head), c = program_id(0):
+    """Partials of tokens [c * chunk, (c + 1) * chunk) of the (batch, head) program_id(0),
+    c = program_id(1) (the grid's first axis has no limit of 65535):
     K channel sums (each row slot of a (ROWS, DP) tile adds its tokens in order, then the slots
     are added up) and, if V_MAX, V channel abs-maxima. If ZERO_KMAX, program c = 0 also zeroes
     the head's largest K scale, which the K programs of the quantization kernel then raise.
@@ -166,8 +167,8 @@ def _channel_stats_kernel(
         k_ptr = caller_pointer(addresses, SLOT_K, k_ptr)
         if V_MAX:
             v_ptr = caller_pointer(addresses, SLOT_V, v_ptr)
-    c = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
+    c = tl.program_id(1)
     if ZERO_KMAX:
         if c == 0:
             tl.store(kmax_ptr + bh, 0.0)
@@ -500,7 +501,7 @@ def _channel_stats(k: torch.Tensor, v: torch.Tensor | None,
                                          device=k.device)
     vv = k if v is None else v
     launcher.run(
-        _channel_stats_kernel, (n, batch * heads),
+        _channel_stats_kernel, (batch * heads, n),
         k, *k.stride(), vv, *vv.stride(), ksum, ksum if vmax is None else vmax,
         ksum if k_scale_max is None else k_scale_max, ksum if addresses is None else addresses,
         heads, length, dim, chunk, n,

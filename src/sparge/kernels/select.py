@@ -81,7 +81,8 @@ def _select_kernel(products_ptr,  # float32 (B, Hq, nQ, nK) contiguous: pooled p
                    HQ, GROUP, NQ, NK, q_len, block_q, block_k, full_blocks,
                    NKP: tl.constexpr, TOPK: tl.constexpr, CAUSAL: tl.constexpr,
                    SINK: tl.constexpr, TABLE: tl.constexpr, PDL: tl.constexpr):
-    """The kept key blocks of query block ``program_id(0)`` of one (batch, query head), as
+    """The kept key blocks of query block ``program_id(1)`` of the (batch, query head)
+    ``program_id(0)`` (the grid's first axis has no limit of 65535), as
     :func:`sparge.predict.select_blocks` chooses them; with TABLE also that row of the attention
     kernel's lookup table (as :func:`mask_table` builds it).
 
@@ -92,8 +93,8 @@ def _select_kernel(products_ptr,  # float32 (B, Hq, nQ, nK) contiguous: pooled p
     index, as many as ``keep`` leaves. PDL: see :func:`launcher.dependent_launch`.
     """
     wait_for_previous_kernel(PDL)
-    i = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
+    i = tl.program_id(1)
     h = bh % HQ
     bk = (bh // HQ) * (HQ // GROUP) + h // GROUP  # the (batch, key head) index
     j = tl.arange(0, NKP)
@@ -193,7 +194,7 @@ def _select(q_stats: BlockStats, k_stats: BlockStats, selection: Selection, q_le
         n_full = _alloc(batch, heads_q, n_q, dtype=torch.int32, device=device)
     nkp = max(16, next_pow2(n_k))
     launcher.run(
-        _select_kernel, (n_q, batch * heads_q),
+        _select_kernel, (batch * heads_q, n_q),
         products, q_stats.similarity.contiguous(), k_stats.similarity.contiguous(), sim_thr,
         rule, blocks.view(torch.uint8), lut, counts, n_full,
         math.sqrt(q_stats.mean.shape[3]), heads_q, heads_q // heads_k, n_q, n_k,
@@ -211,15 +212,16 @@ def _products_kernel(q_mean_ptr, k_mean_ptr,  # float32 (B, Hq, nQ, D), (B, Hk, 
                      HQ, GROUP, NQ, NK, D,
                      BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                      PRECISION: tl.constexpr, PDL: tl.constexpr):
-    """A (BM, BN) tile of the pooled products of one (batch, query head): query blocks
-    ``program_id(1)``, key blocks ``program_id(0)``, the key head h // GROUP; the dot products
+    """A (BM, BN) tile of the pooled products of the (batch, query head) ``program_id(0)``:
+    query blocks ``program_id(2)``, key blocks ``program_id(1)``, the key head h // GROUP; the
+    dot products
     in float32 at ``PRECISION`` (Triton's ``input_precision``), D in steps of BD. PDL: see
     :func:`launcher.dependent_launch`."""
     wait_for_previous_kernel(PDL)
-    bh = tl.program_id(2)
+    bh = tl.program_id(0)
     bk = (bh // HQ) * (HQ // GROUP) + (bh % HQ) // GROUP  # the (batch, key head) index
-    rows = (tl.program_id(1) * BM + tl.arange(0, BM))[:, None]
-    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    rows = (tl.program_id(2) * BM + tl.arange(0, BM))[:, None]
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
     q_base = q_mean_ptr + bh.to(tl.int64) * NQ * D + rows * D
     k_base = k_mean_ptr + bk.to(tl.int64) * NK * D + cols[:, None] * D
     acc = tl.zeros((BM, BN), tl.float32)
@@ -253,7 +255,7 @@ def _products_launch(q_mean: torch.Tensor, k_mean: torch.Tensor, precision: str
     if out.numel() == 0:
         return out
     bm, bn = 64, 64
-    launcher.run(_products_kernel, (cdiv(n_k, bn), cdiv(n_q, bm), batch * heads_q),
+    launcher.run(_products_kernel, (batch * heads_q, cdiv(n_k, bn), cdiv(n_q, bm)),
                  q_mean, k_mean, out, heads_q, heads_q // heads_k, n_q, n_k, dim,
                  BM=bm, BN=bn, BD=min(64, max(16, next_pow2(dim))), PRECISION=precision,
                  **launcher.dependent_launch(q_mean.device), num_warps=4, num_stages=2)
