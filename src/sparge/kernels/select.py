@@ -81,8 +81,9 @@ def _select_kernel(products_ptr,  # float32 (B, Hq, nQ, nK) contiguous: pooled p
                    HQ, GROUP, NQ, NK, q_len, block_q, block_k, full_blocks,
                    NKP: tl.constexpr, TOPK: tl.constexpr, CAUSAL: tl.constexpr,
                    SINK: tl.constexpr, TABLE: tl.constexpr, PDL: tl.constexpr):
-    """The kept key blocks of query block ``program_id(1)`` of the (batch, query head)
-    ``program_id(0)`` (the grid's first axis has no limit of 65535), as
+    """The kept key blocks of one query block of one (batch, query head), program
+    ``program_id(0)`` = (batch, query head) * NQ + query block (a one-dimensional grid, with no
+    limit of 65535 on either count), as
     :func:`sparge.predict.select_blocks` chooses them; with TABLE also that row of the attention
     kernel's lookup table (as :func:`mask_table` builds it).
 
@@ -93,8 +94,8 @@ def _select_kernel(products_ptr,  # float32 (B, Hq, nQ, nK) contiguous: pooled p
     index, as many as ``keep`` leaves. PDL: see :func:`launcher.dependent_launch`.
     """
     wait_for_previous_kernel(PDL)
-    bh = tl.program_id(0)
-    i = tl.program_id(1)
+    bh = tl.program_id(0) // NQ
+    i = tl.program_id(0) % NQ
     h = bh % HQ
     bk = (bh // HQ) * (HQ // GROUP) + h // GROUP  # the (batch, key head) index
     j = tl.arange(0, NKP)
@@ -194,7 +195,7 @@ def _select(q_stats: BlockStats, k_stats: BlockStats, selection: Selection, q_le
         n_full = _alloc(batch, heads_q, n_q, dtype=torch.int32, device=device)
     nkp = max(16, next_pow2(n_k))
     launcher.run(
-        _select_kernel, (batch * heads_q, n_q),
+        _select_kernel, (batch * heads_q * n_q,),
         products, q_stats.similarity.contiguous(), k_stats.similarity.contiguous(), sim_thr,
         rule, blocks.view(torch.uint8), lut, counts, n_full,
         math.sqrt(q_stats.mean.shape[3]), heads_q, heads_q // heads_k, n_q, n_k,
