@@ -129,11 +129,11 @@ _V_ALONE = _LaunchShape(16384, 4, None, max_rows=128)
 # one-warp programs, so it takes a launch of its own (_V_ALONE).
 _WITH_STATS = _LaunchShape(2048, 1, None)
 # Without the statistics, head dims (padded) up to _V_APART_DIM quantize V and finish K's mean in
-# the launch of V's job (_V_ALONE), and Q and K in a second launch (_QUANTIZE): V's 64-element
-# rows make 64-row tiles in one launch, whose K-major stores fill half of each channel's 128-byte
-# line. H200, each launch in a CUDA graph, L2 flushed (bench/prepass_stages.py,
-# bench/results/prepass-stages-H200-2026-11-27-*.log): at D64, L4096 29.9 instead of 38.8 us
-# and L8192 49.4 instead of 56.8 us; at D128 slower (L4096 52.2 against 46.1 us).
+# the launch of V's job (_V_ALONE, 128-row tiles), and Q and K in a second launch (_QUANTIZE),
+# instead of one launch of the three jobs. H200, each launch in a CUDA graph, L2 flushed
+# (bench/prepass_stages.py, bench/results/prepass-stages-H200-2026-11-27-b.log): at D64, L4096
+# 29.9 instead of 38.8 us and L8192 49.4 instead of 56.8 us; at D128 slower (L4096 52.2 against
+# 46.1 us, L8192 91.2 against 80.2 us).
 _V_APART_DIM = 64
 
 

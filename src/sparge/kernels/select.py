@@ -215,9 +215,8 @@ def _products_kernel(q_mean_ptr, k_mean_ptr,  # float32 (B, Hq, nQ, D), (B, Hk, 
                      PRECISION: tl.constexpr, PDL: tl.constexpr):
     """A (BM, BN) tile of the pooled products of the (batch, query head) ``program_id(0)``:
     query blocks ``program_id(2)``, key blocks ``program_id(1)``, the key head h // GROUP; the
-    dot products
-    in float32 at ``PRECISION`` (Triton's ``input_precision``), D in steps of BD. PDL: see
-    :func:`launcher.dependent_launch`."""
+    dot products in float32 at ``PRECISION`` (Triton's ``input_precision``), D in steps of BD.
+    PDL: see :func:`launcher.dependent_launch`."""
     wait_for_previous_kernel(PDL)
     bh = tl.program_id(0)
     bk = (bh // HQ) * (HQ // GROUP) + (bh % HQ) // GROUP  # the (batch, key head) index
