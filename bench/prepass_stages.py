@@ -9,12 +9,16 @@ rotating over three input sets:
 - ``channel stats``: K's channel sums and V's channel abs-maxima (``prepass._channel_stats``);
 - ``V + K mean``: V's FP8 job and K's mean finished (the launch before the statistics launch);
 - ``Q, K + stats``: the one-warp launch of Q's and K's quantization with the block statistics;
-- ``Q, K, V``: the quantization launch without statistics (``quantized_attn``'s);
+- ``Q, K, V``: one quantization launch of the three jobs without statistics;
+- ``V + K mean, then Q, K``: the same work in two launches (V's apart, as the statistics path
+  runs it; ``quantized_attn``'s at head dims up to 64);
 - ``selection``: pooled products, block selection and lookup table (``select_with_table``);
 - ``pre-pass + stats`` and ``pre-pass``: ``prepare_qkv`` with and without the statistics.
 
-``--variants`` also times the channel statistics with other chunk sizes and the statistics launch
-with other tile shapes, each against the library's constants in the same run.
+``--variants`` also times the channel statistics with other chunk sizes, the statistics launch
+with other tile shapes, the one quantization launch with fewer rows per combined partial, and
+the two launches with other shapes of the second, each against the library's constants in the
+same run.
 """
 
 from __future__ import annotations
