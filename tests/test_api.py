@@ -553,3 +553,20 @@ def test_random_calls_with_every_block_kept_match_exact_attention():
         assert out.shape == q.shape and out.dtype == dtype, what
         # causal masking is top-left aligned: every row sees key 0, so ref has no zero rows
         assert rel_l1(out, ref) <= tol, f"{what}: {rel_l1(out, ref):.3g} > {tol}"
+
+
+def test_a_value_head_dim_other_than_qs_raises_with_what_to_do():
+    """SDPA's Ev != E is not taken. A smaller v padded with zero channels gives its attention in
+    the output's first Ev channels (here with every block kept and no quantization, against
+    SDPA on the unpadded v)."""
+    q, k = (torch.randn(1, 2, 150, 64) for _ in range(2))
+    v = torch.randn(1, 2, 150, 40)
+    with pytest.raises(NotImplementedError, match=r"Ev != E.*padded with zeros"):
+        sparge.sparse_attn(q, k, v)
+    with pytest.raises(NotImplementedError, match=r"Ev != E is not supported\)\.$"):
+        sparge.quantized_attn(q[..., :32], k[..., :32], v)
+    padded = torch.nn.functional.pad(v, (0, 24))
+    out = sparge.sparse_attn(q, k, padded, cdf_threshold=1.0, quant="none")
+    torch.testing.assert_close(out[..., :40], torch.nn.functional.scaled_dot_product_attention(
+        q, k, v), rtol=1e-5, atol=1e-5)
+    assert (out[..., 40:] == 0).all()

@@ -120,9 +120,18 @@ def _check_tensors(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...],
         raise ValueError(f"q and k differ in batch size: {batch} vs {kh.shape[0]}")
     if kh.shape[3] != dim:
         raise ValueError(f"q and k differ in head dim: {dim} vs {kh.shape[3]}")
-    if v is not None and to_hnd(v, layout).shape != kh.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and "
-                         f"{tuple(v.shape)}")
+    if v is not None:
+        vh = to_hnd(v, layout)
+        if vh.shape[:3] == kh.shape[:3] and vh.shape[3] != dim:
+            hint = (" A smaller v can be padded with zeros to that head dim: the first "
+                    f"{vh.shape[3]} channels of the output are then its attention."
+                    if vh.shape[3] < dim else "")
+            raise NotImplementedError(
+                f"v's head dim ({vh.shape[3]}) differs from q's and k's ({dim}): sparge takes "
+                f"one head dim for q, k and v (SDPA's Ev != E is not supported).{hint}")
+        if vh.shape != kh.shape:
+            raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and "
+                             f"{tuple(v.shape)}")
     if q_len < 1 or k_len < 1:
         raise ValueError(f"sequence lengths must be >= 1, got Lq={q_len}, Lk={k_len}")
     if not 1 <= dim <= MAX_HEAD_DIM:

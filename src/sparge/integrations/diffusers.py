@@ -221,6 +221,8 @@ class SpargeAttnProcessor(nn.Module):
             why = "short sequence"
         elif q.shape[1] != k.shape[1] and not call.get("enable_gqa", False):
             why = "head counts differ"
+        elif v.shape[-1] != q.shape[-1]:
+            why = "value head dim differs"
         if why is None and mask is not None:
             n = _key_prefix_length(mask, q.shape[2], k.shape[2])
             if n is None:
