@@ -81,8 +81,8 @@ def compile_kernel(args) -> triton.compiler.CompiledKernel:
             signature[n] = "constexpr"
         else:
             signature[n] = "fp32" if n == "sm_scale_log2" else "i32"
-    aligned = [n for n in names if signature[n] != "constexpr" and n not in ("heads_q",
-                                                                             "sm_scale_log2")]
+    aligned = [n for n in names if signature[n] != "constexpr"
+               and n not in ("heads_q", "sm_scale_log2", "heads_per_group")]
     src = ASTSource(fn, signature, constexprs={(names.index(n),): v for n, v in constants.items()},
                     attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
     options = dict(num_warps=args.warps, num_stages=args.stages, enable_fp_fusion=True,
