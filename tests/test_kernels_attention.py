@@ -237,13 +237,18 @@ def _poisoned_out(case, device):
     return torch.full((b, hq, lq, d), float("nan"), dtype=dtype, device=device)
 
 
+def _kv_head_bytes(case: dict) -> int:
+    """Bytes of one key head's K and V as the attention kernel reads them in ``case``'s
+    quantized mode: INT8 K, FP8 or FP16 V."""
+    return case["Lk"] * case["D"] * (2 if case["mode"] == "int8_fp8" else 3)
+
+
 def _head_groups_of(case: dict) -> int:
     """Heads per group of the causal grid for ``case``, as the launch computes them."""
     from sparge.kernels.attention import _head_groups
 
-    kv_head_bytes = case["Lk"] * case["D"] * (2 if case["mode"] == "int8_fp8" else 3)
     return _head_groups(case["causal"], case["B"] * case["Hq"], case["Hq"] // case["Hk"],
-                        kv_head_bytes)
+                        _kv_head_bytes(case))
 
 
 def run_case(case: dict, seed: int, device: str = "cpu") -> dict:
@@ -253,9 +258,7 @@ def run_case(case: dict, seed: int, device: str = "cpu") -> dict:
     attention_module = importlib.import_module("sparge.kernels.attention")
     default = attention_module._GROUP_BYTES
     if case["group_heads"] is not None:
-        pv_bytes = 1 if case["mode"] == "int8_fp8" else 2
-        attention_module._GROUP_BYTES = case["group_heads"] * case["Lk"] * case["D"] \
-            * (1 + pv_bytes)
+        attention_module._GROUP_BYTES = case["group_heads"] * _kv_head_bytes(case)
     try:
         return _run_case(case, seed, device)
     finally:
