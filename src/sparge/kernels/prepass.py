@@ -223,6 +223,12 @@ def _channel_mean(part_ptr, n_chunks, L, D, LOG_NC: tl.constexpr, DP: tl.constex
 
 
 @triton.jit
+def _abs_max(x):
+    """The largest magnitude of the 2-D tile x, NaN if it holds a NaN (an infinity gives inf)."""
+    return max_keeping_nan(max_keeping_nan(tl.abs(x), 1), 0)
+
+
+@triton.jit
 def _load_part(x_base, sxl, mu, row0, L, D, R: tl.constexpr, DP: tl.constexpr,
                SMOOTH: tl.constexpr, MU_IN_MEMORY: tl.constexpr, EVICT: tl.constexpr):
     """Rows [row0, row0 + R) of x: float32 (R, DP), less the channel mean mu when SMOOTH, zero
@@ -311,7 +317,7 @@ def _block_job(
         if S == 1:
             x, rows, m = _load_part(x_base, sxl, mu, row0, L, D, R, DP, SMOOTH, MEAN_GIVEN,
                                     "evict_first")
-            amax = max_keeping_nan(max_keeping_nan(tl.abs(x), 1), 0)
+            amax = _abs_max(x)
             col_sum = tl.sum(x, axis=0)
             scale = int8_scale(amax)
             unit_sum = _finish_part(x, rows, m, scale, reciprocal(scale), xq_base, D, QUANT,
@@ -322,8 +328,7 @@ def _block_job(
             for part in range(S):  # not unrolled: one part in registers at a time
                 x, rows, m = _load_part(x_base, sxl, mu, row0 + part * R, L, D, R, DP, SMOOTH,
                                         MEAN_GIVEN, "evict_last")
-                amax = tl.maximum(amax, max_keeping_nan(max_keeping_nan(tl.abs(x), 1), 0),
-                                  propagate_nan=tl.PropagateNan.ALL)
+                amax = tl.maximum(amax, _abs_max(x), propagate_nan=tl.PropagateNan.ALL)
                 col_sum += tl.sum(x, axis=0)
             scale = int8_scale(amax)
             inv_scale = reciprocal(scale)
