@@ -441,10 +441,11 @@ def case_rounding_ties_to_even():
 
 
 def check_extreme_scales(device):
-    """INT8 blocks whose scales leave the fast range of :func:`sparge.kernels.rounding.divide`
-    ([2^-90, 2^90]): tiny and huge magnitudes, and subnormal scales, whose rounding lets
-    quotients pass 127.5 before the clamp. float32 inputs; no zero values (where a scale
-    underflows to zero, 0 / 0 is NaN, whose INT8 value no specification fixes)."""
+    """INT8 blocks whose scales leave the reciprocal's range (sparge.quant.RECIPROCAL_MIN and
+    RECIPROCAL_MAX, 2^-90 and 2^90), where values are divided by the scale: tiny and huge
+    magnitudes, and subnormal scales, whose rounding lets quotients pass 127.5 before the clamp.
+    float32 inputs; no zero values (where a scale underflows to zero, 0 / 0 is NaN, whose INT8
+    value no specification fixes)."""
     from sparge.kernels.prepass import prepare_qkv
     from sparge.quant import quantize_int8_per_block
 
@@ -468,75 +469,92 @@ def check_extreme_scales(device):
     assert (q[:, :, 256:] / scales[..., 4]).abs().max() > 127.5
 
 
-def check_division_by_reciprocal(device, per_scale):
-    """sparge.kernels.rounding.divide (one reciprocal per scale, two correction FMAs per element)
-    against IEEE division, bit for bit, on values built to sit at and next to the callers'
-    rounding points (half-integers, the midpoints of the e4m3 grid) and on random quotients, for
-    scales across the fast range [2^-90, 2^90], at its edges and outside it (IEEE division).
-    Quotients below 2^-11 need only round to the same INT8 and FP8 values. ``per_scale``: values
-    per scale, a multiple of 1024."""
+def check_times_reciprocal(device, per_scale):
+    """The kernels' division by a scale (sparge.kernels.rounding: reciprocal, times_reciprocal
+    for FP8's float32 quotients, to_int8) against its specification (sparge.quant: reciprocal,
+    times_reciprocal, int8_values), bit for bit: on values at and next to the rounding points
+    (half-integers, midpoints of the e4m3 grid), random quotients and signed zeros, for scales
+    across the reciprocal's range, at its edges and outside it (IEEE division there), one scale
+    per row and one per channel (all in the range, or some out of it). ``per_scale``: values per
+    scale, a multiple of 1024."""
     import triton
     import triton.language as tl
 
-    from sparge.kernels.rounding import divide, reciprocal
+    from sparge import quant
+    from sparge.kernels.rounding import reciprocal, times_reciprocal, to_int8
     from sparge.quant import FP8_DTYPE
 
     # A jit function finds the functions it calls among its module's globals.
-    globals().update(divide=divide, reciprocal=reciprocal)
+    globals().update(reciprocal=reciprocal, times_reciprocal=times_reciprocal, to_int8=to_int8)
 
     @triton.jit
-    def scalar_scale(x_ptr, s_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    def scalar_scale(x_ptr, s_ptr, out_ptr, int8_ptr, n, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         offs = row * n + tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         s = tl.load(s_ptr + row)
         r = reciprocal(s)
-        tl.store(out_ptr + offs, divide(tl.load(x_ptr + offs), s, r, r > 0))
+        x = tl.load(x_ptr + offs)
+        tl.store(out_ptr + offs, times_reciprocal(x, s, r, r > 0))
+        tl.store(int8_ptr + offs, to_int8(x, s, r))
 
     @triton.jit
     def channel_scales(x_ptr, s_ptr, out_ptr, N: tl.constexpr, C: tl.constexpr):
         offs = (tl.program_id(0) * N + tl.arange(0, N))[:, None] * C + tl.arange(0, C)[None, :]
         s = tl.load(s_ptr + tl.arange(0, C))
         r = reciprocal(s)
-        out = divide(tl.load(x_ptr + offs), s[None, :], r[None, :], tl.min(r, 0) > 0)
+        out = times_reciprocal(tl.load(x_ptr + offs), s[None, :], r[None, :], tl.min(r, 0) > 0)
         tl.store(out_ptr + offs, out)
 
     gen = torch.Generator().manual_seed(_fresh_seed())
     exps = torch.cat([torch.randint(-95, 96, (44,), generator=gen).float(),
                       torch.tensor([-90.0, 90.0, -91.0, 91.0])])
     scales = (torch.rand(48, generator=gen) + 1) * 2.0 ** exps  # in [2^e, 2^(e+1))
-    scales[:4] = torch.tensor([1.0, 2.0 ** -90, 2.0 ** 90, 3.0])
+    scales[:4] = torch.tensor([1.0, quant.RECIPROCAL_MIN, quant.RECIPROCAL_MAX, 3.0])
     n = per_scale
-    # quotients: random in [-128, 128], half-integers and e4m3 midpoints, tiny ones
+    # quotients: random in [-127, 127], half-integers and e4m3 midpoints, tiny ones
     grid = torch.arange(0, 127, dtype=torch.uint8).view(FP8_DTYPE).float()
     points = torch.cat([torch.arange(-127, 127) + 0.5, (grid[:-1] + grid[1:]) / 2])
     pick = points[torch.randint(0, points.numel(), (n // 2,), generator=gen)]
-    quotients = torch.cat([(torch.rand(n // 4, generator=gen) * 2 - 1) * 128, pick,
+    quotients = torch.cat([(torch.rand(n // 4, generator=gen) * 2 - 1) * 127, pick,
                            (torch.rand(n - n // 4 - n // 2, generator=gen) - 0.5) * 2.0 ** -9])
     x = quotients[None, :] * scales[:, None]  # rounded products: quotients at and near the points
     steps = torch.randint(-3, 4, x.shape, generator=gen, dtype=torch.int32)
     x = (x.view(torch.int32) + steps).view(torch.float32)  # and a few ulps either side
     x[:, 0], x[:, 1] = 0.0, -0.0  # signed zeros keep their sign (FP8 has both)
-    expected = x / scales[:, None]  # IEEE, on the CPU
-    # and the same rows with one scale per channel (all within the fast range)
-    c = 16
-    chan_scales = scales[4:4 + c].clamp(2.0 ** -90, 2.0 ** 90)
-    xc = (quotients[: n - n % c].view(-1, c) * chan_scales)
-    xc = (xc.view(torch.int32) + steps[0, : xc.numel()].view_as(xc)).view(torch.float32)
-    expected_c = xc / chan_scales
-
     got = torch.full_like(x, float("nan"), device=device)
-    scalar_scale[(x.shape[0], n // 1024)](x.to(device), scales.to(device), got, n, BLOCK=1024)
-    got_c = torch.full_like(xc, float("nan"), device=device)
-    channel_scales[(xc.shape[0] // 64,)](xc.to(device), chan_scales.to(device), got_c, N=64, C=c)
-    for got_q, want in ((got.cpu(), expected), (got_c.cpu(), expected_c)):
-        exact = want.abs() >= 2.0 ** -11
-        assert exact.float().mean() > 0.7
-        assert torch.equal(got_q[exact].view(torch.int32), want[exact].view(torch.int32))
-        assert torch.equal(got_q[want == 0].view(torch.int32), want[want == 0].view(torch.int32))
-        tiny = ~exact
-        assert torch.equal(torch.round(got_q[tiny]), torch.round(want[tiny]))
-        assert torch.equal(got_q[tiny].to(FP8_DTYPE).view(torch.uint8),
-                           want[tiny].to(FP8_DTYPE).view(torch.uint8))
+    got8 = torch.full(x.shape, -128, dtype=torch.int8, device=device)
+    scalar_scale[(x.shape[0], n // 1024)](x.to(device), scales.to(device), got, got8, n,
+                                          BLOCK=1024)
+    assert torch.equal(got.cpu().view(torch.int32),
+                       quant.times_reciprocal(x, scales[:, None]).view(torch.int32))
+    # to_int8's domain: the magnitudes of a block whose scale is its amax / 127 (the e4m3
+    # midpoints reach 432)
+    domain = (x / scales[:, None]).abs() <= 127
+    assert domain.float().mean() > 0.8
+    assert torch.equal(got8.cpu()[domain],
+                       quant.int8_values(x, scales[:, None]).to(torch.int8)[domain])
+    in_range = (scales >= quant.RECIPROCAL_MIN) & (scales <= quant.RECIPROCAL_MAX)
+    assert in_range.any() and not in_range.all()
+    # the cases were real: the INT8 rounding of the float32 product would differ (the exact
+    # product is rounded, once)
+    twice = torch.round(x * quant.reciprocal(scales)[:, None]).clamp(-127, 127)
+    assert ((twice != quant.int8_values(x, scales[:, None])) & domain).any()
+    # the product is not the quotient everywhere: the specification is not a division
+    assert not torch.equal(quant.times_reciprocal(x, scales[:, None])[in_range],
+                           (x / scales[:, None])[in_range])
+
+    # the same quotients with one scale per channel: every scale in the range, or some out of it
+    c = 16
+    xc_quotients = quotients[: n - n % c].view(-1, c)
+    for chan_scales in (scales[4:4 + c].clamp(quant.RECIPROCAL_MIN, quant.RECIPROCAL_MAX),
+                        scales[-c:]):
+        xc = xc_quotients * chan_scales
+        xc = (xc.view(torch.int32) + steps[0, : xc.numel()].view_as(xc)).view(torch.float32)
+        got_c = torch.full_like(xc, float("nan"), device=device)
+        channel_scales[(xc.shape[0] // 64,)](xc.to(device), chan_scales.to(device), got_c,
+                                             N=64, C=c)
+        assert torch.equal(got_c.cpu().view(torch.int32),
+                           quant.times_reciprocal(xc, chan_scales).view(torch.int32))
 
 
 def case_extreme_scales():
@@ -545,8 +563,8 @@ def case_extreme_scales():
     check_extreme_scales("cpu")
 
 
-def case_division_by_reciprocal_is_ieee():
-    check_division_by_reciprocal("cpu", per_scale=1024)
+def case_division_by_a_scale_as_specified():
+    check_times_reciprocal("cpu", per_scale=1024)
 
 
 def case_interpreted_fma_rounds_once():
@@ -914,8 +932,8 @@ def test_extreme_scales_gpu(monkeypatch):
 
 @pytest.mark.gpu
 @gpu
-def test_division_by_reciprocal_gpu():
-    check_division_by_reciprocal("cuda", per_scale=1 << 16)
+def test_division_by_a_scale_gpu():
+    check_times_reciprocal("cuda", per_scale=1 << 16)
 
 
 @pytest.mark.gpu

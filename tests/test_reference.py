@@ -14,7 +14,13 @@ import torch
 
 from conftest import exact_attention, rel_l1
 from sparge import SparseMask
-from sparge.quant import FP8_MAX, quantize_int8_per_block, quantize_v_fp8
+from sparge.quant import (
+    FP8_MAX,
+    int8_values,
+    quantize_int8_per_block,
+    quantize_v_fp8,
+    times_reciprocal,
+)
 from sparge.reference import LOG2E, attention_reference
 
 
@@ -147,3 +153,22 @@ def test_fp8_v_uses_one_scale_per_channel(rng):
     assert values.dtype == torch.float8_e4m3fn and scales.shape == (1, 2, 16)
     assert values.float().abs().amax(dim=2).sub(FP8_MAX).abs().max() == 0
     assert rel_l1(values.float() * scales[:, :, None], v) < 0.03
+
+
+def test_division_by_a_scale_is_the_quotient_but_near_rounding_points(rng):
+    """Quantizers multiply by the scale's reciprocal instead of dividing: the INT8 values equal
+    round(x / scale) except where x / scale lies within a few ulps of a half-integer, and the
+    float32 products equal the quotients within an ulp."""
+    scale = torch.rand(4, 1, generator=rng) * 0.05 + 0.01
+    halves = torch.randint(-127, 127, (4, 50_000), generator=rng) + 0.5
+    near_ties = ((halves * scale).view(torch.int32)
+                 + torch.randint(-2, 3, halves.shape, generator=rng, dtype=torch.int32))
+    x = torch.cat([torch.randn(4, 50_000, generator=rng) * 3, near_ties.view(torch.float32)], 1)
+    quotient = x / scale
+    values = int8_values(x, scale)
+    differ = values != torch.round(quotient).clamp(-127, 127)
+    assert differ.any()
+    distance_to_tie = (quotient.abs() - quotient.abs().floor() - 0.5).abs()
+    assert (distance_to_tie[differ] <= 4 * quotient.abs()[differ] * 2.0 ** -24).all()
+    product = times_reciprocal(x, scale)
+    assert ((product - quotient).abs() <= torch.finfo(torch.float32).eps * quotient.abs()).all()

@@ -9,8 +9,12 @@
   P (FP8 or FP16) that the P.V product uses, so the output is a weighted mean of V rows whose
   weights sum to one.
 
-Rounding is round-half-to-even, as ``torch.round`` does. A block (a V channel) that holds a NaN or
-an infinity gets a NaN scale, which carries it into every product the block takes part in.
+A value is divided by its scale as a product with the scale's IEEE reciprocal, computed once per
+scale (:func:`reciprocal`), instead of a division per element; the product differs from the
+quotient by about an ulp, which moves a quantized value only where the quotient lies that close
+to a rounding point. INT8 values are the exact product rounded half-to-even (as ``torch.round``
+rounds), FP8 values the float32 product converted. A block (a V channel) that holds a NaN or an
+infinity gets a NaN scale, which carries it into every product the block takes part in.
 """
 
 from __future__ import annotations
@@ -47,6 +51,36 @@ def _safe_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
     return torch.where(amax == 0, torch.ones_like(amax), scale)
 
 
+# Scales whose reciprocal multiplies (:func:`reciprocal`); outside this range the reciprocal
+# could be subnormal or overflow, and values are divided instead.
+RECIPROCAL_MIN = 2.0 ** -90
+RECIPROCAL_MAX = 2.0 ** 90
+
+
+def reciprocal(scale: torch.Tensor) -> torch.Tensor:
+    """RN(1 / scale) (IEEE, float32) for scales in [RECIPROCAL_MIN, RECIPROCAL_MAX], else 0 (NaN
+    scales included): the quantizers then divide by the scale."""
+    in_range = (scale >= RECIPROCAL_MIN) & (scale <= RECIPROCAL_MAX)
+    return torch.where(in_range, torch.ones_like(scale) / scale, torch.zeros_like(scale))
+
+
+def times_reciprocal(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale as the FP8 quantizer computes it, float32: RN(x * :func:`reciprocal` (scale)),
+    the IEEE quotient where the reciprocal is 0. ``scale`` broadcasts against x."""
+    r = reciprocal(scale)
+    return torch.where(r > 0, x * r, x / scale)
+
+
+def int8_values(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """round(x / scale) clamped to [-INT8_MAX, INT8_MAX], as float32 integers: the exact product
+    of x and :func:`reciprocal` (scale) (float64 holds it) rounded half-to-even, which one FMA
+    computes on the GPU; the rounded IEEE quotient where the reciprocal is 0. ``scale``
+    broadcasts against x (float32)."""
+    r = reciprocal(scale)
+    exact = torch.round(x.double() * r.double()).float()
+    return torch.where(r > 0, exact, torch.round(x / scale)).clamp(-INT8_MAX, INT8_MAX)
+
+
 def quantize_int8_per_block(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric INT8 quantization of x (B, H, L, D) with one scale per block of ``block`` rows.
 
@@ -58,7 +92,7 @@ def quantize_int8_per_block(x: torch.Tensor, block: int) -> tuple[torch.Tensor, 
     xf = torch.nn.functional.pad(x.float(), (0, 0, 0, n * block - length))
     xb = xf.view(batch, heads, n, block, dim)
     scales = _safe_scale(xb.abs().amax(dim=(3, 4)), INT8_MAX)
-    values = torch.round(xb / scales[..., None, None]).clamp(-INT8_MAX, INT8_MAX)
+    values = int8_values(xb, scales[..., None, None])
     values = values.view(batch, heads, n * block, dim)[:, :, :length].to(torch.int8)
     return values, scales
 
@@ -70,7 +104,7 @@ def quantize_v_fp8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     vf = v.float()
     scales = _safe_scale(vf.abs().amax(dim=2), FP8_MAX)
-    return (vf / scales[:, :, None, :]).to(FP8_DTYPE), scales
+    return times_reciprocal(vf, scales[:, :, None, :]).to(FP8_DTYPE), scales
 
 
 def fp8_round(x: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,7 @@ subtract.
 Every step is a fixed-size kernel launch: no host synchronisation, no allocation that depends on
 data, so the pre-pass can be captured in a CUDA graph.
 
-Rounding matches PyTorch exactly (see :mod:`sparge.kernels.rounding`).
+Rounding matches the specification exactly (see :mod:`sparge.kernels.rounding`).
 """
 
 from __future__ import annotations
@@ -63,12 +63,12 @@ from .graphs import caller_pointer
 from .launcher import cdiv, next_pow2, wait_for_previous_kernel
 from .layout import to_pv_order
 from .rounding import (
-    divide,
     fp8_scale,
     int8_scale,
     max_keeping_nan,
     reciprocal,
     round_to_e4m3,
+    times_reciprocal,
     to_int8,
 )
 
@@ -391,7 +391,7 @@ def _v_job(
         amax = _combine_partials(part_ptr + bh * n_chunks * D, n_chunks, D, LOG_NC, DP, True)
         scale = fp8_scale(amax)
         inv_scale = reciprocal(scale)
-        fast = tl.min(inv_scale, 0) > 0  # no scale needs the IEEE division
+        in_range = tl.min(inv_scale, 0) > 0  # no channel needs the IEEE division
         # the first program of the (batch, head) stores the scales (the condition folded into the
         # bound: the interpreter cannot AND a scalar into a mask)
         tl.store(scale_ptr + bh * D + cols, scale, mask=cols < tl.where(first == 0, D, 0))
@@ -400,7 +400,7 @@ def _v_job(
             rows = t * VT + tl.arange(0, VT)
             x = tl.load(v_base + rows.to(tl.int64)[:, None] * svl,
                         mask=(rows < L)[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-            y = divide(x, scale[None, :], inv_scale[None, :], fast)
+            y = times_reciprocal(x, scale[None, :], inv_scale[None, :], in_range)
             if ROUND_FP8:
                 y = round_to_e4m3(y)
             # K-major, the keys reordered into their slots in registers (tiles start at multiples of

@@ -1,12 +1,12 @@
 """Rounding and quantization steps shared by the pre-pass and the attention kernel.
 
-Each rounds exactly as PyTorch does in :mod:`sparge.quant` (the specification): quotients are the
-IEEE ones (``div_rn``, or :func:`divide`'s correction steps, which give the same bits; their
-FMAs round once under the interpreter too, see :func:`fma`), rounding
-to integers is half-to-even through the 1.5 * 2^23 trick (exact for |x| < 2^22), and FP8 values
-come from the GPU's own conversion (round to nearest even, as PyTorch's) or, in the Triton
-interpreter, whose float -> fp8 conversion rounds some values wrongly, from
-:func:`round_to_e4m3` first, which makes the conversion exact.
+Each rounds exactly as :mod:`sparge.quant` (the specification) does: a value is divided by its
+scale as a product with the scale's IEEE reciprocal (``div_rn`` once per scale; the IEEE quotient
+for scales outside the reciprocal's range), INT8 values are the exact product rounded half-to-even
+through the 1.5 * 2^23 trick in one FMA (exact for |x| < 2^22; under the interpreter too, see
+:func:`fma`), and FP8 values come from the GPU's own conversion of the float32 product (round to
+nearest even, as PyTorch's) or, in the Triton interpreter, whose float -> fp8 conversion rounds
+some values wrongly, from :func:`round_to_e4m3` first, which makes the conversion exact.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ import triton
 import triton.language as tl
 
 from .. import settings
-from ..quant import FP8_MAX, INT8_MAX
+from ..quant import FP8_MAX, INT8_MAX, RECIPROCAL_MAX, RECIPROCAL_MIN
 
 RINT_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: (x + M) - M rounds x half-to-even
 _INT8_MAX = tl.constexpr(INT8_MAX)
 _FP8_MAX = tl.constexpr(FP8_MAX)
-_SAFE_MIN = tl.constexpr(2.0 ** -90)  # scales :func:`divide` handles without IEEE divisions
-_SAFE_MAX = tl.constexpr(2.0 ** 90)
+_RECIPROCAL_MIN = tl.constexpr(RECIPROCAL_MIN)
+_RECIPROCAL_MAX = tl.constexpr(RECIPROCAL_MAX)
 # Triton's interpreter before 3.9 computes tl.fma as a rounded product plus an addend; whether the
 # kernels run under the interpreter is decided, like here, when the module is imported
 _INTERPRETED = tl.constexpr(settings.INTERPRET.enabled())
@@ -63,13 +63,6 @@ def fp8_scale(amax):
 
 
 @triton.jit
-def _negate(x):
-    """-x, signed zeros included (Triton's unary minus computes 0 - x, which maps -0 to +0 on the
-    GPU); compilers turn the product into a sign flip, which an FMA takes for free."""
-    return x * -1.0
-
-
-@triton.jit
 def _fma_float64(a, b, c):
     """RN(a b + c) for float32 a, b, c, in float64 arithmetic: the product is exact (24 + 24
     bits), TwoSum gives the float64 sum s and its exact error e, and RN(s) to float32 is the
@@ -103,54 +96,45 @@ def fma(a, b, c):
 
 @triton.jit
 def reciprocal(scale):
-    """RN(1 / scale) (IEEE) for :func:`divide`, elementwise; 0 for scales outside [2^-90, 2^90],
-    which :func:`divide` divides by exactly instead."""
-    safe = (scale >= _SAFE_MIN) & (scale <= _SAFE_MAX)
-    return tl.where(safe, tl.math.div_rn(1.0, scale), 0.0)
+    """RN(1 / scale) (IEEE), elementwise: :func:`sparge.quant.reciprocal`, 0 for scales outside
+    [RECIPROCAL_MIN, RECIPROCAL_MAX] (and NaN ones), by which values are divided instead."""
+    in_range = (scale >= _RECIPROCAL_MIN) & (scale <= _RECIPROCAL_MAX)
+    return tl.where(in_range, tl.math.div_rn(1.0, scale), 0.0)
 
 
 @triton.jit
-def divide(x, scale, r, fast):
-    """x / scale rounded to nearest (IEEE), float32, for a scale shared by many elements (a
-    scalar, or a vector broadcast along x's rows), with r = :func:`reciprocal` (scale) and
-    ``fast`` (scalar) true when no r is 0.
-
-    Instead of an IEEE division per element (a reciprocal approximation, four FMAs and a range
-    check with a slow path), two correction steps per element: q = RN(x r); q' = RN(q + RN(x -
-    scale q) r); q'' = RN(q' + (x - scale q') r). q' is within an ulp of x / scale, so the
-    remainder x - scale q' is exact in an FMA, and with r within half an ulp of 1 / scale, q''
-    is the correctly rounded quotient (Markstein's theorem) as long as nothing underflows or
-    overflows. With scales in [2^-90, 2^90] and quotients of at most 128 in magnitude, that holds
-    wherever |x / scale| >= 2^-11 (x, the remainder and its last bit stay within float32's range).
-    Smaller quotients come out within a few ulps, and the callers round both to zero: INT8's first
-    rounding point is 0.5, FP8 e4m3's 2^-10.
-    """
-    if fast:
-        # the remainder as -(scale q - x): the same value, but a zero x keeps its sign
+def times_reciprocal(x, scale, r, in_range):
+    """x / scale as :func:`sparge.quant.times_reciprocal` computes it, float32: RN(x r) with
+    r = :func:`reciprocal` (scale), the IEEE quotient where r is 0. ``scale`` is a scalar or a
+    vector broadcast along x's rows; ``in_range`` (scalar) is true when no r is 0, which keeps
+    the divisions out of the compiled path."""
+    if in_range:
         q = x * r
-        q = fma(_negate(fma(scale, q, _negate(x))), r, q)
-        q = fma(_negate(fma(scale, q, _negate(x))), r, q)
     else:
-        q = tl.math.div_rn(x, scale)
+        # x / 1 * r where r > 0, x / scale * 1 elsewhere: one expression for both (a select
+        # between the two products took more registers than V's launch has: spills at sm_90)
+        in_reach = r > 0
+        q = tl.math.div_rn(x, tl.where(in_reach, 1.0, scale)) * tl.where(in_reach, r, 1.0)
     return q
 
 
 @triton.jit
 def to_int8(x, scale, r):
     """float32 x quantized with the scalar ``scale`` = int8_scale(amax) of a block whose
-    magnitudes are at most amax (r = :func:`reciprocal` (scale)): round(x / scale) clamped to
-    [-127, 127], as int8.
+    magnitudes are at most amax (r = :func:`reciprocal` (scale)), as
+    :func:`sparge.quant.int8_values`: the exact product x r rounded half-to-even (for scales
+    outside the reciprocal's range, the IEEE quotient rounded), clamped to [-127, 127], as int8.
 
-    The rounding's first step, t = RN(x / scale + 1.5 * 2^23), holds the integer n in its float
+    One FMA, t = RN(x r + 1.5 * 2^23), rounds the product and holds the integer n in its float
     bits (0x4B400000 + n), whose low byte is n as int8: the bits are truncated, with no
-    float-to-integer conversion (a quarter-rate instruction on recent GPUs). For scales of the
-    fast range (r > 0) the clamp is left out: such a scale is a normal float, within 2^-24 of
-    amax / 127, so |x / scale| <= 127 (1 + 2^-23), which rounds to 127 at most.
+    float-to-integer conversion (a quarter-rate instruction on recent GPUs). Where r > 0 the
+    clamp is left out: such a scale is a normal float within 2^-24 of amax / 127 and r within
+    2^-24 of its inverse, so |x r| <= 127 (1 + 2^-22), which rounds to 127 at most.
     """
     if r > 0:
-        t = divide(x, scale, r, True) + RINT_MAGIC
+        t = fma(x, r, tl.full(x.shape, RINT_MAGIC, tl.float32))
     else:
-        t = divide(x, scale, r, False) + RINT_MAGIC
+        t = tl.math.div_rn(x, scale) + RINT_MAGIC
         t = tl.minimum(tl.maximum(t, RINT_MAGIC - _INT8_MAX), RINT_MAGIC + _INT8_MAX)
     return t.to(tl.int32, bitcast=True).to(tl.int8)
 
@@ -174,5 +158,5 @@ def round_to_e4m3(y):
     return r_bits.to(tl.float32, bitcast=True)
 
 
-__all__ = ["RINT_MAGIC", "divide", "fp8_scale", "int8_scale", "max_keeping_nan", "reciprocal",
-           "round_to_e4m3", "to_int8"]
+__all__ = ["RINT_MAGIC", "fp8_scale", "int8_scale", "max_keeping_nan", "reciprocal",
+           "round_to_e4m3", "times_reciprocal", "to_int8"]
