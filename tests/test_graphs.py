@@ -262,6 +262,33 @@ def test_first_call_eager_second_captures_then_replays(stubbed_capture):
     assert all(torch.equal(a, b) for a, b in zip(own, values[2], strict=True))
 
 
+def test_replays_copy_addresses_only_when_they_change(stubbed_capture, monkeypatch):
+    """A replay writes the caller's addresses into the graph's buffer only when they differ from
+    the ones it holds (a host-to-device copy saved where the allocator hands the same memory
+    out again)."""
+    from sparge.kernels import graphs
+
+    writes = []
+    write = graphs._write
+    monkeypatch.setattr(graphs, "_write", lambda buffer, pointers: writes.append(pointers)
+                        or write(buffer, pointers))
+
+    def call(addresses, values):
+        return None
+
+    first, second, third = _tensors(), _tensors(), _tensors()
+    graphs.run("key", first, call)
+    graphs.run("key", second, call)  # captures: the buffer holds the second call's addresses
+    assert writes == [graphs._pointers(second)]
+    graphs.run("key", second, call)
+    graphs.run("key", second, call)
+    assert stubbed_capture.count("replay") == 2 and len(writes) == 1
+    graphs.run("key", third, call)
+    graphs.run("key", second, call)
+    assert writes[1:] == [graphs._pointers(third), graphs._pointers(second)]
+    assert graphs._GRAPHS["key"].addresses.tolist() == list(graphs._pointers(second))
+
+
 def test_graph_keeps_what_the_call_made_before_its_capture(monkeypatch):
     """On a key's second call the call runs eagerly, then under capture: a constant it keeps in
     ``made`` on the first run is there for the capture to read, and the graph keeps it."""

@@ -20,7 +20,8 @@ the graph:
 
 1. the first call of a key runs eagerly (compiling and tuning its kernels);
 2. the second runs eagerly with ``INDIRECT`` kernels, then captures itself into a graph;
-3. later calls write their tensors' addresses into the graph's buffer and replay it.
+3. later calls write their tensors' addresses into the graph's buffer, where they differ from
+   the ones it holds (a host-to-device copy), and replay it.
 
 At most :data:`MAX_GRAPHS` keys are remembered (the oldest is dropped first, with its graph and
 its memory), for calls whose graph keeps at most :data:`MAX_HELD_BYTES` (:func:`held_bytes`).
@@ -62,13 +63,14 @@ def caller_pointer(addresses, slot: tl.constexpr, like):
     return tl.multiple_of(address.to(like.dtype, bitcast=True), 16)
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
     addresses: torch.Tensor  # int64 (4 or 5,) on the device, read by the graph's kernels
     values: tuple[torch.Tensor, ...] = ()  # the graph's copies of the caller's values
     result: Any = None  # what the captured call returned: tensors the replays write
     made: Any = None  # tensors the call made before the capture and read under it
+    copied: tuple[int, ...] = ()  # the addresses last copied into ``addresses``
 
 
 _SEEN = "seen"  # the key's first call ran eagerly
@@ -105,15 +107,22 @@ def aligned(*tensors: torch.Tensor) -> bool:
     return all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
-def _addresses(tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+def _pointers(tensors: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
+    return tuple(t.data_ptr() for t in tensors)
+
+
+def _write(buffer: torch.Tensor, pointers: tuple[int, ...]) -> torch.Tensor:
+    """Copy ``pointers`` into the device buffer without synchronising: from pageable memory, a
+    non-blocking copy is staged before ``copy_`` returns and runs in stream order (a blocking
+    one would wait for the GPU)."""
+    return buffer.copy_(torch.tensor(pointers, dtype=torch.int64), non_blocking=True)
 
 
 def address_buffer(tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """int64 (len(tensors),) on the tensors' device: their addresses, slot i for tensors[i].
     Written without synchronising (see :func:`run`)."""
     buffer = torch.empty(len(tensors), dtype=torch.int64, device=tensors[0].device)
-    return buffer.copy_(_addresses(tensors), non_blocking=True)
+    return _write(buffer, _pointers(tensors))
 
 
 def run(key: tuple, tensors: tuple[torch.Tensor, ...],
@@ -151,13 +160,16 @@ def run(key: tuple, tensors: tuple[torch.Tensor, ...],
         except Exception as error:  # noqa: BLE001 - the ordinary kernels still serve
             _GRAPHS[key] = _eager_from_now("kernels reading addresses", error)
             return call(None, values)
-        _GRAPHS[key] = _capture(call, addresses, own, made)
+        entry = _GRAPHS[key] = _capture(call, addresses, own, made)
+        if isinstance(entry, _Graph):
+            entry.copied = _pointers(tensors)
         return result
     if entry is _EAGER:
         return call(None, values)
-    # From pageable memory, a non-blocking copy is staged before copy_ returns and runs in
-    # stream order; a blocking one would wait for the GPU.
-    entry.addresses.copy_(_addresses(tensors), non_blocking=True)
+    pointers = _pointers(tensors)
+    if pointers != entry.copied:  # the caching allocator often hands out the same addresses
+        _write(entry.addresses, pointers)
+        entry.copied = pointers
     for own, value in zip(entry.values, values, strict=True):
         own.copy_(value)
     entry.graph.replay()
