@@ -77,7 +77,7 @@ def int8_values(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     computes on the GPU; the rounded IEEE quotient where the reciprocal is 0. ``scale``
     broadcasts against x (float32)."""
     r = reciprocal(scale)
-    exact = torch.round(x.double() * r.double()).float()
+    exact = x.to(torch.float64, copy=True).mul_(r.double()).round_().float()
     return torch.where(r > 0, exact, torch.round(x / scale)).clamp(-INT8_MAX, INT8_MAX)
 
 
