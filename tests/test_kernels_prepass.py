@@ -546,8 +546,10 @@ def check_times_reciprocal(device, per_scale):
     # the same quotients with one scale per channel: every scale in the range, or some out of it
     c = 16
     xc_quotients = quotients[: n - n % c].view(-1, c)
+    mixed = scales[-c:]  # ends with 2^-90, 2^90, 2^-91 and 2^91 times [1, 2)
+    assert (quant.reciprocal(mixed) == 0).any() and (quant.reciprocal(mixed) > 0).any()
     for chan_scales in (scales[4:4 + c].clamp(quant.RECIPROCAL_MIN, quant.RECIPROCAL_MAX),
-                        scales[-c:]):
+                        mixed):
         xc = xc_quotients * chan_scales
         xc = (xc.view(torch.int32) + steps[0, : xc.numel()].view_as(xc)).view(torch.float32)
         got_c = torch.full_like(xc, float("nan"), device=device)
