@@ -24,29 +24,15 @@ from pathlib import Path
 
 import torch
 import triton
-import triton.testing
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
-from bench_attention import card_name  # noqa: E402
+from bench_attention import bench, card_name, graphed  # noqa: E402
 from paired import dense_calls  # noqa: E402
 
 SKIP_S = 0.2  # the start of each window, while the clock moves to the new load
-
-
-def graphed(fn, sets: int):
-    """fn(i) for every input set captured in a CUDA graph; returns replay(i)."""
-    graphs = []
-    for i in range(sets):
-        fn(i)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn(i)
-        graphs.append(graph)
-    return lambda i: graphs[i].replay()
 
 
 def samples(log: Path) -> list[tuple[dt.datetime, float, float]]:
@@ -87,16 +73,9 @@ def main() -> None:
                     fn(0)
                 for _ in range(args.rounds):
                     for name, fn in fns.items():
-                        state = {"i": 0}
-
-                        def step(fn=fn, state=state):
-                            fn(state["i"] % args.sets)
-                            state["i"] += 1
-
                         torch.cuda.synchronize()
                         start = dt.datetime.now()
-                        ms = triton.testing.do_bench(step, warmup=25, rep=args.seconds * 1e3,
-                                                     return_mode="median")
+                        ms = bench(fn, args.sets, 25, args.seconds * 1e3)
                         torch.cuda.synchronize()
                         windows.append((f"L{length} D{dim}", name, ms, start,
                                         dt.datetime.now()))
