@@ -8,7 +8,10 @@ stack and the shared memory, then:
   that issues matrix instructions (the per-key-tile work), with the count per score element;
 - ``--kernel quantize``, the pre-pass's ``_quantize_kernel`` for the jobs of ``--jobs`` in the
   launch shape the library gives them (``--stats`` for the block statistics): the largest basic
-  blocks' instruction mix.
+  blocks' instruction mix;
+- ``--kernel select``, the block selection's ``_select_kernel`` for rows of ``--key-blocks``
+  (padded to a power of two; ``--causal``, ``--topk``), with its lookup table: the instruction
+  count and the largest basic blocks' mix.
 
 Integer strides are assumed divisible by 16 and the innermost stride 1, as Triton specialises
 them for contiguous tensors at launch.
@@ -16,6 +19,7 @@ them for contiguous tensors at launch.
     python bench/sass_report.py                       # D128, BLOCK_M 64, 4 warps, 3 stages
     python bench/sass_report.py --dim 64 --max-registers 168 --block-n 128 --arch 90
     python bench/sass_report.py --kernel quantize --jobs QK --stats
+    python bench/sass_report.py --kernel select --key-blocks 512 --causal
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 attention = importlib.import_module("sparge.kernels.attention")
 prepass = importlib.import_module("sparge.kernels.prepass")
 launcher = importlib.import_module("sparge.kernels.launcher")
+select = importlib.import_module("sparge.kernels.select")
 
 POINTERS = {"Q": "*i8", "K": "*i8", "V": "*fp8e4nv", "Out": "*bf16", "QS": "*fp32", "KS": "*fp32",
             "KSMax": "*fp32", "VS": "*fp32", "Lam": "*fp32", "Counts": "*i32", "NFull": "*i32",
@@ -138,6 +143,38 @@ def compile_quantize(args) -> tuple[triton.compiler.CompiledKernel, str]:
                     f"block_q {block_q}, block_k {block_k}: {shape}")
 
 
+def compile_select(args) -> tuple[triton.compiler.CompiledKernel, str]:
+    """``_select_kernel`` with its lookup table, for rows of ``args.key_blocks`` key blocks, as
+    ``select._select`` launches it; returns the kernel and a description."""
+    fn = select._select_kernel
+    names = list(fn.arg_names)
+    nkp = max(16, launcher.next_pow2(args.key_blocks))
+    constants = dict(NKP=nkp, TOPK=args.topk, CAUSAL=args.causal, SINK=False, TABLE=True,
+                     PDL=dependent(args))
+    signature = {}
+    for n in names:
+        if n in constants:
+            signature[n] = "constexpr"
+        elif n == "out_ptr":
+            signature[n] = "*u8"
+        elif n in ("lut_ptr", "counts_ptr", "n_full_ptr"):
+            signature[n] = "*i32"
+        elif n.endswith("_ptr"):
+            signature[n] = "*fp32"
+        else:
+            signature[n] = "fp32" if n == "sqrt_d" else "i32"
+    aligned = [n for n in names if n.endswith("_ptr")]
+    src = ASTSource(fn, signature, constexprs={(names.index(n),): v for n, v in constants.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    warps = select._warps_per_row(nkp)
+    options = dict(num_warps=warps, enable_fp_fusion=True,
+                   **({"launch_pdl": True} if dependent(args) else {}))
+    kernel = triton.compile(src, target=GPUTarget("cuda", args.arch, 32), options=options)
+    rule = "top-k" if args.topk else "CDF"
+    return kernel, (f"{rule} rule, {'causal, ' if args.causal else ''}rows of {args.key_blocks} "
+                    f"key blocks (NKP {nkp}), {warps} warp(s), with the lookup table")
+
+
 def disassemble(kernel: triton.compiler.CompiledKernel) -> tuple[str, int, int]:
     """The SASS of a compiled kernel, its registers and its spill stack in bytes."""
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -171,7 +208,8 @@ def loop_bodies(sass: str) -> dict[str, list[str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kernel", choices=("attention", "quantize"), default="attention")
+    parser.add_argument("--kernel", choices=("attention", "quantize", "select"),
+                        default="attention")
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--block-m", type=int, default=64, help="(quantize: block_q)")
     parser.add_argument("--block-n", type=int, default=128,
@@ -183,6 +221,8 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=3)
     parser.add_argument("--max-registers", type=int, default=0)
     parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--key-blocks", type=int, default=256, help="select: key blocks a row")
+    parser.add_argument("--topk", action="store_true", help="select: the top-k rule (else CDF)")
     parser.add_argument("--sparse", action="store_true")
     parser.add_argument("--no-fold", action="store_true", help="the exact exponent path")
     parser.add_argument("--no-tma", action="store_true", help="pointer loads instead of TMA")
@@ -195,10 +235,12 @@ def main() -> None:
         parser.error("with --stats the library runs V's job in a launch of its own: "
                      "--jobs QK --stats, and --jobs MV for that launch")
 
-    if args.kernel == "quantize":
-        kernel, described = compile_quantize(args)
+    if args.kernel in ("quantize", "select"):
+        compiled = compile_quantize if args.kernel == "quantize" else compile_select
+        kernel, described = compiled(args)
         sass, registers, stack = disassemble(kernel)
-        print(f"Triton {triton.__version__}, sm_{args.arch}: _quantize_kernel, {described}")
+        print(f"Triton {triton.__version__}, sm_{args.arch}: {kernel.name}, {described}")
+        print(f"{sum(len(ops) for ops in loop_bodies(sass).values())} instructions in all")
         print(f"registers {registers}, stack {stack} bytes, shared {kernel.metadata.shared} bytes")
         blocks = sorted(loop_bodies(sass).items(), key=lambda item: -len(item[1]))
         for label, ops in blocks[:6]:

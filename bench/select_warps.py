@@ -1,9 +1,11 @@
 """Device time of the selection kernel (which also writes the lookup table) and of the lookup-table
 kernel (the table of a given mask), by warps per program.
 
-    PYTHONPATH=src python3 bench/select_warps.py [--warps 1,2,4,8]
+    PYTHONPATH=src python3 bench/select_warps.py [--warps 1,2,4,8] [--rule topk]
 
-For B1 H24, D128, L 4096 / 8192 / 32768 / 65536, causal and not, on structured local data, each
+For B1 H24, D128, L 4096 / 8192 / 32768 / 65536, causal and not, on structured local data, with
+the CDF rule (``Selection(0.6, 0.98)``, ``sparse_attn``'s default) or the top-k rule
+(``Selection(0.6, None, 0.5)``), each
 kernel's mean device time over a few profiled calls (``torch.profiler``) for each warp count, and
 the fraction of the selection's blocks that differ from the default's mask (the softmax sum and
 the cumulative sum add in an order that depends on the layout, so a block within rounding of the
@@ -36,10 +38,12 @@ def main() -> None:
     parser.add_argument("--warps", default="1,2,4,8")
     parser.add_argument("--lengths", default="4096,8192,32768,65536")
     parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--rule", choices=("cdf", "topk"), default="cdf")
     args = parser.parse_args()
+    selection = Selection(0.6, 0.98) if args.rule == "cdf" else Selection(0.6, None, 0.5)
     default = select._warps_per_row
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton "
-          f"{triton.__version__}; B1 H24 D128, local data, default CDF selection")
+          f"{triton.__version__}; B1 H24 D128, local data, {selection}")
     print("| L | causal | warps | select kernel us | blocks differing from default "
           "| table kernel us |")
     print("| ---: | --- | ---: | ---: | ---: | ---: |")
@@ -50,7 +54,7 @@ def main() -> None:
                                           with_stats=True)
         for causal in (False, True):
             def call(q_stats=q_stats, k_stats=k_stats, length=length, causal=causal):
-                return select.select_with_table(q_stats, k_stats, Selection(0.6, 0.98),
+                return select.select_with_table(q_stats, k_stats, selection,
                                                 q_len=length, k_len=length, block_q=64,
                                                 block_k=128, causal=causal)
 

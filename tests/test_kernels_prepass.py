@@ -152,8 +152,8 @@ def check_selection_matches(q, k, selection, block_q, block_k, causal, max_diff=
     the CPU, and predict_mask_gpu == predict_mask_reference, exactly unless ``max_diff``: the
     fraction of blocks allowed to flip. On a GPU the pooled scores, the softmax and the cumulative
     sum add in another order than on the CPU, so a block whose cumulative probability lies within
-    float32 rounding of the CDF threshold may flip (ties in probability cannot: both sorts rank
-    them by index); from the GPU's own statistics, also a block whose similarity lies within
+    float32 rounding of the CDF threshold may flip (ties in probability cannot: both rank them
+    by index); from the GPU's own statistics, also a block whose similarity lies within
     rounding of its threshold."""
     from sparge.kernels.select import predict_mask_gpu, select_blocks_gpu, select_with_table
     from sparge.predict import (
@@ -701,6 +701,18 @@ def case_selection_matches_reference():
         for sel in selections(hq, "cpu"):
             for causal in (False, True):
                 check_selection_matches(q, k, sel, bq, bk, causal)
+
+
+def case_causal_selection_over_the_rows_prefix():
+    """Under causal masking the kernel selects each row over 16, 32 or 64 of its 40 key blocks
+    (NKP 64), by where the diagonal ends the row, and writes the blocks after them as dropped:
+    the same blocks as the reference, for both rules and per-head thresholds."""
+    _fresh_seed()
+    _poison_allocations()
+    q = _smooth_tokens(1, 2, 2560, 16)
+    k = _smooth_tokens(1, 1, 2530, 16)
+    for sel in selections(2, "cpu")[2:4]:
+        check_selection_matches(q, k, sel, 128, 64, causal=True)
 
 
 def check_cdf_threshold_one(device):

@@ -71,6 +71,86 @@ def _store_table_row(kept, j, value, row, i, NK, lut_ptr, counts_ptr, n_full_ptr
         tl.store(n_full_ptr + row, tl.sum(tl.where(j < limit, kept, 0), 0))
 
 
+# float32 bits just above 1.0: no probability reaches them (see _kth_largest)
+_ABOVE_ONE = tl.constexpr(0x3F800001)
+
+
+@triton.jit
+def _kth_largest(p, k):
+    """The ``k``-th largest of the probabilities ``p`` (float32 in [0, 1]), or 0 where fewer than
+    ``k`` are positive: a bisection over the bit patterns of float32 values (non-negative floats
+    order as their bits), in 30 steps, each a count over the row (a vote per warp), for the
+    largest t > 0 with at least ``k`` values >= t."""
+    lo = tl.zeros((), tl.int32)
+    hi = tl.full((), _ABOVE_ONE, tl.int32)
+    for _ in range(30):  # 2 ** 30 > _ABOVE_ONE
+        mid = (lo + hi) // 2
+        holds = tl.sum((p >= mid.to(tl.float32, bitcast=True)).to(tl.int32), 0) >= k
+        lo = tl.where(holds, mid, lo)
+        hi = tl.where(holds, hi, mid)
+    return lo.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _select_row(products_ptr, q_sim_ptr, k_sim_ptr, sim_thr_ptr, rule_ptr, out_ptr, lut_ptr,
+                counts_ptr, n_full_ptr, sqrt_d, row, i, h, bk, NK, q_len, block_q, block_k,
+                full_blocks, not_finite, NKP: tl.constexpr, WHOLE_ROW: tl.constexpr,
+                TOPK: tl.constexpr, CAUSAL: tl.constexpr, SINK: tl.constexpr,
+                TABLE: tl.constexpr):
+    """Query block ``i`` (flat index ``row`` = (batch, query head, i)) of :func:`_select_kernel`
+    over its first ``NKP`` key blocks: with WHOLE_ROW all of them, and the row's scores tested
+    here for a NaN or an infinity; else (causal rows that end sooner) every block up to the
+    diagonal, with ``not_finite`` the caller's test of the whole row.
+
+    The reference ranks blocks by a stable sort: by probability, equal probabilities by
+    ascending index, and keeps the first ``keep``. Here the kept blocks are those above the
+    ``keep``-th largest probability and, of the blocks equal to it, the first ones by index, as
+    many as ``keep`` leaves. The CDF rule sorts the probabilities alone for their cumulative sum
+    (which does not depend on the order of equal values); the top-k rule needs only the
+    ``keep``-th largest, which :func:`_kth_largest` finds without sorting."""
+    j = tl.arange(0, NKP)
+    inb = j < NK
+    thr = tl.load(sim_thr_ptr + h)
+    k_similar = tl.load(k_sim_ptr + bk.to(tl.int64) * NK + j, mask=inb, other=0.0) > thr
+    allowed = inb & k_similar
+    if CAUSAL:
+        last_q = tl.minimum((i + 1) * block_q, q_len) - 1
+        allowed = allowed & (j * block_k <= last_q)
+    s = tl.math.div_rn(tl.load(products_ptr + row * NK + j, mask=inb, other=0.0), sqrt_d)
+    if WHOLE_ROW:  # a NaN or an infinity among the row's scores: every block is kept
+        not_finite = tl.max(tl.where(tl.abs(s) < float("inf"), 0, 1), 0) > 0
+    s = tl.where(allowed, s, float("-inf"))
+    m = tl.max(s, 0)
+    e = tl.where(allowed, tl.exp(s - tl.where(m > float("-inf"), m, 0.0)), 0.0)
+    z = tl.sum(e, 0)
+    p = tl.where(z > 0, tl.math.div_rn(e, tl.where(z > 0, z, 1.0)), 0.0)
+
+    if TOPK:
+        keep = tl.maximum(tl.floor(tl.load(rule_ptr + h) * NK).to(tl.int32), 1)
+        cut = _kth_largest(p, keep)
+    else:
+        ranked = tl.sort(p, 0, descending=True)
+        tau = tl.load(rule_ptr + h)
+        tau = tl.where(tau >= 1.0, float("inf"), tau)  # as sparge.predict.cdf_rule: keep all
+        keep = tl.maximum(tl.sum(((tl.cumsum(ranked, 0) <= tau) & inb).to(tl.int32), 0), 1)
+        cut = tl.sum(tl.where(j == keep - 1, ranked, 0.0), 0)  # the keep-th largest
+    above = p > cut
+    tied = p == cut  # padding (p = 0, the largest indices) ranks last among zeros
+    tie_rank = tl.cumsum(tied.to(tl.int32), 0)  # 1, 2, ... by ascending index
+    ranked_in = above | (tied & (tie_rank <= keep - tl.sum(above.to(tl.int32), 0)))
+    q_similar = (tl.load(q_sim_ptr + row) > thr).to(tl.int32)
+    # dissimilar blocks are forced on
+    chosen = ranked_in | ~k_similar | ((tl.zeros_like(j) + q_similar) == 0) | not_finite
+    if SINK:
+        chosen = chosen | (j == 0)
+    if CAUSAL:
+        chosen = chosen & (j * block_k <= last_q)
+    tl.store(out_ptr + row * NK + j, chosen.to(tl.uint8), mask=inb)
+    if TABLE:
+        _store_table_row((chosen & inb).to(tl.int32), j, j, row, i, NK, lut_ptr, counts_ptr,
+                         n_full_ptr, full_blocks, block_q, block_k, True, CAUSAL)
+
+
 @triton.jit
 def _select_kernel(products_ptr,  # float32 (B, Hq, nQ, nK) contiguous: pooled products
                    q_sim_ptr, k_sim_ptr,  # float32 (B, Hq, nQ), (B, Hk, nK) contiguous
@@ -83,64 +163,50 @@ def _select_kernel(products_ptr,  # float32 (B, Hq, nQ, nK) contiguous: pooled p
                    SINK: tl.constexpr, TABLE: tl.constexpr, PDL: tl.constexpr):
     """The kept key blocks of one query block of one (batch, query head), program
     ``program_id(0)`` = (batch, query head) * NQ + query block (a one-dimensional grid, with no
-    limit of 65535 on either count), as
-    :func:`sparge.predict.select_blocks` chooses them; with TABLE also that row of the attention
-    kernel's lookup table (as :func:`mask_table` builds it).
+    limit of 65535 on either count), as :func:`sparge.predict.select_blocks` chooses them; with
+    TABLE also that row of the attention kernel's lookup table (as :func:`mask_table` builds it).
+    See :func:`_select_row`.
 
-    The reference ranks blocks by a stable sort: by probability, equal probabilities by
-    ascending index, and keeps the first ``keep``. Here the probabilities alone are sorted (the
-    cumulative sum of equal values does not depend on their order); the kept blocks are those
-    above the ``keep``-th largest probability and, of the blocks equal to it, the first ones by
-    index, as many as ``keep`` leaves. PDL: see :func:`launcher.dependent_launch`.
-    """
+    Under causal masking a row whose blocks up to the diagonal fit in a quarter or a half of
+    ``NKP`` is selected over that many blocks (the work of a row grows with its length); the
+    blocks after them are written here, never kept. PDL: see
+    :func:`launcher.dependent_launch`."""
     wait_for_previous_kernel(PDL)
     bh = tl.program_id(0) // NQ
     i = tl.program_id(0) % NQ
     h = bh % HQ
     bk = (bh // HQ) * (HQ // GROUP) + h // GROUP  # the (batch, key head) index
-    j = tl.arange(0, NKP)
-    inb = j < NK
-    thr = tl.load(sim_thr_ptr + h)
-    k_similar = tl.load(k_sim_ptr + bk.to(tl.int64) * NK + j, mask=inb, other=0.0) > thr
-    allowed = inb & k_similar
-    if CAUSAL:
-        last_q = tl.minimum((i + 1) * block_q, q_len) - 1
-        allowed = allowed & (j * block_k <= last_q)
-    row = (bh.to(tl.int64) * NQ + i) * NK
-    s = tl.math.div_rn(tl.load(products_ptr + row + j, mask=inb, other=0.0), sqrt_d)
-    # a NaN or an infinity among the row's scores: every block is kept (as the reference)
-    not_finite = tl.max(tl.where(tl.abs(s) < float("inf"), 0, 1), 0) > 0
-    s = tl.where(allowed, s, float("-inf"))
-    m = tl.max(s, 0)
-    e = tl.where(allowed, tl.exp(s - tl.where(m > float("-inf"), m, 0.0)), 0.0)
-    z = tl.sum(e, 0)
-    p = tl.where(z > 0, tl.math.div_rn(e, tl.where(z > 0, z, 1.0)), 0.0)
-
-    ranked = tl.sort(p, 0, descending=True)
-    if TOPK:
-        keep = tl.floor(tl.load(rule_ptr + h) * NK).to(tl.int32)
+    row = bh.to(tl.int64) * NQ + i
+    if CAUSAL and NKP >= 64:
+        j = tl.arange(0, NKP)
+        inb = j < NK
+        s = tl.load(products_ptr + row * NK + j, mask=inb, other=0.0)
+        not_finite = tl.max(tl.where(tl.abs(s) < float("inf"), 0, 1), 0) > 0
+        valid = tl.minimum((tl.minimum((i + 1) * block_q, q_len) - 1) // block_k + 1, NK)
+        width = tl.where(valid <= NKP // 4, NKP // 4, tl.where(valid <= NKP // 2, NKP // 2, NKP))
+        if width == NKP // 4:
+            _select_row(products_ptr, q_sim_ptr, k_sim_ptr, sim_thr_ptr, rule_ptr, out_ptr,
+                        lut_ptr, counts_ptr, n_full_ptr, sqrt_d, row, i, h, bk, NK, q_len,
+                        block_q, block_k, full_blocks, not_finite,
+                        NKP // 4, False, TOPK, CAUSAL, SINK, TABLE)
+        elif width == NKP // 2:
+            _select_row(products_ptr, q_sim_ptr, k_sim_ptr, sim_thr_ptr, rule_ptr, out_ptr,
+                        lut_ptr, counts_ptr, n_full_ptr, sqrt_d, row, i, h, bk, NK, q_len,
+                        block_q, block_k, full_blocks, not_finite,
+                        NKP // 2, False, TOPK, CAUSAL, SINK, TABLE)
+        else:
+            _select_row(products_ptr, q_sim_ptr, k_sim_ptr, sim_thr_ptr, rule_ptr, out_ptr,
+                        lut_ptr, counts_ptr, n_full_ptr, sqrt_d, row, i, h, bk, NK, q_len,
+                        block_q, block_k, full_blocks, not_finite,
+                        NKP, False, TOPK, CAUSAL, SINK, TABLE)
+        tail = (j >= width) & inb  # past the diagonal: never kept
+        tl.store(out_ptr + row * NK + j, tl.zeros_like(j).to(tl.uint8), mask=tail)
+        if TABLE:
+            tl.store(lut_ptr + row * NK + j, tl.zeros_like(j), mask=tail)
     else:
-        tau = tl.load(rule_ptr + h)
-        tau = tl.where(tau >= 1.0, float("inf"), tau)  # as sparge.predict.cdf_rule: keep all
-        within = (tl.cumsum(ranked, 0) <= tau) & inb
-        keep = tl.sum(within.to(tl.int32), 0)
-    keep = tl.maximum(keep, 1)
-    cut = tl.sum(tl.where(j == keep - 1, ranked, 0.0), 0)  # the keep-th largest probability
-    above = p > cut
-    tied = p == cut  # padding (p = 0, the largest indices) ranks last among zeros
-    tie_rank = tl.cumsum(tied.to(tl.int32), 0)  # 1, 2, ... by ascending index
-    ranked_in = above | (tied & (tie_rank <= keep - tl.sum(above.to(tl.int32), 0)))
-    q_similar = (tl.load(q_sim_ptr + bh.to(tl.int64) * NQ + i) > thr).to(tl.int32)
-    # dissimilar blocks are forced on
-    chosen = ranked_in | ~k_similar | ((tl.zeros_like(j) + q_similar) == 0) | not_finite
-    if SINK:
-        chosen = chosen | (j == 0)
-    if CAUSAL:
-        chosen = chosen & (j * block_k <= last_q)
-    tl.store(out_ptr + row + j, chosen.to(tl.uint8), mask=inb)
-    if TABLE:
-        _store_table_row((chosen & inb).to(tl.int32), j, j, bh * NQ + i, i, NK, lut_ptr,
-                         counts_ptr, n_full_ptr, full_blocks, block_q, block_k, True, CAUSAL)
+        _select_row(products_ptr, q_sim_ptr, k_sim_ptr, sim_thr_ptr, rule_ptr, out_ptr, lut_ptr,
+                    counts_ptr, n_full_ptr, sqrt_d, row, i, h, bk, NK, q_len, block_q, block_k,
+                    full_blocks, False, NKP, True, TOPK, CAUSAL, SINK, TABLE)
 
 
 def select_blocks_gpu(q_stats: BlockStats, k_stats: BlockStats, selection: Selection, *,
