@@ -706,6 +706,48 @@ def test_gpu_every_candidate_configuration(dim: int, causal: bool) -> None:
         assert err <= 0.01, (config, err)  # the reasoning of GPU_CASES' tolerances
 
 
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_autotuning_picks_a_candidate_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With autotuning on, a shape class's first launch times this GPU's candidates in rounds
+    and caches one of them; a later launch of the same class reuses it without timing again."""
+    from sparge import settings
+    from sparge.backend import capability_of
+    from sparge.kernels import attention as attn
+    from sparge.kernels import prepare_qkv
+
+    monkeypatch.setenv(settings.AUTOTUNE.name, "1")
+    monkeypatch.setattr(attn, "_TUNED", {})
+    timed, cuda_time = [], attn._cuda_time
+
+    def counted(fn, calls):
+        timed.append(calls)
+        return cuda_time(fn, calls)
+
+    monkeypatch.setattr(attn, "_cuda_time", counted)
+    q, k, v = (torch.randn(1, 2, 3000, 128, device="cuda", dtype=torch.bfloat16)
+               for _ in range(3))
+    lam = torch.full((2,), math.inf, device="cuda")
+
+    def call(q_len: int) -> None:
+        quant = prepare_qkv(q[:, :, :q_len], k, v, block_q=64, block_k=128, mode="int8_fp8",
+                            with_stats=False)[0]
+        out = torch.empty(1, 2, q_len, 128, device="cuda", dtype=torch.bfloat16)
+        attn.launch(quant.q, quant.k, quant.v, q_scale=quant.q_scale, k_scale=quant.k_scale,
+                    v_scale=quant.v_scale, out=out, table=None, block_q=64, block_k=128,
+                    causal=False, scale=128 ** -0.5, pv_threshold=lam, mode="int8_fp8")
+
+    call(3000)
+    (key, chosen), = attn.tuned_configs().items()
+    cands = attn.candidate_configs(capability_of(q.device), 128, 64, operand_bytes=(1, 1, 1))
+    assert chosen in cands
+    # an estimate and TUNE_ROUNDS timings of every candidate that compiled (all but a few)
+    assert len(timed) % (attn.TUNE_ROUNDS + 1) == 0 and len(timed) >= attn.TUNE_ROUNDS + 1
+    tuned = len(timed)
+    call(2100)  # the same shape class (query lengths up to 4096)
+    assert len(timed) == tuned and attn.tuned_configs() == {key: chosen}
+
+
 if __name__ == "__main__" and "--interpret" in sys.argv:
     _interpreter_main()
 
@@ -722,3 +764,58 @@ def test_head_groups_of_the_causal_grid() -> None:
     assert _head_groups(True, 24, 1, head // 8) == 12  # 16 heads fit: two groups of 12
     assert _head_groups(True, 7, 1, 1) == 7  # never more than there are heads
     assert _head_groups(True, 24, 1, 4 * _GROUP_BYTES) == 1  # a head larger than the budget
+
+
+class _DriftingClock:
+    """A fake GPU for the tuner: each config's call costs its ``cost`` ms divided by the clock,
+    which runs 1.5x fast for the first ``fast_calls`` calls (a GPU that idled through the
+    compilations boosts, then settles at its power limit). ``failing`` configs raise."""
+
+    def __init__(self, cost: dict, fast_calls: int, failing=()):
+        self.cost, self.fast_calls, self.failing = cost, fast_calls, set(failing)
+        self.calls = 0
+        self.last = None
+
+    def run(self, cfg):
+        if cfg in self.failing:
+            raise RuntimeError("out of shared memory")
+        self.last = cfg
+
+    def timer(self, fn, calls: int) -> float:
+        total = 0.0
+        for _ in range(calls):
+            fn()
+            total += self.cost[self.last] / (1.5 if self.calls < self.fast_calls else 1.0)
+            self.calls += 1
+        return total / calls
+
+
+def test_tuner_times_candidates_in_rotating_rounds() -> None:
+    """The fastest configuration wins although the clock favours whichever runs first: a
+    one-pass tuner would time the first candidate at the boosted clock and pick it."""
+    from sparge.kernels.attention import TUNE_ROUNDS, KernelConfig, fastest_config
+
+    slow, fast, slowest = (KernelConfig(64, 4, s) for s in (2, 3, 4))
+    cost = {slow: 10.0, fast: 9.0, slowest: 12.0}
+    # the boost lasts through the estimates and the first two rounds
+    gpu = _DriftingClock(cost, fast_calls=3 + 2 * 3)
+    assert fastest_config([slow, fast, slowest], gpu.run, gpu.timer) == fast
+    assert gpu.calls == 3 + TUNE_ROUNDS * 3  # an estimate each, then one timed call a round
+
+    # a single pass in order, the boost lasting one timing: the first candidate looks fastest
+    one_pass = _DriftingClock(cost, fast_calls=1)
+    seen = {cfg: one_pass.timer(lambda cfg=cfg: one_pass.run(cfg), 1) for cfg in cost}
+    assert min(seen, key=seen.get) == slow
+
+
+def test_tuner_repeats_short_kernels_and_drops_failing_configs() -> None:
+    """Short kernels are timed over back-to-back calls covering TUNE_MIN_MS; a configuration
+    that fails to compile or launch is left out, and with none left there is no choice."""
+    from sparge.kernels.attention import TUNE_MIN_MS, TUNE_ROUNDS, KernelConfig, fastest_config
+
+    a, b = KernelConfig(64, 4, 2), KernelConfig(64, 4, 3)
+    gpu = _DriftingClock({a: 0.1, b: 0.2}, fast_calls=0, failing=[a])
+    assert fastest_config([a, b], gpu.run, gpu.timer) == b
+    assert gpu.calls == 1 + TUNE_ROUNDS * math.ceil(TUNE_MIN_MS / 0.2)  # b's estimate, rounds
+    gpu = _DriftingClock({a: 0.1}, fast_calls=0, failing=[a])
+    assert fastest_config([a], gpu.run, gpu.timer) is None

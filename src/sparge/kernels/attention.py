@@ -58,6 +58,8 @@ adds per row it replaces and makes the weights of the V rows sum to one.
 from __future__ import annotations
 
 import math
+import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -801,19 +803,59 @@ def _choose_config(run, device: torch.device, mode: str, dtype: torch.dtype, hea
     if not _autotune_enabled() or torch.cuda.is_current_stream_capturing():
         _TUNED[key] = cands[0]
         return cands[0]
-    best, best_ms = None, float("inf")
-    for cfg in cands:
-        try:
-            ms = triton.testing.do_bench(lambda cfg=cfg: run(cfg), warmup=5, rep=20,
-                                         return_mode="median")
-        except Exception:  # noqa: BLE001 - a config that does not compile here (resources)
-            continue
-        if ms < best_ms:
-            best, best_ms = cfg, ms
+    best = fastest_config(cands, run, _cuda_time)
     if best is None:
         raise RuntimeError(f"no attention kernel configuration compiled for {key}")
     _TUNED[key] = best
     return best
+
+
+# Rounds of timing per candidate, and the least GPU time one timing covers (short kernels are
+# repeated back to back to fill it).
+TUNE_ROUNDS = 5
+TUNE_MIN_MS = 2.0
+
+
+def fastest_config(candidates: list[KernelConfig], run: Callable[[KernelConfig], object],
+                   timer: Callable[[Callable[[], object], int], float]) -> KernelConfig | None:
+    """The candidate with the smallest median time, or None if none runs.
+
+    Every candidate is first run once (compiling it; one that fails, for lack of registers or
+    shared memory, is dropped) and timed once for an estimate. Then come ``TUNE_ROUNDS`` rounds
+    in which each candidate is timed once, over enough back-to-back calls to cover
+    ``TUNE_MIN_MS``, each round starting at the next candidate: a clock that drifts over the
+    tuning (a GPU settling at its power limit after the idle time of the compilations) weighs
+    on every candidate alike instead of favouring the ones timed first.
+    ``timer(fn, n)``: milliseconds per call of ``fn`` over ``n`` calls.
+    """
+    live: list[tuple[KernelConfig, int]] = []
+    for cfg in candidates:
+        try:
+            run(cfg)
+            estimate = timer(lambda cfg=cfg: run(cfg), 1)
+        except Exception:  # noqa: BLE001 - a config that does not compile here (resources)
+            continue
+        live.append((cfg, max(1, math.ceil(TUNE_MIN_MS / max(estimate, 1e-3)))))
+    if not live:
+        return None
+    times: dict[KernelConfig, list[float]] = {cfg: [] for cfg, _ in live}
+    for first in range(TUNE_ROUNDS):
+        for index in range(len(live)):
+            cfg, calls = live[(first + index) % len(live)]
+            times[cfg].append(timer(lambda cfg=cfg: run(cfg), calls))
+    return min(times, key=lambda cfg: statistics.median(times[cfg]))
+
+
+def _cuda_time(fn: Callable[[], object], calls: int) -> float:
+    """Milliseconds per call of ``fn`` over ``calls`` back-to-back calls (CUDA events)."""
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / calls
 
 
 def tuned_configs() -> dict[tuple, KernelConfig]:
