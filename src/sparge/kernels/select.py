@@ -36,7 +36,7 @@ def predict_mask_gpu(q: torch.Tensor, k: torch.Tensor, selection: Selection, *, 
                              block_q=block_q, block_k=block_k, causal=causal)
 
 
-# Longest key-block row the selection kernel sorts in registers; longer rows use the PyTorch path.
+# Longest key-block row the selection kernel holds in registers; longer rows use the PyTorch path.
 _MAX_SORTED_BLOCKS = 4096
 
 
@@ -213,7 +213,8 @@ def select_blocks_gpu(q_stats: BlockStats, k_stats: BlockStats, selection: Selec
                       q_len: int, k_len: int, block_q: int, block_k: int,
                       causal: bool = False) -> SparseMask:
     """:func:`sparge.predict.select_blocks` with one Triton program per query block after the
-    pooled scores' matrix product: softmax, sort, cumulative sum and forced blocks in registers.
+    pooled scores' matrix product: softmax, the rule's cut (the CDF rule's by a sort and a
+    cumulative sum, the top-k rule's by a bisection) and forced blocks in registers.
 
     The pooled products are the reference's own (:func:`sparge.predict.pooled_products`), and
     the kernel divides them by sqrt(D) as the reference does; the softmax and the cumulative sum
@@ -230,7 +231,7 @@ def select_with_table(q_stats: BlockStats, k_stats: BlockStats, selection: Selec
                       ) -> tuple[SparseMask, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """:func:`select_blocks_gpu` and the attention kernel's lookup table of the mask, as
     :func:`mask_table` gives it, written by the selection's own programs (one launch for both;
-    two where the rows are longer than the selection kernel sorts)."""
+    two where the rows are longer than the selection kernel holds)."""
     mask, table = _select(q_stats, k_stats, selection, q_len, k_len, block_q, block_k, causal,
                           True)
     return mask, table if table is not None else mask_table(mask)
