@@ -55,6 +55,16 @@ def dependent(args) -> bool:
     return args.arch >= 90 and not args.no_pdl and launcher.gdc_wait is not None
 
 
+def source(fn, signature: dict, constants: dict, aligned: list) -> ASTSource:
+    """``fn`` to compile with argument types ``signature``, the ``constants`` folded in, and the
+    ``aligned`` arguments (pointers, strides) known divisible by 16, as Triton specialises them
+    at launch."""
+    names = list(fn.arg_names)
+    return ASTSource(fn, signature,
+                     constexprs={(names.index(n),): v for n, v in constants.items()},
+                     attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+
+
 def compile_kernel(args) -> triton.compiler.CompiledKernel:
     """The attention kernel as the library launches it on ``args.arch``: FP8 P.V (the
     K-major FP8 V buffer) from sm89 on, FP16 P.V before; TMA descriptors from sm90 on unless
@@ -88,8 +98,7 @@ def compile_kernel(args) -> triton.compiler.CompiledKernel:
             signature[n] = "fp32" if n == "sm_scale_log2" else "i32"
     aligned = [n for n in names if signature[n] != "constexpr"
                and n not in ("heads_q", "sm_scale_log2", "heads_per_group")]
-    src = ASTSource(fn, signature, constexprs={(names.index(n),): v for n, v in constants.items()},
-                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    src = source(fn, signature, constants, aligned)
     options = dict(num_warps=args.warps, num_stages=args.stages, enable_fp_fusion=True,
                    **({"launch_pdl": True} if dependent(args) else {}))
     if args.max_registers:
@@ -132,8 +141,7 @@ def compile_quantize(args) -> tuple[triton.compiler.CompiledKernel, str]:
     counts = ("m_jobs", "k_jobs", "v_jobs", "q_per_head", "k_per_head", "v_per_head", "q_blocks",
               "k_blocks", "v_tiles", "n_chunks", "HQ", "HK")
     aligned = [n for n in names if signature[n] != "constexpr" and n not in counts]
-    src = ASTSource(fn, signature, constexprs={(names.index(n),): v for n, v in constants.items()},
-                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    src = source(fn, signature, constants, aligned)
     options = dict(num_warps=shape.num_warps, enable_fp_fusion=True,
                    **({"launch_pdl": True} if dependent(args) else {}))
     if shape.maxnreg is not None:
@@ -163,9 +171,7 @@ def compile_select(args) -> tuple[triton.compiler.CompiledKernel, str]:
             signature[n] = "*fp32"
         else:
             signature[n] = "fp32" if n == "sqrt_d" else "i32"
-    aligned = [n for n in names if n.endswith("_ptr")]
-    src = ASTSource(fn, signature, constexprs={(names.index(n),): v for n, v in constants.items()},
-                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    src = source(fn, signature, constants, [n for n in names if n.endswith("_ptr")])
     warps = select._warps_per_row(nkp)
     options = dict(num_warps=warps, enable_fp_fusion=True,
                    **({"launch_pdl": True} if dependent(args) else {}))
@@ -240,9 +246,10 @@ def main() -> None:
         kernel, described = compiled(args)
         sass, registers, stack = disassemble(kernel)
         print(f"Triton {triton.__version__}, sm_{args.arch}: {kernel.name}, {described}")
-        print(f"{sum(len(ops) for ops in loop_bodies(sass).values())} instructions in all")
+        bodies = loop_bodies(sass)
+        print(f"{sum(len(ops) for ops in bodies.values())} instructions in all")
         print(f"registers {registers}, stack {stack} bytes, shared {kernel.metadata.shared} bytes")
-        blocks = sorted(loop_bodies(sass).items(), key=lambda item: -len(item[1]))
+        blocks = sorted(bodies.items(), key=lambda item: -len(item[1]))
         for label, ops in blocks[:6]:
             mix = Counter(op.split(".")[0] for op in ops)
             print(f"\n{label}: {len(ops)} instructions, {mix['LDL'] + mix['STL']} local-memory "

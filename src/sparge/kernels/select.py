@@ -71,6 +71,20 @@ def _store_table_row(kept, j, value, row, i, NK, lut_ptr, counts_ptr, n_full_ptr
         tl.store(n_full_ptr + row, tl.sum(tl.where(j < limit, kept, 0), 0))
 
 
+@triton.jit
+def _last_query(i, block_q, q_len):
+    """The index of query block ``i``'s last row: key blocks starting after it are causally
+    invalid for the whole block."""
+    return tl.minimum((i + 1) * block_q, q_len) - 1
+
+
+@triton.jit
+def _any_not_finite(x):
+    """Whether ``x`` holds a NaN or an infinity (the row then keeps every block, as the
+    reference's does)."""
+    return tl.max(tl.where(tl.abs(x) < float("inf"), 0, 1), 0) > 0
+
+
 # float32 bits just above 1.0: no probability reaches them (see _kth_largest)
 _ABOVE_ONE = tl.constexpr(0x3F800001)
 
@@ -114,11 +128,11 @@ def _select_row(products_ptr, q_sim_ptr, k_sim_ptr, sim_thr_ptr, rule_ptr, out_p
     k_similar = tl.load(k_sim_ptr + bk.to(tl.int64) * NK + j, mask=inb, other=0.0) > thr
     allowed = inb & k_similar
     if CAUSAL:
-        last_q = tl.minimum((i + 1) * block_q, q_len) - 1
+        last_q = _last_query(i, block_q, q_len)
         allowed = allowed & (j * block_k <= last_q)
     s = tl.math.div_rn(tl.load(products_ptr + row * NK + j, mask=inb, other=0.0), sqrt_d)
-    if WHOLE_ROW:  # a NaN or an infinity among the row's scores: every block is kept
-        not_finite = tl.max(tl.where(tl.abs(s) < float("inf"), 0, 1), 0) > 0
+    if WHOLE_ROW:
+        not_finite = _any_not_finite(s)
     s = tl.where(allowed, s, float("-inf"))
     m = tl.max(s, 0)
     e = tl.where(allowed, tl.exp(s - tl.where(m > float("-inf"), m, 0.0)), 0.0)
@@ -180,9 +194,8 @@ def _select_kernel(products_ptr,  # float32 (B, Hq, nQ, nK) contiguous: pooled p
     if CAUSAL and NKP >= 64:
         j = tl.arange(0, NKP)
         inb = j < NK
-        s = tl.load(products_ptr + row * NK + j, mask=inb, other=0.0)
-        not_finite = tl.max(tl.where(tl.abs(s) < float("inf"), 0, 1), 0) > 0
-        valid = tl.minimum((tl.minimum((i + 1) * block_q, q_len) - 1) // block_k + 1, NK)
+        not_finite = _any_not_finite(tl.load(products_ptr + row * NK + j, mask=inb, other=0.0))
+        valid = tl.minimum(_last_query(i, block_q, q_len) // block_k + 1, NK)
         width = tl.where(valid <= NKP // 4, NKP // 4, tl.where(valid <= NKP // 2, NKP // 2, NKP))
         if width == NKP // 4:
             _select_row(products_ptr, q_sim_ptr, k_sim_ptr, sim_thr_ptr, rule_ptr, out_ptr,
