@@ -749,15 +749,16 @@ def case_cdf_threshold_one_keeps_every_block():
 
 
 def check_selection_long_rows(n_k, device):
-    """One row of n_k key blocks as the reference selects it. The 300 leading blocks share the
-    top score, so both rules cut inside the tie, where the rank by index decides."""
+    """One row of n_k key blocks as the reference selects it. The leading blocks (300, or half
+    of a shorter row) share the top score, so both rules cut inside the tie, where the rank by
+    index decides."""
     from sparge.kernels.select import select_blocks_gpu
     from sparge.predict import BlockStats, Selection, select_blocks
 
     q_mean = torch.randn(1, 1, 1, 16, device=device)
     q_stats = BlockStats(q_mean, torch.rand(1, 1, 1, device=device))
     k_mean = torch.randn(1, 1, n_k, 16, device=device) * 0.1
-    k_mean[..., :300, :] = q_mean[0, 0, 0]
+    k_mean[..., :min(300, n_k // 2), :] = q_mean[0, 0, 0]
     k_stats = BlockStats(k_mean, torch.rand(1, 1, n_k, device=device))
     kw = dict(q_len=64, k_len=n_k * 64, block_q=64, block_k=64)
     for sel in (Selection(0.2, 0.6), Selection(0.2, None, 0.01, True)):
@@ -777,12 +778,13 @@ def case_pooled_products_kernel():
 
 
 def case_selection_long_rows():
-    """A row of 1000 key blocks in the kernel; rows past the kernel's limit (lowered here) take
-    the reference's path."""
+    """Rows of 100 key blocks (the top-k cut by a sort) and of 1000 (by bisection) in the kernel;
+    rows past the kernel's limit (lowered here) take the reference's path."""
     _fresh_seed()
     from sparge.kernels import select
 
-    check_selection_long_rows(1000, "cpu")
+    for n_k in (100, 1000):
+        check_selection_long_rows(n_k, "cpu")
     select._MAX_SORTED_BLOCKS = 512
     check_selection_long_rows(1000, "cpu")
 

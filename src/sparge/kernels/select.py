@@ -87,6 +87,9 @@ def _any_not_finite(x):
 
 # float32 bits just above 1.0: no probability reaches them (see _kth_largest)
 _ABOVE_ONE = tl.constexpr(0x3F800001)
+# the top-k rule's cut by a sort in rows of up to this many blocks, by bisection in longer ones:
+# the sort's cost grows as n log^2 n, the bisection's as 30 counts of n (bench/NOTES.md)
+_SORT_TOPK_UP_TO = tl.constexpr(128)
 
 
 @triton.jit
@@ -121,7 +124,8 @@ def _select_row(products_ptr, q_sim_ptr, k_sim_ptr, sim_thr_ptr, rule_ptr, out_p
     ``keep``-th largest probability and, of the blocks equal to it, the first ones by index, as
     many as ``keep`` leaves. The CDF rule sorts the probabilities alone for their cumulative sum
     (which does not depend on the order of equal values); the top-k rule needs only the
-    ``keep``-th largest, which :func:`_kth_largest` finds without sorting."""
+    ``keep``-th largest: read from the sorted row in rows of up to ``_SORT_TOPK_UP_TO`` blocks,
+    found by :func:`_kth_largest` without sorting in longer ones."""
     j = tl.arange(0, NKP)
     inb = j < NK
     thr = tl.load(sim_thr_ptr + h)
@@ -141,7 +145,10 @@ def _select_row(products_ptr, q_sim_ptr, k_sim_ptr, sim_thr_ptr, rule_ptr, out_p
 
     if TOPK:
         keep = tl.maximum(tl.floor(tl.load(rule_ptr + h) * NK).to(tl.int32), 1)
-        cut = _kth_largest(p, keep)
+        if NKP <= _SORT_TOPK_UP_TO:
+            cut = tl.sum(tl.where(j == keep - 1, tl.sort(p, 0, descending=True), 0.0), 0)
+        else:
+            cut = _kth_largest(p, keep)
     else:
         ranked = tl.sort(p, 0, descending=True)
         tau = tl.load(rule_ptr + h)
@@ -227,7 +234,8 @@ def select_blocks_gpu(q_stats: BlockStats, k_stats: BlockStats, selection: Selec
                       causal: bool = False) -> SparseMask:
     """:func:`sparge.predict.select_blocks` with one Triton program per query block after the
     pooled scores' matrix product: softmax, the rule's cut (the CDF rule's by a sort and a
-    cumulative sum, the top-k rule's by a bisection) and forced blocks in registers.
+    cumulative sum, the top-k rule's by a sort in short rows and a bisection in long ones) and
+    forced blocks in registers.
 
     The pooled products are the reference's own (:func:`sparge.predict.pooled_products`), and
     the kernel divides them by sqrt(D) as the reference does; the softmax and the cumulative sum
