@@ -715,6 +715,37 @@ def case_causal_selection_over_the_rows_prefix():
         check_selection_matches(q, k, sel, 128, 64, causal=True)
 
 
+def case_causal_selection_keeps_rows_with_non_finite_scores():
+    """A NaN or an infinity among a row's pooled scores keeps every causally valid block of the
+    row, as in the reference, wherever the value lies: before the diagonal, after it within the
+    16 or 32 blocks the kernel selects the row over, or past them. The value sits in one pooled
+    product alone (an overflow of two finite means), and the same rows without it drop
+    blocks."""
+    from sparge.kernels.select import select_blocks_gpu
+    from sparge.predict import BlockStats, Selection, select_blocks
+
+    _fresh_seed()
+    _poison_allocations()
+    n, d = 40, 16  # 40 key blocks: rows over 16, 32 or 64 (NKP) of them
+    kw = dict(q_len=n * 64, k_len=n * 64, block_q=64, block_k=64, causal=True)
+    ones = torch.ones(1, 1, n)
+    # (row, column): past the row's 16 blocks; after the diagonal within 32; before it
+    for row, column in ((10, 30), (20, 25), (35, 20)):
+        for value in (math.inf, math.nan):
+            q_mean, k_mean = torch.randn(1, 1, n, d), torch.randn(1, 1, n, d)
+            sel = Selection(0.5, 0.3)
+            plain = select_blocks_gpu(BlockStats(q_mean, ones), BlockStats(k_mean, ones), sel,
+                                      **kw).blocks[0, 0, row, :row + 1]
+            assert not plain.all()  # the row drops blocks when its scores are finite
+            q_mean[0, 0, row, :2] = 1e30
+            k_mean[0, 0, column, :2] = 1e30 if value == math.inf else torch.tensor([1e30, -1e30])
+            qs, ks = BlockStats(q_mean, ones), BlockStats(k_mean, ones)
+            got = select_blocks_gpu(qs, ks, sel, **kw).blocks
+            ref = select_blocks(qs, ks, sel, **kw).blocks
+            assert torch.equal(got, ref), (row, column, value)
+            assert got[0, 0, row, :row + 1].all() and not got[0, 0, row, row + 1:].any()
+
+
 def check_cdf_threshold_one(device):
     """cdf_threshold=1 keeps every block of every row, in the kernel as in the reference, although
     many rows' float32 cumulative sums end above 1 (rows of 2 to 9 blocks with random scores:

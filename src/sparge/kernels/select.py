@@ -117,7 +117,9 @@ def _select_row(products_ptr, q_sim_ptr, k_sim_ptr, sim_thr_ptr, rule_ptr, out_p
     """Query block ``i`` (flat index ``row`` = (batch, query head, i)) of :func:`_select_kernel`
     over its first ``NKP`` key blocks: with WHOLE_ROW all of them, and the row's scores tested
     here for a NaN or an infinity; else (causal rows that end sooner) every block up to the
-    diagonal, with ``not_finite`` the caller's test of the whole row.
+    diagonal, with ``not_finite`` the caller's test of the whole row (one test over the row is
+    faster than one here and one over the rest in the caller:
+    ``bench/results/select-split-nonfinite-ab-H200-2026-11-28.log``).
 
     The reference ranks blocks by a stable sort: by probability, equal probabilities by
     ascending index, and keeps the first ``keep``. Here the kept blocks are those above the
@@ -204,21 +206,12 @@ def _select_kernel(products_ptr,  # float32 (B, Hq, nQ, nK) contiguous: pooled p
         not_finite = _any_not_finite(tl.load(products_ptr + row * NK + j, mask=inb, other=0.0))
         valid = tl.minimum(_last_query(i, block_q, q_len) // block_k + 1, NK)
         width = tl.where(valid <= NKP // 4, NKP // 4, tl.where(valid <= NKP // 2, NKP // 2, NKP))
-        if width == NKP // 4:
-            _select_row(products_ptr, q_sim_ptr, k_sim_ptr, sim_thr_ptr, rule_ptr, out_ptr,
-                        lut_ptr, counts_ptr, n_full_ptr, sqrt_d, row, i, h, bk, NK, q_len,
-                        block_q, block_k, full_blocks, not_finite,
-                        NKP // 4, False, TOPK, CAUSAL, SINK, TABLE)
-        elif width == NKP // 2:
-            _select_row(products_ptr, q_sim_ptr, k_sim_ptr, sim_thr_ptr, rule_ptr, out_ptr,
-                        lut_ptr, counts_ptr, n_full_ptr, sqrt_d, row, i, h, bk, NK, q_len,
-                        block_q, block_k, full_blocks, not_finite,
-                        NKP // 2, False, TOPK, CAUSAL, SINK, TABLE)
-        else:
-            _select_row(products_ptr, q_sim_ptr, k_sim_ptr, sim_thr_ptr, rule_ptr, out_ptr,
-                        lut_ptr, counts_ptr, n_full_ptr, sqrt_d, row, i, h, bk, NK, q_len,
-                        block_q, block_k, full_blocks, not_finite,
-                        NKP, False, TOPK, CAUSAL, SINK, TABLE)
+        for shift in tl.static_range(2, -1, -1):  # the row over NKP / 4, NKP / 2 or NKP blocks
+            if width == NKP >> shift:
+                _select_row(products_ptr, q_sim_ptr, k_sim_ptr, sim_thr_ptr, rule_ptr, out_ptr,
+                            lut_ptr, counts_ptr, n_full_ptr, sqrt_d, row, i, h, bk, NK, q_len,
+                            block_q, block_k, full_blocks, not_finite,
+                            NKP >> shift, False, TOPK, CAUSAL, SINK, TABLE)
         tail = (j >= width) & inb  # past the diagonal: never kept
         tl.store(out_ptr + row * NK + j, tl.zeros_like(j).to(tl.uint8), mask=tail)
         if TABLE:
