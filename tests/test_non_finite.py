@@ -15,7 +15,8 @@ key block for a query block whose pooled scores are not finite, so the attention
 wherever SDPA would.
 
 The cases run on the reference path (CPU), through Triton's interpreter (CPU, one child process,
-fewer cases) and on a GPU at larger shapes. Each case draws fresh inputs and a fresh position.
+fewer cases) and on a GPU at larger shapes (a third of the cases, chosen so that every call
+meets every tensor, mode and value). Each case draws fresh inputs and a fresh position.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 
 import sparge
 from conftest import run_interpreted
+from sparge import settings
 
 MODES = ("none", "int8_fp16", "int8_fp8")
 VALUES = (math.nan, math.inf, -math.inf)
@@ -165,7 +167,25 @@ def test_interpreted_kernels_propagate_nan_and_infinities() -> None:
     run_interpreted(__file__, "case_interpreted_kernels")
 
 
+# Every tensor, value, mode and causal setting, and every call with each tensor, mode and
+# causal setting: the value picks the call, so that each call meets each value too (54 cases)
+GPU_CASES = [(CALLS[(VALUES.index(value) + MODES.index(mode)) % 3], tensor, value, mode, causal)
+             for tensor, value, mode, causal
+             in itertools.product("qkv", VALUES, MODES, (False, True))]
+
+
+def test_gpu_cases_cover_every_call_with_every_tensor_mode_and_causal_setting() -> None:
+    assert len(GPU_CASES) == 54
+    assert {(c, t, m, causal) for c, t, _, m, causal in GPU_CASES} == {
+        (c, t, m, causal) for c, t, _, m, causal in EVERY_CASE}
+    assert {(c, str(v)) for c, _, v, _, _ in GPU_CASES} == {(c, str(v)) for c, _, v, _, _
+                                                             in EVERY_CASE}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_propagates_nan_and_infinities() -> None:
-    run_cases("cuda", "triton", (1, 8, 2, 1500, 1300, 128), EVERY_CASE)
+def test_gpu_propagates_nan_and_infinities(monkeypatch: pytest.MonkeyPatch) -> None:
+    # each attention signature on its first candidate configuration, without timing the others
+    # (a compilation each); every candidate's arithmetic is tested in test_kernels_attention
+    monkeypatch.setenv(settings.AUTOTUNE.name, "0")
+    run_cases("cuda", "triton", (1, 8, 2, 1500, 1300, 128), GPU_CASES)
