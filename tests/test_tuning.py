@@ -147,6 +147,28 @@ def test_budget_layer_goes_dense_when_nothing_fits():
     assert layer.report().recomputed[0] >= 1
 
 
+def test_budget_layer_reset_statistics_keeps_what_it_learned():
+    """reset_statistics forgets the running statistics (calls, sparsity, errors, recomputed
+    calls) and keeps the per-head levels, ceilings and dense back-off: the next call is the
+    same as without the reset."""
+    layers = [ErrorBudgetAttention(0.05, quant="none", sample_rows=32, seed=1) for _ in range(2)]
+    for call in range(4):
+        q, k, v = local_qkv(call, length=512)
+        for layer in layers:
+            layer(q, k, v)
+    layer, twin = layers
+    before = layer.report()
+    assert before.calls == 4 and max(before.mean_sparsity) > 0
+    layer.reset_statistics()
+    after = layer.report()
+    assert after.calls == 0 and after.level == before.level
+    assert after.mean_sparsity == after.mean_est_error == after.max_est_error == [0.0, 0.0]
+    assert after.recomputed == [0, 0]
+    q, k, v = local_qkv(7, length=512)
+    torch.testing.assert_close(layer(q, k, v), twin(q, k, v), rtol=0, atol=0)
+    assert layer.report().calls == 1 and layer.report().level == twin.report().level
+
+
 # ------------------------------------------------------------------------------- calibration
 def _tuned_module(seed: int = 0) -> tuple[SparseAttentionMeansim, tuple[torch.Tensor, ...]]:
     q, k, v = local_qkv(seed, length=512)

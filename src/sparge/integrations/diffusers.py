@@ -459,11 +459,5 @@ def is_enabled(transformer: nn.Module) -> bool:
     return getattr(transformer, "_sparge", None) is not None
 
 
-@functools.wraps(enable_sparge)
-def apply_sparge(*args, **kwargs) -> SpargeController:
-    """Alias of :func:`enable_sparge`."""
-    return enable_sparge(*args, **kwargs)
-
-
 __all__ = ["FAMILY_LAYERS", "FIXED_KWARGS", "LayerStats", "SpargeAttnProcessor", "SpargeController",
            "disable_sparge", "enable_sparge", "is_enabled", "select_layers", "sparge_report"]

@@ -629,14 +629,6 @@ class Calibration:
             save_tuning(self.model, self.path)
 
 
-_ACTIVE: list[Calibration] = []
-
-
-def active_calibration() -> Calibration | None:
-    """The innermost running :func:`calibration`, if any."""
-    return _ACTIVE[-1] if _ACTIVE else None
-
-
 @contextlib.contextmanager
 def calibration(model: nn.Module, path: str | os.PathLike | None = None, *, calls: int = 1,
                 progress: bool = True) -> Iterator[Calibration]:
@@ -670,11 +662,9 @@ def calibration(model: nn.Module, path: str | os.PathLike | None = None, *, call
 
         hooks.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         hooks.append(module.register_forward_hook(post, with_kwargs=True))
-    _ACTIVE.append(cal)
     try:
         yield cal
     finally:
-        _ACTIVE.remove(cal)
         for hook in hooks:
             hook.remove()
         cal.close()
