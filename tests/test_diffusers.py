@@ -19,6 +19,7 @@ from sparge import SparseMask, predict_mask  # noqa: E402
 from sparge.integrations.diffusers import (  # noqa: E402
     disable_sparge,
     enable_sparge,
+    is_enabled,
     select_layers,
     sparge_report,
 )
@@ -107,6 +108,7 @@ def test_wan_error_budget_reaches_sparsity_with_measured_error_under_budget():
 def test_dense_steps_and_layers_schedule():
     model = tiny_transformer("wan", layers=3)
     assert select_layers(model) == ["blocks.0.attn1", "blocks.1.attn1", "blocks.2.attn1"]
+    assert not is_enabled(model)
     controller = enable_sparge(model, "fixed", dense_layers=1, dense_steps=2,
                                sparse_kwargs={"cdf_threshold": 0.9, "sim_threshold": 0.0})
     assert list(controller.processors) == ["blocks.1.attn1", "blocks.2.attn1"]
@@ -118,8 +120,9 @@ def test_dense_steps_and_layers_schedule():
         assert stats.last_sparsity > 0
     model(**tiny_inputs("wan", timestep=999.0))  # timestep went up: a new generation
     assert controller.step == 0
+    assert is_enabled(model)
     disable_sparge(model)
-    assert not hasattr(model, "_sparge")
+    assert not hasattr(model, "_sparge") and not is_enabled(model)
 
 
 @torch.no_grad()

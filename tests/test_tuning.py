@@ -20,6 +20,7 @@ from sparge.tuning import (
     load_tuning,
     read_tuning,
     save_tuning,
+    summarize,
     tuned_error,
 )
 from sparge.tuning._common import exact_attention, exact_rows, rel_l1_per_head, sample_rows
@@ -115,6 +116,13 @@ def test_budget_layer_stays_under_budget_and_gets_sparse():
     assert max(errors) <= 0.05
     assert statistics.mean(sparsity[4:]) > 0.2
     assert min(report.level) > 0
+    header, line = summarize({"blocks.0.attn": report}).splitlines()
+    assert header.split() == ["layer", "calls", "sparsity", "est.err", "max", "err", "recomp"]
+    name, calls, mean_sparsity, mean_err, max_err, recomputed = line.split()
+    assert (name, int(calls), int(recomputed)) == ("blocks.0.attn", 12, sum(report.recomputed))
+    assert float(mean_sparsity) == pytest.approx(statistics.mean(report.mean_sparsity), abs=1e-3)
+    assert float(mean_err) == pytest.approx(statistics.mean(report.mean_est_error), abs=1e-4)
+    assert float(max_err) == pytest.approx(max(report.max_est_error), abs=1e-4)
 
 
 def test_budget_layer_nhd_causal_gqa_and_state():
