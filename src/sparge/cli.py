@@ -399,9 +399,13 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     dtype = {"auto": torch.float16 if device.type == "cuda" else torch.float32,
              "float32": torch.float32, "float16": torch.float16,
              "bfloat16": torch.bfloat16}[args.dtype]
-    print(f"sparge selftest: {device}, {dtype}, {dispatch.choose_backend('auto', device)} path, "
+    path = dispatch.choose_backend("auto", device)
+    print(f"sparge selftest: {device}, {dtype}, {path} path, "
           f"{dispatch.choose_quant('auto', device)}; reference: SDPA math backend in float32",
           flush=True)
+    if path == "triton" and device.type == "cuda":
+        print("(the first run compiles and tunes the kernels of each check: a few minutes with an "
+              "empty Triton cache, which keeps them on disk for later runs)", flush=True)
     failed = 0
     total = 0
     for group, run in selftest_checks(device, dtype, args.seed):
