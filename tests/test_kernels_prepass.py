@@ -729,11 +729,11 @@ def case_causal_selection_keeps_rows_with_non_finite_scores():
     n, d = 40, 16  # 40 key blocks: rows over 16, 32 or 64 (NKP) of them
     kw = dict(q_len=n * 64, k_len=n * 64, block_q=64, block_k=64, causal=True)
     ones = torch.ones(1, 1, n)
+    sel = Selection(0.5, 0.3)
     # (row, column): past the row's 16 blocks; after the diagonal within 32; before it
     for row, column in ((10, 30), (20, 25), (35, 20)):
         for value in (math.inf, math.nan):
             q_mean, k_mean = torch.randn(1, 1, n, d), torch.randn(1, 1, n, d)
-            sel = Selection(0.5, 0.3)
             plain = select_blocks_gpu(BlockStats(q_mean, ones), BlockStats(k_mean, ones), sel,
                                       **kw).blocks[0, 0, row, :row + 1]
             assert not plain.all()  # the row drops blocks when its scores are finite
