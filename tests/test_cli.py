@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import sparge
-from sparge import cli
+from sparge import cli, settings
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -143,6 +144,22 @@ def test_selftest_reports_failures(monkeypatch, capsys):
     assert "FAIL  predict_mask: ZeroDivisionError" in out
     assert re.search(r"^PASS  block_sparse_attn", out, re.M)
     assert re.search(r"^\d+ of \d+ checks FAILED$", out, re.M)
+
+
+@pytest.mark.parametrize(("options", "tuned"), [((), False), (("--tune",), True)])
+def test_selftest_tunes_only_when_asked(options, tuned, monkeypatch, capsys):
+    """By default the checks run each shape's default kernel configuration (less to compile on a
+    first run); --tune times the configurations as calls do. The setting is restored after."""
+    monkeypatch.setenv(settings.AUTOTUNE.name, "1")
+    seen = []
+
+    def checks(*args):
+        return [("autotune", lambda: seen.append(settings.AUTOTUNE.enabled()) or [])]
+
+    monkeypatch.setattr(cli, "selftest_checks", checks)
+    assert cli.main(["selftest", "--device", "cpu", *options]) == 0
+    assert seen == [tuned]
+    assert os.environ[settings.AUTOTUNE.name] == "1"
 
 
 def test_selftest_check_line():

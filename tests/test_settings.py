@@ -1,5 +1,7 @@
 """Environment switches: one definition of each default, the same values the kernels read."""
 
+import os
+
 import pytest
 
 from sparge import settings
@@ -29,3 +31,23 @@ def test_cuda_graphs_names_every_replayed_entry_point():
     """``sparge info`` prints the meaning: it names each entry point whose calls replay."""
     for name in ("sparse_attn", "quantized_attn", "block_sparse_attn"):
         assert name in settings.CUDA_GRAPHS.meaning
+
+
+@pytest.mark.parametrize("before", [None, "0", "1", "yes"])
+@pytest.mark.parametrize("on", [True, False])
+def test_forced_holds_within_the_block_and_restores_the_variable(before, on, monkeypatch):
+    switch = settings.AUTOTUNE
+    if before is None:
+        monkeypatch.delenv(switch.name, raising=False)
+    else:
+        monkeypatch.setenv(switch.name, before)
+    with switch.forced(on):
+        assert switch.enabled() is on
+    assert os.environ.get(switch.name) == before
+
+
+def test_forced_restores_the_variable_when_the_block_raises(monkeypatch):
+    monkeypatch.setenv(settings.AUTOTUNE.name, "1")
+    with pytest.raises(RuntimeError), settings.AUTOTUNE.forced(False):
+        raise RuntimeError("inside the block")
+    assert os.environ[settings.AUTOTUNE.name] == "1"

@@ -4,7 +4,8 @@
 - ``sparge demo``: sparse attention on a synthetic video-like token sequence, against exact
   attention: sparsity, relative L1 error and time.
 - ``sparge selftest``: every entry point against ``scaled_dot_product_attention`` (math backend),
-  PASS/FAIL with the numbers and tolerances; the exit status is 1 if anything fails.
+  PASS/FAIL with the numbers and tolerances; the exit status is 1 if anything fails. The
+  attention kernel runs each shape's default launch configuration unless ``--tune`` is given.
 """
 
 from __future__ import annotations
@@ -404,22 +405,26 @@ def cmd_selftest(args: argparse.Namespace) -> int:
           f"{dispatch.choose_quant('auto', device)}; reference: SDPA math backend in float32",
           flush=True)
     if path == "triton" and device.type == "cuda":
-        print("(the first run compiles and tunes the kernels of each check: a few minutes with an "
-              "empty Triton cache, which keeps them on disk for later runs)", flush=True)
+        tuning = ("times the attention kernel's launch configurations of each shape, as calls "
+                  "do" if args.tune else "runs each shape's default launch configuration "
+                  "(--tune times them all, as calls do)")
+        print(f"(the kernels compile on a first run, which Triton keeps on disk for later runs; "
+              f"the selftest {tuning})", flush=True)
     failed = 0
     total = 0
-    for group, run in selftest_checks(device, dtype, args.seed):
-        try:
-            checks = run()
-        except Exception as err:  # noqa: BLE001 - a crash is a failure to report, not to raise
-            print(f"FAIL  {group}: {type(err).__name__}: {err}", flush=True)
-            failed += 1
-            total += 1
-            continue
-        for check in checks:
-            print(check.line(), flush=True)
-            failed += not check.passed
-            total += 1
+    with settings.AUTOTUNE.forced(args.tune):
+        for group, run in selftest_checks(device, dtype, args.seed):
+            try:
+                checks = run()
+            except Exception as err:  # noqa: BLE001 - a crash is a failure to report
+                print(f"FAIL  {group}: {type(err).__name__}: {err}", flush=True)
+                failed += 1
+                total += 1
+                continue
+            for check in checks:
+                print(check.line(), flush=True)
+                failed += not check.passed
+                total += 1
     print()
     if failed:
         print(f"{failed} of {total} checks FAILED")
@@ -457,6 +462,10 @@ def build_parser() -> argparse.ArgumentParser:
                       choices=("auto", "float32", "float16", "bfloat16"),
                       help="input dtype (auto: float16 on a GPU, float32 on the CPU)")
     test.add_argument("--seed", type=int, default=0)
+    test.add_argument("--tune", action="store_true",
+                      help="time every launch configuration of the attention kernel, as calls "
+                           "do, instead of running each shape's default one (more to compile on "
+                           "a first run)")
     return parser
 
 

@@ -8,6 +8,8 @@ default is turned on only by ``1``. The kernels read them through :meth:`Switch.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 
@@ -27,6 +29,20 @@ class Switch:
         if self.default_on:
             return self.value() != "0"
         return self.value() == "1"
+
+    @contextmanager
+    def forced(self, on: bool) -> Iterator[None]:
+        """Within the block the switch is ``on`` whatever the environment says; after it the
+        variable is as it was (set to its old value, or unset)."""
+        old = os.environ.get(self.name)
+        os.environ[self.name] = "1" if on else "0"
+        try:
+            yield
+        finally:
+            if old is None:
+                del os.environ[self.name]
+            else:
+                os.environ[self.name] = old
 
 
 INTERPRET = Switch("TRITON_INTERPRET", False,
