@@ -15,6 +15,12 @@ rotating over three input sets:
 - ``selection``: pooled products, block selection and lookup table (``select_with_table``);
 - ``pre-pass + stats`` and ``pre-pass``: ``prepare_qkv`` with and without the statistics.
 
+Each stage's line gives the bytes it must move to and from memory at the least (inputs read
+once, outputs written once; the second reads of a block, meant to hit the cache, not counted)
+and the bandwidth that makes. Three plain torch operations with known traffic, timed the same
+way, give the card's bandwidth to compare with: a sum over K and V (reads), K cast to int8
+(reads 2 bytes, writes 1 per element, as quantization does) and a copy of K.
+
 ``--variants`` also times the channel statistics with other chunk sizes, the statistics launch
 with other tile shapes, the one quantization launch with fewer rows per combined partial, and
 the two launches with other shapes of the second, each against the library's constants in the
@@ -123,7 +129,22 @@ def stages(length: int, dim: int) -> dict[str, object]:
 
     return {"channel stats": channel_stats, "V + K mean": v_and_mean, "Q, K + stats": qk_stats,
             "Q, K, V": qkv, "V + K mean, then Q, K": split, "selection": selection,
-            "pre-pass + stats": whole(True), "pre-pass": whole(False)}
+            "pre-pass + stats": whole(True), "pre-pass": whole(False),
+            "torch: sum of K and of V": lambda i: lambda: (sets[i][1].sum(), sets[i][2].sum()),
+            "torch: K cast to int8": lambda i: lambda: sets[i][1].to(torch.int8),
+            "torch: copy of K": lambda i: lambda: sets[i][1].clone()}
+
+
+def least_bytes(length: int, dim: int) -> dict[str, int]:
+    """Bytes a stage must move at the least (B1 H24, bf16 inputs, 8-bit outputs), by name."""
+    x = HEADS * length * dim * 2  # one bf16 input
+    blocks = HEADS * (length // 64 + length // 128) * (dim + 2) * 4  # scales, means, similarity
+    qk = 2 * x + x + blocks  # read Q and K, write their INT8 values and statistics
+    qkv = 3 * x + 3 * x // 2  # read Q, K and V, write their 8-bit values
+    return {"channel stats": 2 * x, "V + K mean": x + x // 2, "Q, K + stats": qk,
+            "Q, K, V": qkv, "V + K mean, then Q, K": qkv, "pre-pass + stats": 2 * x + qk + x
+            + x // 2, "pre-pass": 2 * x + qkv, "torch: sum of K and of V": 2 * x,
+            "torch: K cast to int8": x + x // 2, "torch: copy of K": 2 * x}
 
 
 def variants(length: int, dim: int, make: dict[str, object]) -> None:
@@ -172,9 +193,13 @@ def main() -> None:
     for pair in args.shapes.split(","):
         length, dim = (int(x) for x in pair.split(":"))
         make = stages(length, dim)
+        moved = least_bytes(length, dim)
         print(f"\nL{length} D{dim}", flush=True)
         for name, step in make.items():
-            print(f"  {graph_time(step):8.1f} us  {name}", flush=True)
+            us = graph_time(step)
+            traffic = (f"{moved[name] / 1e6:7.0f} MB {moved[name] / us / 1e6:5.2f} TB/s"
+                       if name in moved else " " * 21)
+            print(f"  {us:8.1f} us {traffic}  {name}", flush=True)
         if args.variants:
             variants(length, dim, make)
 
