@@ -45,6 +45,7 @@ from sparge.predict import Selection  # noqa: E402
 
 HEADS = 24
 SETS = 3
+BLOCK_Q, BLOCK_K = 64, 128  # the library's default blocks
 
 
 def graph_time(make_step) -> float:
@@ -73,7 +74,7 @@ def stages(length: int, dim: int) -> dict[str, object]:
     gen = torch.Generator(device="cuda").manual_seed(length + dim)
     sets = [tuple(torch.randn(1, HEADS, length, dim, device="cuda", dtype=torch.bfloat16,
                               generator=gen) for _ in range(3)) for _ in range(SETS)]
-    kw = dict(block_q=64, block_k=128, quant=True)
+    kw = dict(block_q=BLOCK_Q, block_k=BLOCK_K, quant=True)
 
     def prepared(i):
         q, k, v = sets[i]
@@ -118,12 +119,13 @@ def stages(length: int, dim: int) -> dict[str, object]:
     def selection(i):
         q_stats, k_stats = inputs[i][7:]
         return lambda: select_with_table(q_stats, k_stats, Selection(), q_len=length,
-                                         k_len=length, block_q=64, block_k=128, causal=False)
+                                         k_len=length, block_q=BLOCK_Q, block_k=BLOCK_K,
+                                         causal=False)
 
     def whole(stats):
         def make(i):
             q, k, v = sets[i]
-            return lambda: prepass.prepare_qkv(q, k, v, block_q=64, block_k=128,
+            return lambda: prepass.prepare_qkv(q, k, v, block_q=BLOCK_Q, block_k=BLOCK_K,
                                                mode="int8_fp8", with_stats=stats)
         return make
 
@@ -138,13 +140,16 @@ def stages(length: int, dim: int) -> dict[str, object]:
 def least_bytes(length: int, dim: int) -> dict[str, int]:
     """Bytes a stage must move at the least (B1 H24, bf16 inputs, 8-bit outputs), by name."""
     x = HEADS * length * dim * 2  # one bf16 input
-    blocks = HEADS * (length // 64 + length // 128) * (dim + 2) * 4  # scales, means, similarity
-    qk = 2 * x + x + blocks  # read Q and K, write their INT8 values and statistics
-    qkv = 3 * x + 3 * x // 2  # read Q, K and V, write their 8-bit values
-    return {"channel stats": 2 * x, "V + K mean": x + x // 2, "Q, K + stats": qk,
-            "Q, K, V": qkv, "V + K mean, then Q, K": qkv, "pre-pass + stats": 2 * x + qk + x
-            + x // 2, "pre-pass": 2 * x + qkv, "torch: sum of K and of V": 2 * x,
-            "torch: K cast to int8": x + x // 2, "torch: copy of K": 2 * x}
+    quantized = x + x // 2  # one input read, its 8-bit values written
+    channel = 2 * x  # K and V read
+    blocks = HEADS * (length // BLOCK_Q + length // BLOCK_K) * (dim + 2) * 4  # scales, stats
+    qk = 2 * quantized + blocks
+    qkv = 3 * quantized
+    return {"channel stats": channel, "V + K mean": quantized, "Q, K + stats": qk,
+            "Q, K, V": qkv, "V + K mean, then Q, K": qkv,
+            "pre-pass + stats": channel + quantized + qk, "pre-pass": channel + qkv,
+            "torch: sum of K and of V": channel, "torch: K cast to int8": quantized,
+            "torch: copy of K": 2 * x}
 
 
 def variants(length: int, dim: int, make: dict[str, object]) -> None:

@@ -405,9 +405,11 @@ def cmd_selftest(args: argparse.Namespace) -> int:
           f"{dispatch.choose_quant('auto', device)}; reference: SDPA math backend in float32",
           flush=True)
     if path == "triton" and device.type == "cuda":
-        tuning = ("times the attention kernel's launch configurations of each shape, as calls "
-                  "do" if args.tune else "runs each shape's default launch configuration "
-                  "(--tune times them all, as calls do)")
+        if args.tune:
+            tuning = "times the attention kernel's launch configurations of each shape, as calls do"
+        else:
+            tuning = ("runs each shape's default launch configuration (--tune times them all, "
+                      "as calls do)")
         print(f"(the kernels compile on a first run, which Triton keeps on disk for later runs; "
               f"the selftest {tuning})", flush=True)
     failed = 0
