@@ -165,6 +165,7 @@ def variants(length: int, dim: int, make: dict[str, object]) -> None:
                          graph_time(make["channel stats"])))
         prepass._CHUNK_ROWS, prepass._STATS_PROGRAMS = library[:2]
         for shape in (library[2], prepass._LaunchShape(1024, 1, None),
+                      prepass._LaunchShape(4096, 1, None),
                       prepass._LaunchShape(4096, 2, None), prepass._LaunchShape(2048, 2, None),
                       prepass._LaunchShape(8192, 4, None)):
             prepass._WITH_STATS = shape
