@@ -12,6 +12,7 @@ a launch of its own.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -21,12 +22,13 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from prepass_stages import HEADS, SETS, graph_time  # noqa: E402
+from prepass_stages import BLOCK_K, BLOCK_Q, HEADS, SETS, graph_time  # noqa: E402
 
 from sparge.kernels import prepass  # noqa: E402
 
 SHAPES = ((32768, 128), (32768, 64), (8192, 128))
-TILES = {t: prepass._LaunchShape(t, 1, None) for t in (2048, 4096)}
+# the library's one-warp launch shape with each tile size
+TILES = {t: dataclasses.replace(prepass._WITH_STATS, tile_elems=t) for t in (2048, 4096)}
 # variant name -> launches in order: (jobs, tile elements)
 PLANS = {"QK 2048 (library)": [("QK", 2048)], "K 2048": [("K", 2048)], "Q 2048": [("Q", 2048)],
          "K 4096": [("K", 4096)], "Q 4096": [("Q", 4096)],
@@ -45,8 +47,8 @@ def input_sets(length: int, dim: int) -> list[tuple[torch.Tensor, ...]]:
         k_max = torch.zeros(1, HEADS, device="cuda")
         k_sum, v_max = prepass._channel_stats(k, v, k_max)
         k_mean = torch.empty(1, HEADS, dim, device="cuda")
-        prepass._launch(None, k, v, k_sum, v_max, k_mean, jobs="MV", stats=False, block_q=64,
-                        block_k=128, quant=True)
+        prepass._launch(None, k, v, k_sum, v_max, k_mean, jobs="MV", stats=False,
+                        block_q=BLOCK_Q, block_k=BLOCK_K, quant=True)
         sets.append((q, k, k_max, k_mean))
     return sets
 
@@ -62,7 +64,8 @@ def plan_step(sets, plan):
                 for jobs, tile in plan:
                     prepass._WITH_STATS = TILES[tile]
                     prepass._launch(q, k, None, None, None, k_mean, jobs=jobs, stats=True,
-                                    k_scale_max=k_max, block_q=64, block_k=128, quant=True)
+                                    k_scale_max=k_max, block_q=BLOCK_Q, block_k=BLOCK_K,
+                                    quant=True)
             finally:
                 prepass._WITH_STATS = library
         return run
