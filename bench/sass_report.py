@@ -111,7 +111,8 @@ def compile_quantize(args) -> tuple[triton.compiler.CompiledKernel, str]:
     ``prepass._quantize`` gives them; returns the kernel and a description of the shape."""
     fn = prepass._quantize_kernel
     names = list(fn.arg_names)
-    shape = prepass._launch_shape(args.stats, any(j in args.jobs for j in "QK"))
+    shape = prepass._launch_shape(args.stats, any(j in args.jobs for j in "QK"),
+                                  divmod(args.arch, 10))
     block_q, block_k = args.block_m, args.block_n
     v_fp8 = args.arch >= 89  # FP8 V where the GPU has FP8 tensor cores, else its float16 cast
     # one-warp statistics programs take K's channel mean finished by the launch before

@@ -7,13 +7,15 @@ a launch of their own (``jobs="MV"``) under ``prepass._V_ALONE`` (elements per t
 rows a tile, warps, register cap). For B1 H24 bf16 K and V at L32768 D128, L32768 D64 and L8192
 D128, this times that launch alone under the library's shape, the shape it had before (that of
 quantization alone, 4096 elements, 4 warps, 96 registers) and every combination of 4096 to 16384
-elements per tile, 4 or 8 warps and no cap or a 128-register cap, each variant captured in a CUDA
+elements per tile, 4 or 8 warps, no cap or a 128-register cap and 1 to 3 software-pipelining
+stages of the tile loop (1: none; ``--stages``), each variant captured in a CUDA
 graph and timed by ``do_bench`` (median) over 3 input sets in turn, in three alternating rounds.
 Prints each variant's median over the rounds, fastest first, with the library's shape marked.
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import statistics
 import sys
@@ -34,14 +36,24 @@ SETS = 3
 TILES = (4096, 8192, 16384)
 WARPS = (4, 8)
 CAPS = (None, 128)
+STAGES = (1,)
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiles", default=",".join(map(str, TILES)))
+    parser.add_argument("--warps", default=",".join(map(str, WARPS)))
+    parser.add_argument("--caps", default="-,128", help="register caps, - for none")
+    parser.add_argument("--stages", default=",".join(map(str, STAGES)))
+    args = parser.parse_args()
+    ints = [[int(x) for x in a.split(",")] for a in (args.tiles, args.warps, args.stages)]
+    caps = [None if c == "-" else int(c) for c in args.caps.split(",")]
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton "
           f"{triton.__version__}; B1 H{HEADS} bf16", flush=True)
     library = prepass._V_ALONE
     shapes = [library, prepass._LaunchShape(4096, 4, 96),
-              *(prepass._LaunchShape(*c) for c in itertools.product(TILES, WARPS, CAPS))]
+              *(prepass._LaunchShape(tile, warps, cap, 128, stages) for tile, warps, cap, stages
+                in itertools.product(ints[0], ints[1], caps, ints[2]))]
     for length, dim in ((32768, 128), (32768, 64), (8192, 128)):
         gen = torch.Generator(device="cuda").manual_seed(length + dim)
         sets = []
@@ -77,7 +89,7 @@ def main() -> None:
         for shape in ranked:
             mark = "  <- library" if shape is library else ""
             print(f"  tile {shape.tile_rows(prepass._dim_pad(dim)):4d} rows  warps "
-                  f"{shape.num_warps}  cap {shape.maxnreg or '-':>4}  "
+                  f"{shape.num_warps}  cap {shape.maxnreg or '-':>4}  stages {shape.v_stages}  "
                   f"{1e3 * statistics.median(times[shape]):7.1f}{mark}", flush=True)
 
 

@@ -46,12 +46,13 @@ Rounding matches the specification exactly (see :mod:`sparge.kernels.rounding`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
+from ..backend import capability_of
 from ..mask import num_blocks
 from ..predict import BlockStats
 from ..quant import FP8_DTYPE, PV_FP8, PV_FP16, QuantizedQKV
@@ -97,12 +98,14 @@ _ROWS_PER_PARTIAL = 16
 @dataclass(frozen=True)
 class _LaunchShape:
     """Launch constants of the quantization kernel: elements per tile (at most ``max_rows`` rows
-    a tile when given), warps, register cap."""
+    a tile when given), warps, register cap, and the software-pipelining stages of V's tile loop
+    (1: none)."""
 
     tile_elems: int
     num_warps: int
     maxnreg: int | None
     max_rows: int | None = None
+    v_stages: int = 1
 
     def tile_rows(self, dim_pad: int) -> int:
         """Rows per tile for rows of ``dim_pad`` elements."""
@@ -118,8 +121,13 @@ _QUANTIZE = _LaunchShape(4096, 4, 96)
 # rows, so that each channel's FP8 keys of a tile fill a 128-byte line of the K-major output, in
 # 4 warps without a cap. H100, L32768 (bench/v_launch_sweep.py,
 # bench/results/v-launch-sweep-H100-2026-11-27.log): D128 131 -> 118 us, D64 85 -> 64 us;
-# L8192 D128 43 -> 42 us.
-_V_ALONE = _LaunchShape(16384, 4, None, max_rows=128)
+# L8192 D128 43 -> 42 us. On Hopper (sm90) the tile loop keeps the next two tiles' loads in
+# flight (3 stages: cp.async through shared memory, 80 KB a program at D128)
+# (bench/results/v-launch-sweep-stages-*-2026-11-28.log): L32768 D128 90.6 -> 86.5 us on an
+# H200, 114.6 -> 114.0 on an H100; D64 48.4 -> 47.2 and 62.0 -> 60.9; L8192 D128 33.0 -> 30.7
+# and 39.0 -> 36.7. Elsewhere no stages (not measured, and some of those GPUs have less than
+# half of Hopper's shared memory per SM).
+_V_ALONE = _LaunchShape(16384, 4, None, max_rows=128, v_stages=3)
 # Q and K with their statistics: one warp per program, so that the statistics' reductions across
 # rows and across channels stay inside a warp (no barrier); 2048-element tiles. On an H100 at
 # L32768 D128 the Q and K jobs took 0.15 and 0.20 ms instead of 0.22 and 0.36 ms in 4-warp
@@ -137,11 +145,14 @@ _WITH_STATS = _LaunchShape(2048, 1, None)
 _V_APART_DIM = 64
 
 
-def _launch_shape(stats: bool, has_qk: bool) -> _LaunchShape:
-    """The launch shape of one quantization launch: of V's job without Q's or K's (K's mean
-    may be finished beside it), else of Q's and K's jobs with or without the statistics."""
+def _launch_shape(stats: bool, has_qk: bool, capability: tuple[int, int] | None
+                  ) -> _LaunchShape:
+    """The launch shape of one quantization launch on a GPU of ``capability`` (None: the
+    interpreter): of V's job without Q's or K's (K's mean may be finished beside it), else of
+    Q's and K's jobs with or without the statistics."""
     if not has_qk:
-        return _V_ALONE
+        hopper = capability is not None and capability[0] == 9
+        return _V_ALONE if hopper else replace(_V_ALONE, v_stages=1)
     return _WITH_STATS if stats else _QUANTIZE
 
 
@@ -361,7 +372,7 @@ def _v_job(
         part_ptr, n_chunks,  # float32 (B, H, n_chunks, D) channel abs-maxima (if FP8)
         job, H, L, LP, D, per_head, tiles,
         VT: tl.constexpr, DP: tl.constexpr, LOG_NC: tl.constexpr, FP8: tl.constexpr,
-        ROUND_FP8: tl.constexpr):
+        ROUND_FP8: tl.constexpr, STAGES: tl.constexpr):
     """Program ``job`` of the V job: ``tiles`` consecutive tiles of VT rows of one (batch, head).
 
     FP8: the channel scales, then the tiles in FP8, K-major, each row in its slot (see
@@ -396,7 +407,8 @@ def _v_job(
         # bound: the interpreter cannot AND a scalar into a mask)
         tl.store(scale_ptr + bh * D + cols, scale, mask=cols < tl.where(first == 0, D, 0))
         out_base = out_ptr + bh * D * LP + (cols.to(tl.int64) * LP)[:, None]
-        for t in range(first, tl.minimum(first + tiles, (LP + VT - 1) // VT)):
+        for t in tl.range(first, tl.minimum(first + tiles, (LP + VT - 1) // VT),
+                          num_stages=STAGES):
             rows = t * VT + tl.arange(0, VT)
             x = tl.load(v_base + rows.to(tl.int64)[:, None] * svl,
                         mask=(rows < L)[:, None] & cmask[None, :], other=0.0).to(tl.float32)
@@ -420,7 +432,7 @@ def _quantize_kernel(
         m_jobs, k_jobs, v_jobs,  # programs [0, m_jobs) finish K's mean, then K, V, the rest Q
         q_per_head, k_per_head, v_per_head, q_blocks, k_blocks, v_tiles,
         BQ: tl.constexpr, BK: tl.constexpr, RQ: tl.constexpr, RK: tl.constexpr,
-        VT: tl.constexpr, DP: tl.constexpr,
+        VT: tl.constexpr, DP: tl.constexpr, V_STAGES: tl.constexpr,
         LOG_NC: tl.constexpr, QUANT: tl.constexpr, STATS: tl.constexpr,
         K_SCALE_MAX: tl.constexpr, K_MEAN_GIVEN: tl.constexpr, V_FP8: tl.constexpr,
         ROUND_FP8: tl.constexpr, HAS_M: tl.constexpr, HAS_Q: tl.constexpr, HAS_K: tl.constexpr,
@@ -456,7 +468,7 @@ def _quantize_kernel(
         if HAS_V:
             _v_job(v_ptr, svb, svh, svl, svd, v8_ptr, v_scale_ptr, vmax_ptr, n_chunks,
                    pid - m_jobs - k_jobs, HK, LK, LP, D, v_per_head, v_tiles, VT, DP, LOG_NC,
-                   V_FP8, ROUND_FP8)
+                   V_FP8, ROUND_FP8, V_STAGES)
     elif HAS_Q:
         _block_job(q_ptr, sqb, sqh, sql, sqd, q8_ptr, q_scale_ptr, q_mean_ptr, q_sim_ptr,
                    q_ptr, n_chunks, q_ptr, q_ptr, pid - m_jobs - k_jobs - v_jobs, HQ, LQ, D,
@@ -546,7 +558,8 @@ def _constants(shape: _LaunchShape, dim: int, block_q: int, block_k: int, *, qua
     dp = _dim_pad(dim)
     tile_rows = shape.tile_rows(dp)
     return dict(BQ=block_q, BK=block_k, RQ=min(block_q, tile_rows), RK=min(block_k, tile_rows),
-                VT=tile_rows, DP=dp, LOG_NC=_max_chunks(dp).bit_length() - 1, QUANT=quant,
+                VT=tile_rows, DP=dp, V_STAGES=shape.v_stages,
+                LOG_NC=_max_chunks(dp).bit_length() - 1, QUANT=quant,
                 STATS=stats, K_SCALE_MAX=k_scale_max, K_MEAN_GIVEN=k_mean_given, V_FP8=v_fp8,
                 ROUND_FP8=round_fp8, HAS_M=has_m, HAS_Q=has_q, HAS_K=has_k, HAS_V=has_v,
                 INDIRECT=indirect)
@@ -616,7 +629,8 @@ def _launch(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | No
     given = next(t for t in (q, kv) if t is not None)
     batch, dim, dev = given.shape[0], given.shape[3], given.device
     dp = _dim_pad(dim)
-    shape = _launch_shape(stats, q is not None or run_k)
+    shape = _launch_shape(stats, q is not None or run_k,
+                          capability_of(dev) if dev.type == "cuda" else None)
     tile_rows = shape.tile_rows(dp)
     partials = ksum if ksum is not None else vmax
     n_chunks = 1 if partials is None else partials.shape[2]
