@@ -907,6 +907,19 @@ def test_interpreted(case):
     _interpreted(case)
 
 
+def test_v_launch_pipelines_its_tiles_on_hopper_only():
+    """V's launch of its own software-pipelines its FP8 tile loop on Hopper, where it was
+    measured faster, and nowhere else (the interpreter included); the other launches never."""
+    pytest.importorskip("triton")
+    from sparge.kernels.prepass import _launch_shape
+
+    assert _launch_shape(False, False, (9, 0)).v_stages == 3
+    for capability in (None, (8, 0), (8, 9), (10, 0), (12, 0)):
+        assert _launch_shape(False, False, capability).v_stages == 1, capability
+    for stats in (False, True):
+        assert _launch_shape(stats, True, (9, 0)).v_stages == 1
+
+
 # ------------------------------------------------------------------------------ GPU tests
 @pytest.mark.gpu
 @gpu

@@ -98,8 +98,8 @@ _ROWS_PER_PARTIAL = 16
 @dataclass(frozen=True)
 class _LaunchShape:
     """Launch constants of the quantization kernel: elements per tile (at most ``max_rows`` rows
-    a tile when given), warps, register cap, and the software-pipelining stages of V's tile loop
-    (1: none)."""
+    a tile when given), warps, register cap, and the software-pipelining stages of V's FP8 tile
+    loop (1: none)."""
 
     tile_elems: int
     num_warps: int
@@ -382,7 +382,8 @@ def _v_job(
     The FP8 conversion is the GPU's own (round to nearest even, as PyTorch's), unless ROUND_FP8
     (the interpreter, whose conversion rounds some values wrongly): the values are then rounded
     to the e4m3 grid in float32 first, which makes the conversion exact. The tile is converted
-    before it is transposed, so that the transposition moves bytes rather than floats."""
+    before it is transposed, so that the transposition moves bytes rather than floats. The FP8
+    tile loop is software-pipelined in STAGES stages (1: not at all)."""
     bh = job // per_head
     b = bh // H
     h = bh % H
