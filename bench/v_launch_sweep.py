@@ -51,8 +51,10 @@ def main() -> None:
     caps = [None if c == "-" else int(c) for c in args.caps.split(",")]
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton "
           f"{triton.__version__}; B1 H{HEADS} bf16", flush=True)
-    hopper = torch.cuda.get_device_capability()[0] == 9
-    if not hopper:
+    # whether the library runs a variant's stages on this GPU, asked of its own rule
+    staged = prepass._launch_shape(False, False,
+                                   torch.cuda.get_device_capability()) is prepass._V_ALONE
+    if not staged:
         print("not a Hopper GPU: the library runs V's tile loop at 1 stage here, whatever the "
               "variant asks", flush=True)
         ints[2] = [1]
@@ -96,7 +98,7 @@ def main() -> None:
             mark = "  <- library" if shape is library else ""
             print(f"  tile {shape.tile_rows(prepass._dim_pad(dim)):4d} rows  warps "
                   f"{shape.num_warps}  cap {shape.maxnreg or '-':>4}  "
-                  f"stages {shape.v_stages if hopper else 1}  "
+                  f"stages {shape.v_stages if staged else 1}  "
                   f"{1e3 * statistics.median(times[shape]):7.1f}{mark}", flush=True)
 
 
