@@ -72,16 +72,22 @@ def plan_step(sets, plan):
     return make
 
 
+def alternating_rounds(label: str, makes: dict, rounds: int = 3) -> None:
+    """Print ``rounds`` rounds of ``graph_time`` of every variant (name -> make_step), in the
+    given order in even rounds and reversed in odd ones, one line per round."""
+    for round_ in range(rounds):
+        names = list(makes) if round_ % 2 == 0 else list(reversed(makes))
+        times = {name: graph_time(makes[name]) for name in names}
+        print(f"{label} round {round_}: "
+              + ", ".join(f"{name} {times[name]:.1f}" for name in makes), flush=True)
+
+
 def main() -> None:
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
     for length, dim in SHAPES:
         sets = input_sets(length, dim)
-        makes = {name: plan_step(sets, plan) for name, plan in PLANS.items()}
-        for round_ in range(3):
-            names = list(PLANS) if round_ % 2 == 0 else list(reversed(PLANS))
-            times = {name: graph_time(makes[name]) for name in names}
-            print(f"L{length} D{dim} round {round_}: "
-                  + ", ".join(f"{name} {times[name]:.1f}" for name in PLANS), flush=True)
+        alternating_rounds(f"L{length} D{dim}",
+                           {name: plan_step(sets, plan) for name, plan in PLANS.items()})
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from prepass_stages import BLOCK_K, BLOCK_Q, graph_time  # noqa: E402
-from stats_launch_split import SHAPES, input_sets  # noqa: E402
+from prepass_stages import BLOCK_K, BLOCK_Q  # noqa: E402
+from stats_launch_split import SHAPES, alternating_rounds, input_sets  # noqa: E402
 
 from sparge.kernels import prepass  # noqa: E402
 
@@ -95,12 +95,8 @@ def main() -> None:
         for name, plan in PLANS.items():
             print(f"L{length} D{dim} {name}: {check(sets, plan)}", flush=True)
 
-        makes = {name: make_step(sets, plan) for name, plan in PLANS.items()}
-        for round_ in range(3):
-            names = list(PLANS) if round_ % 2 == 0 else list(reversed(PLANS))
-            times = {name: graph_time(makes[name]) for name in names}
-            print(f"L{length} D{dim} round {round_}: "
-                  + ", ".join(f"{name} {times[name]:.1f}" for name in PLANS), flush=True)
+        alternating_rounds(f"L{length} D{dim}",
+                           {name: make_step(sets, plan) for name, plan in PLANS.items()})
 
 
 if __name__ == "__main__":
