@@ -28,8 +28,13 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from prepass_stages import BLOCK_K, BLOCK_Q  # noqa: E402
-from stats_launch_split import SHAPES, alternating_rounds, input_sets  # noqa: E402
+from stats_launch_split import (  # noqa: E402
+    SHAPES,
+    alternating_rounds,
+    input_sets,
+    make_step,
+    run_plan,
+)
 
 from sparge.kernels import prepass  # noqa: E402
 
@@ -43,22 +48,6 @@ PLANS = {"QK library": [("QK", LIBRARY)]}
 PLANS.update({f"QK {name}": [("QK", shape)] for name, shape in WHOLE.items()})
 PLANS.update({f"K {name}, then Q library": [("K", shape), ("Q", LIBRARY)]
               for name, shape in WHOLE.items()})
-
-
-def run_plan(q, k, k_max, k_mean, plan):
-    """The launches of ``plan``; returns the Q and K outputs (the last launch of each job)."""
-    out = {}
-    try:
-        for jobs, shape in plan:
-            prepass._WITH_STATS = shape
-            q_out, k_out, _ = prepass._launch(q, k, None, None, None, k_mean, jobs=jobs,
-                                              stats=True, k_scale_max=k_max, block_q=BLOCK_Q,
-                                              block_k=BLOCK_K, quant=True)
-            out.update({"Q": q_out} if "Q" in jobs else {})
-            out.update({"K": k_out} if "K" in jobs else {})
-    finally:
-        prepass._WITH_STATS = LIBRARY
-    return out
 
 
 def check(sets, plan) -> str:
@@ -81,11 +70,6 @@ def check(sets, plan) -> str:
     if not torch.equal(ref_max, k_max):
         return "largest K scale differs"
     return "ok" if worst < 1e-4 else f"statistics differ by {worst:.2e}"
-
-
-def make_step(sets, plan):
-    """make_step for graph_time: the launches of ``plan`` on input set i."""
-    return lambda i: (lambda: run_plan(*sets[i], plan))
 
 
 def main() -> None:
