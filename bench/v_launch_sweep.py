@@ -60,8 +60,8 @@ def main() -> None:
         ints[2] = [1]
     library = prepass._V_ALONE
     shapes = [library, prepass._LaunchShape(4096, 4, 96),
-              *(prepass._LaunchShape(tile, warps, cap, 128, stages) for tile, warps, cap, stages
-                in itertools.product(ints[0], ints[1], caps, ints[2]))]
+              *(prepass._LaunchShape(tile, warps, cap, library.max_rows, stages)
+                for tile, warps, cap, stages in itertools.product(ints[0], ints[1], caps, ints[2]))]
     for length, dim in ((32768, 128), (32768, 64), (8192, 128)):
         gen = torch.Generator(device="cuda").manual_seed(length + dim)
         sets = []
